@@ -1,0 +1,688 @@
+"""Tests for incidents.py: the spec of the HTTP API, its storage and its behaviour under load."""
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+import incidents
+
+HERE = Path(__file__).resolve().parent
+TIMESTAMP = r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z"
+
+
+# ---------------------------------------------------------------------------
+# Fixtures and helpers
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def db_path(tmp_path):
+    return tmp_path / "incidents.db"
+
+
+@pytest.fixture
+def app(db_path):
+    return incidents.create_app({"DATABASE": str(db_path), "TESTING": True})
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def create(client, description="Scooter #12 is offline", source="monitoring", **fields):
+    response = client.post("/incidents", json={"description": description, "source": source, **fields})
+    assert response.status_code == 201, response.get_data(as_text=True)
+    return response.json
+
+
+def query(db_path, sql, params=()):
+    """Rows read straight from the file, the way another process would see them."""
+    with sqlite3.connect(db_path) as db:
+        return db.execute(sql, params).fetchall()
+
+
+def assert_problem(response, status):
+    assert response.status_code == status
+    assert response.mimetype == "application/problem+json"
+    body = response.json
+    assert body["status"] == status
+    assert body["type"] and body["title"] and body["detail"]
+    return body
+
+
+def error_fields(response):
+    return sorted(error["field"] for error in assert_problem(response, 422)["errors"])
+
+
+# ---------------------------------------------------------------------------
+# Creating incidents
+# ---------------------------------------------------------------------------
+
+
+def test_create_answers_201_with_location_and_incident(client, db_path):
+    response = client.post("/incidents", json={"description": "  Point 7 does not respond \n", "source": "operator"})
+    assert response.status_code == 201
+    body = response.json
+    assert response.headers["Location"] == f"/incidents/{body['id']}"
+    assert body["description"] == "Point 7 does not respond"
+    assert body["status"] == "new"
+    assert body["source"] == "operator"
+    assert body["created_at"] == body["updated_at"]
+    assert __import__("re").fullmatch(TIMESTAMP, body["created_at"])
+    assert query(db_path, "SELECT id, description, status, source, created_at FROM incidents") == [
+        (body["id"], "Point 7 does not respond", "new", "operator", body["created_at"])
+    ]
+
+
+def test_create_accepts_explicit_status(client):
+    assert create(client, status="in_progress")["status"] == "in_progress"
+
+
+def test_create_returns_cyrillic_as_text_not_escapes(client):
+    response = client.post("/incidents", json={"description": "Самокат №5 не выходит на связь", "source": "partner"})
+    assert "Самокат №5 не выходит на связь" in response.get_data(as_text=True)
+    assert "\\u" not in response.get_data(as_text=True)
+    assert client.get(response.headers["Location"]).json["description"] == "Самокат №5 не выходит на связь"
+
+
+def test_create_accepts_description_of_max_length(client):
+    assert len(create(client, description="я" * incidents.DESCRIPTION_MAX)["description"]) == incidents.DESCRIPTION_MAX
+
+
+@pytest.mark.parametrize(
+    "body, fields",
+    [
+        ({}, ["description", "source"]),
+        ({"source": "operator"}, ["description"]),
+        ({"description": "x"}, ["source"]),
+        ({"description": "", "source": "operator"}, ["description"]),
+        ({"description": "   \t\n", "source": "operator"}, ["description"]),
+        ({"description": "x" * 10_001, "source": "operator"}, ["description"]),
+        ({"description": 42, "source": "operator"}, ["description"]),
+        ({"description": None, "source": "operator"}, ["description"]),
+        ({"description": ["x"], "source": "operator"}, ["description"]),
+        ({"description": "nul \u0000 inside", "source": "operator"}, ["description"]),
+        ({"description": "x", "source": "telegram"}, ["source"]),
+        ({"description": "x", "source": "Operator"}, ["source"]),
+        ({"description": "x", "source": True}, ["source"]),
+        ({"description": "x", "source": "operator", "status": "open"}, ["status"]),
+        ({"description": "x", "source": "operator", "status": None}, ["status"]),
+        ({"description": "x", "source": "operator", "priority": "high"}, ["priority"]),
+        ({"description": "x", "source": "operator", "id": 5}, ["id"]),
+        ({"description": "x", "source": "operator", "created_at": "2020-01-01T00:00:00.000Z"}, ["created_at"]),
+    ],
+)
+def test_create_rejects_invalid_fields_with_422(client, db_path, body, fields):
+    response = client.post("/incidents", json=body)
+    assert error_fields(response) == fields
+    assert all(error["message"] for error in response.json["errors"])
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(0,)]
+
+
+def test_create_rejects_lone_surrogate_with_422(client):
+    response = client.post("/incidents", data='{"description": "\\ud800", "source": "operator"}',
+                           content_type="application/json")
+    assert error_fields(response) == ["description"]
+
+
+def test_create_names_server_fields_as_server_set(client):
+    response = client.post("/incidents", json={"description": "x", "source": "operator", "updated_at": "x"})
+    assert "set by the server" in response.json["errors"][0]["message"]
+
+
+@pytest.mark.parametrize(
+    "data",
+    ["{", "", "nope", '{"description": "x",}', "[" * 30_000 + "]" * 30_000, b'{"description": "\xff"}'],
+    ids=["truncated", "empty", "not-json", "trailing-comma", "deeply-nested", "bad-utf8"],
+)
+def test_create_rejects_malformed_json_with_400(client, data):
+    body = assert_problem(client.post("/incidents", data=data, content_type="application/json"), 400)
+    assert "JSON" in body["detail"]
+
+
+@pytest.mark.parametrize("data", ["[]", '"text"', "42", "null"])
+def test_create_rejects_non_object_body_with_400(client, data):
+    body = assert_problem(client.post("/incidents", data=data, content_type="application/json"), 400)
+    assert "object" in body["detail"]
+
+
+@pytest.mark.parametrize(
+    "content_type", [None, "application/x-www-form-urlencoded", "text/plain", "multipart/form-data; boundary=x"]
+)
+def test_create_without_json_content_type_is_415_with_curl_hint(client, db_path, content_type):
+    response = client.post("/incidents", data='{"description": "x", "source": "operator"}', content_type=content_type)
+    body = assert_problem(response, 415)
+    assert "Content-Type: application/json" in body["detail"] and "curl" in body["detail"]
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(0,)]
+
+
+def test_create_accepts_json_content_type_with_charset(client):
+    response = client.post("/incidents", data='{"description": "x", "source": "operator"}',
+                           content_type="application/json; charset=utf-8")
+    assert response.status_code == 201
+
+
+def test_create_rejects_body_over_64_kib_with_413(client, db_path):
+    body = json.dumps({"description": "x" * (64 * 1024), "source": "operator"})
+    assert_problem(client.post("/incidents", data=body, content_type="application/json"), 413)
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(0,)]
+
+
+# ---------------------------------------------------------------------------
+# Reading one incident
+# ---------------------------------------------------------------------------
+
+
+def test_get_returns_the_incident(client):
+    incident = create(client)
+    response = client.get(f"/incidents/{incident['id']}")
+    assert response.status_code == 200
+    assert response.mimetype == "application/json"
+    assert response.json == incident
+
+
+@pytest.mark.parametrize("path", ["/incidents/999", "/incidents/0", "/incidents/abc", "/incidents/-1",
+                                  "/incidents/99999999999999999999999", "/nowhere"])
+def test_get_unknown_incident_or_route_is_404_problem(client, path):
+    assert_problem(client.get(path), 404)
+
+
+def test_unsupported_method_is_405_with_allow(client):
+    create(client)
+    response = client.delete("/incidents/1")
+    assert_problem(response, 405)
+    assert {"GET", "PATCH"} <= {method.strip() for method in response.headers["Allow"].split(",")}
+    assert "POST" in client.put("/incidents").headers["Allow"]
+
+
+# ---------------------------------------------------------------------------
+# Listing incidents
+# ---------------------------------------------------------------------------
+
+
+def insert_rows(db_path, rows):
+    """Incidents with chosen timestamps, written directly: (description, status, source, created_at)."""
+    with sqlite3.connect(db_path) as db:
+        db.executemany(
+            "INSERT INTO incidents (description, status, source, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+            [(*row, row[3]) for row in rows],
+        )
+
+
+def list_ids(client, url):
+    response = client.get(url)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    return [item["id"] for item in response.json["items"]]
+
+
+def test_list_is_newest_first_with_null_cursor_on_last_page(client):
+    ids = [create(client)["id"] for _ in range(3)]
+    response = client.get("/incidents")
+    assert [item["id"] for item in response.json["items"]] == ids[::-1]
+    assert response.json["next_cursor"] is None
+
+
+def test_list_orders_by_created_at_not_id(client, db_path):
+    insert_rows(db_path, [("late", "new", "operator", "2026-01-02T00:00:00.000Z"),
+                          ("early", "new", "operator", "2026-01-01T00:00:00.000Z")])
+    assert [item["description"] for item in client.get("/incidents").json["items"]] == ["late", "early"]
+
+
+def test_list_default_limit_is_50(client, db_path):
+    insert_rows(db_path, [(f"n{i}", "new", "operator", f"2026-01-01T00:00:{i:02d}.000Z") for i in range(55)])
+    response = client.get("/incidents")
+    assert len(response.json["items"]) == 50
+    assert response.json["next_cursor"]
+
+
+def test_list_pagination_walk_returns_every_incident_exactly_once(client, db_path):
+    # Same timestamps on purpose: ties are broken by id, so no row is skipped or repeated.
+    rows = [(f"n{i}", incidents.STATUSES[i % 4], incidents.SOURCES[i % 3], f"2026-01-01T00:00:{i // 3:02d}.000Z")
+            for i in range(53)]
+    insert_rows(db_path, rows)
+    seen, url, pages = [], "/incidents?limit=7", 0
+    while url:
+        body = client.get(url).json
+        seen += [item["id"] for item in body["items"]]
+        pages += 1
+        url = body["next_cursor"] and f"/incidents?limit=7&cursor={body['next_cursor']}"
+    assert pages == 8
+    assert sorted(seen) == list(range(1, 54))
+    expected = [row[0] for row in query(db_path, "SELECT id FROM incidents ORDER BY created_at DESC, id DESC")]
+    assert seen == expected
+
+
+def test_list_pagination_walk_with_filters_across_streams(client, db_path):
+    rows = [(f"n{i}", incidents.STATUSES[i % 4], incidents.SOURCES[i % 3], f"2026-01-01T00:{i:02d}:00.000Z")
+            for i in range(60)]
+    insert_rows(db_path, rows)
+    seen, url = [], "/incidents?status=new,resolved&source=operator&source=partner&limit=4"
+    while url:
+        body = client.get(url).json
+        seen += [(item["status"], item["source"], item["description"]) for item in body["items"]]
+        url = body["next_cursor"] and (
+            f"/incidents?status=new,resolved&source=operator&source=partner&limit=4&cursor={body['next_cursor']}")
+    expected = [(r[1], r[2], r[0]) for r in reversed(rows) if r[1] in ("new", "resolved") and r[2] != "monitoring"]
+    assert seen == expected
+
+
+@pytest.mark.parametrize(
+    "params, expected",
+    [
+        ("status=new", {1, 5}),
+        ("status=new,closed", {1, 4, 5}),
+        ("status=new&status=closed", {1, 4, 5}),
+        ("status=new, closed", {1, 4, 5}),
+        ("source=partner", {3}),
+        ("source=operator,monitoring", {1, 2, 4, 5}),
+        ("status=new&source=monitoring", {5}),
+        ("status=in_progress,resolved&source=monitoring,partner", {2, 3}),
+        ("since=2026-01-02T00:00:00Z", {2, 3, 4, 5}),
+        ("until=2026-01-02T00:00:00Z", {1}),
+        ("since=2026-01-02&until=2026-01-04", {2, 3}),
+        ("since=2026-01-02T03:00:00%2B03:00&until=2026-01-03T00:00:00.001Z", {2, 3}),
+        ("since=2026-01-02T00:00:00.0005Z", {3, 4, 5}),
+        ("until=2026-01-02T00:00:00.0005Z", {1, 2}),
+        ("status=new&since=2026-01-03T00:00:00", {5}),
+    ],
+)
+def test_list_filters_combine(client, db_path, params, expected):
+    insert_rows(db_path, [
+        ("1", "new", "operator", "2026-01-01T00:00:00.000Z"),
+        ("2", "in_progress", "monitoring", "2026-01-02T00:00:00.000Z"),
+        ("3", "resolved", "partner", "2026-01-03T00:00:00.000Z"),
+        ("4", "closed", "operator", "2026-01-04T00:00:00.000Z"),
+        ("5", "new", "monitoring", "2026-01-05T00:00:00.000Z"),
+    ])
+    assert set(list_ids(client, f"/incidents?{params}")) == expected
+
+
+@pytest.mark.parametrize(
+    "params, field",
+    [
+        ("stauts=new", "stauts"),
+        ("status=bogus", "status"),
+        ("status=new,bogus", "status"),
+        ("status=", "status"),
+        ("source=telegram", "source"),
+        ("limit=0", "limit"),
+        ("limit=201", "limit"),
+        ("limit=-5", "limit"),
+        ("limit=ten", "limit"),
+        ("limit=1.5", "limit"),
+        ("limit=%D9%A3", "limit"),
+        ("limit=99999999999999999999999999", "limit"),
+        ("limit=10&limit=20", "limit"),
+        ("since=yesterday", "since"),
+        ("since=2026-13-01T00:00:00Z", "since"),
+        ("since=2026-01-01T25:00:00Z", "since"),
+        ("since=9999-12-31T23:59:59.9999Z", "since"),
+        ("until=2026-01-01T00:00:00+25:00", "until"),
+        ("until=1700000000", "until"),
+        ("since=2026-01-02&until=2026-01-01", "until"),
+        ("cursor=garbage", "cursor"),
+        ("cursor=WyJ4IiwgIjEiXQ", "cursor"),
+        ("cursor=WzFd", "cursor"),
+        ("cursor=%FF%FE", "cursor"),
+    ],
+)
+def test_list_rejects_bad_query_parameters_with_422(client, params, field):
+    create(client)
+    assert field in error_fields(client.get(f"/incidents?{params}"))
+
+
+def test_list_limit_of_200_is_accepted(client, db_path):
+    insert_rows(db_path, [(f"n{i}", "new", "operator", f"2026-01-01T00:{i // 60:02d}:{i % 60:02d}.000Z")
+                          for i in range(210)])
+    assert len(list_ids(client, "/incidents?limit=200")) == 200
+
+
+def test_list_query_reads_only_index_ranges(app):
+    """Every stream seeks the (status, source, created_at) index: nothing scans or sorts the table."""
+    conditions = ["status = ?", "source = ?", "created_at >= ?", "created_at < ?", "(created_at, id) < (?, ?)"]
+    stream_params = ["new", "operator", "a", "b", "c", 1, 51]
+    with app.app_context():
+        plan = incidents.get_db().execute(
+            "EXPLAIN QUERY PLAN " + incidents.list_page_sql(2, conditions), [*stream_params * 2, 51]
+        ).fetchall()
+    details = [row["detail"] for row in plan]
+    assert sum("SEARCH incidents USING COVERING INDEX incidents_by_status_source" in d for d in details) == 2
+    assert not [d for d in details if d.startswith("SCAN incidents")]
+
+
+# ---------------------------------------------------------------------------
+# Updating incidents
+# ---------------------------------------------------------------------------
+
+
+def test_patch_status_moves_updated_at(client, db_path):
+    incident = create(client)
+    time.sleep(0.002)
+    response = client.patch(f"/incidents/{incident['id']}", json={"status": "in_progress"})
+    assert response.status_code == 200
+    assert response.json["status"] == "in_progress"
+    assert response.json["updated_at"] > incident["updated_at"]
+    assert response.json["created_at"] == incident["created_at"]
+    assert query(db_path, "SELECT status, updated_at FROM incidents") == [("in_progress", response.json["updated_at"])]
+
+
+def test_patch_description_is_trimmed(client):
+    incident = create(client)
+    response = client.patch(f"/incidents/{incident['id']}", json={"description": "  Точка 3 снова не отвечает "})
+    assert response.json["description"] == "Точка 3 снова не отвечает"
+    assert response.json["status"] == "new"
+
+
+def test_patch_with_same_values_is_200_noop(client, db_path):
+    incident = create(client, description="Same")
+    time.sleep(0.002)
+    response = client.patch(f"/incidents/{incident['id']}", json={"status": "new", "description": " Same "})
+    assert response.status_code == 200
+    assert response.json == incident
+    assert query(db_path, "SELECT updated_at FROM incidents") == [(incident["updated_at"],)]
+
+
+def test_patch_unknown_incident_is_404(client):
+    assert_problem(client.patch("/incidents/42", json={"status": "closed"}), 404)
+
+
+@pytest.mark.parametrize(
+    "body, fields",
+    [
+        ({}, ["status"]),
+        ({"status": "done"}, ["status"]),
+        ({"status": 1}, ["status"]),
+        ({"description": ""}, ["description"]),
+        ({"description": "x" * 10_001}, ["description"]),
+        ({"source": "partner"}, ["source"]),
+        ({"status": "closed", "updated_at": "2020-01-01T00:00:00.000Z"}, ["updated_at"]),
+    ],
+)
+def test_patch_rejects_invalid_fields_with_422(client, db_path, body, fields):
+    incident = create(client)
+    assert error_fields(client.patch(f"/incidents/{incident['id']}", json=body)) == fields
+    assert query(db_path, "SELECT status, updated_at FROM incidents") == [("new", incident["updated_at"])]
+
+
+def test_patch_without_json_content_type_is_415(client):
+    create(client)
+    assert_problem(client.patch("/incidents/1", data="status=closed"), 415)
+
+
+# ---------------------------------------------------------------------------
+# Errors and health
+# ---------------------------------------------------------------------------
+
+
+def test_health_is_ok(client):
+    response = client.get("/health")
+    assert response.status_code == 200
+    assert response.json == {"status": "ok"}
+
+
+def test_health_is_503_when_database_fails(client, db_path):
+    query(db_path, "DROP TABLE incidents")
+    assert_problem(client.get("/health"), 503)
+
+
+def test_unexpected_error_is_500_problem_without_traceback_and_logged(app, db_path, caplog):
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+    query(db_path, "DROP TABLE incidents")
+    response = app.test_client().get("/incidents/1")
+    body = assert_problem(response, 500)
+    assert "Traceback" not in response.get_data(as_text=True)
+    assert "no such table" not in response.get_data(as_text=True)
+    assert body["detail"]
+    assert any(record.exc_info and "no such table" in str(record.exc_info[1]) for record in caplog.records)
+
+
+def test_busy_database_is_503_with_retry_after(db_path, monkeypatch):
+    monkeypatch.setattr(incidents, "BUSY_TIMEOUT_S", 0.05)
+    app = incidents.create_app({"DATABASE": str(db_path), "TESTING": True})
+    other = sqlite3.connect(db_path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        response = app.test_client().post("/incidents", json={"description": "x", "source": "operator"})
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert_problem(response, 503)
+    assert response.headers["Retry-After"] == "1"
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(0,)]
+
+
+# ---------------------------------------------------------------------------
+# Authentication
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def token_client(db_path):
+    return incidents.create_app({"DATABASE": str(db_path), "TESTING": True, "API_TOKEN": "s3cret"}).test_client()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}, {"Authorization": "Basic s3cret"},
+     {"Authorization": "Bearer s3cret-and-more"}, {"Authorization": "Bearer сек"}],
+)
+def test_auth_rejects_missing_or_wrong_token_with_401(token_client, db_path, headers):
+    for response in (
+        token_client.get("/incidents", headers=headers),
+        token_client.post("/incidents", json={"description": "x", "source": "operator"}, headers=headers),
+        token_client.get("/nowhere", headers=headers),
+    ):
+        assert_problem(response, 401)
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(0,)]
+
+
+def test_auth_accepts_right_token(token_client):
+    headers = {"Authorization": "Bearer s3cret"}
+    response = token_client.post("/incidents", json={"description": "x", "source": "operator"}, headers=headers)
+    assert response.status_code == 201
+    assert token_client.get("/incidents/1", headers={"Authorization": "bearer s3cret"}).status_code == 200
+
+
+def test_auth_leaves_health_open(token_client):
+    assert token_client.get("/health").status_code == 200
+
+
+def test_auth_compares_in_constant_time(token_client, monkeypatch):
+    calls = []
+    real = incidents.hmac.compare_digest
+    monkeypatch.setattr(incidents.hmac, "compare_digest", lambda a, b: calls.append((a, b)) or real(a, b))
+    token_client.get("/incidents", headers={"Authorization": "Bearer guess"})
+    assert calls == [(b"guess", b"s3cret")]
+
+
+def test_auth_is_off_without_token(client):
+    assert client.get("/incidents").status_code == 200
+
+
+# ---------------------------------------------------------------------------
+# Storage: schema, pragmas, migrations
+# ---------------------------------------------------------------------------
+
+
+def test_database_file_is_created_with_schema_on_startup(app, db_path):
+    assert db_path.exists()
+    assert query(db_path, "PRAGMA user_version") == [(len(incidents.MIGRATIONS),)]
+    assert query(db_path, "PRAGMA journal_mode") == [("wal",)]
+    columns = [row[1] for row in query(db_path, "PRAGMA table_info(incidents)")]
+    assert columns[:6] == ["id", "description", "status", "source", "created_at", "updated_at"]
+
+
+def test_database_path_comes_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("INCIDENTS_DB", str(tmp_path / "from-env.db"))
+    incidents.create_app()
+    assert (tmp_path / "from-env.db").exists()
+
+
+def test_connections_write_with_synchronous_full_and_busy_timeout(app):
+    with app.app_context():
+        db = incidents.get_db()
+        assert db.execute("PRAGMA synchronous").fetchone()[0] == 2
+        assert db.execute("PRAGMA busy_timeout").fetchone()[0] == incidents.BUSY_TIMEOUT_S * 1000
+
+
+@pytest.mark.parametrize(
+    "column, value",
+    [("status", "open"), ("source", "email"), ("description", ""), ("created_at", "yesterday"),
+     ("description", b"blob")],
+)
+def test_schema_checks_reject_bad_rows(app, db_path, column, value):
+    row = {"description": "x", "status": "new", "source": "operator",
+           "created_at": "2026-01-01T00:00:00.000Z", "updated_at": "2026-01-01T00:00:00.000Z", column: value}
+    with pytest.raises(sqlite3.IntegrityError), sqlite3.connect(db_path) as db:
+        db.execute(f"INSERT INTO incidents ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                   list(row.values()))
+
+
+def test_migration_from_older_version_keeps_data(app, client, db_path, monkeypatch):
+    incident = create(client)
+    version = len(incidents.MIGRATIONS)
+    monkeypatch.setattr(incidents, "MIGRATIONS", incidents.MIGRATIONS + (
+        ("ALTER TABLE incidents ADD COLUMN team TEXT", "UPDATE incidents SET team = 'ops'"),))
+    migrated = incidents.create_app({"DATABASE": str(db_path), "TESTING": True})
+    assert query(db_path, "PRAGMA user_version") == [(version + 1,)]
+    assert query(db_path, "SELECT id, description, team FROM incidents") == [(incident["id"], incident["description"], "ops")]
+    assert migrated.test_client().get(f"/incidents/{incident['id']}").json == incident
+
+
+def test_failed_migration_rolls_back_whole_step(app, db_path, monkeypatch):
+    version = len(incidents.MIGRATIONS)
+    monkeypatch.setattr(incidents, "MIGRATIONS", incidents.MIGRATIONS + (
+        ("ALTER TABLE incidents ADD COLUMN team TEXT", "THIS IS NOT SQL"),))
+    with pytest.raises(sqlite3.OperationalError):
+        incidents.create_app({"DATABASE": str(db_path), "TESTING": True})
+    assert query(db_path, "PRAGMA user_version") == [(version,)]
+    assert "team" not in [row[1] for row in query(db_path, "PRAGMA table_info(incidents)")]
+
+
+def test_newer_schema_version_refuses_to_start(app, db_path):
+    query(db_path, "PRAGMA user_version = 99")
+    with pytest.raises(RuntimeError, match="newer"):
+        incidents.create_app({"DATABASE": str(db_path), "TESTING": True})
+
+
+# ---------------------------------------------------------------------------
+# Real server processes: restarts, concurrency, kill -9
+# ---------------------------------------------------------------------------
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server(db_path, log_path=None):
+    """`flask --app incidents run` on a free port, as a user would start it; yields (url, process)."""
+    port = free_port()
+    log = open(log_path or f"{db_path}.{port}.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flask", "--app", "incidents", "run", "--port", str(port), "--no-reload"],
+        cwd=HERE, env={**os.environ, "INCIDENTS_DB": str(db_path)}, stdout=log, stderr=log,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            assert process.poll() is None, "server exited at startup"
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "server did not start"
+                time.sleep(0.05)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+        process.wait(10)
+        log.close()
+
+
+def post(url, description):
+    request = urllib.request.Request(
+        url + "/incidents", data=json.dumps({"description": description, "source": "monitoring"}).encode(),
+        headers={"Content-Type": "application/json"}, method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.status, json.loads(response.read())
+
+
+def test_incidents_survive_a_server_restart(db_path):
+    with server(db_path) as (url, _):
+        status, incident = post(url, "Отчёт не выгружен")
+        assert status == 201
+    with server(db_path) as (url, _):
+        with urllib.request.urlopen(f"{url}/incidents/{incident['id']}") as response:
+            assert json.loads(response.read()) == incident
+
+
+def test_two_server_processes_write_one_file_at_once(db_path):
+    answers, errors = [], []
+
+    def writer(url, name):
+        for i in range(40):
+            try:
+                answers.append(post(url, f"{name}-{i}"))
+            except Exception as error:  # any failure is the test's finding
+                errors.append(repr(error))
+
+    with server(db_path) as (url_a, _), server(db_path) as (url_b, _):
+        threads = [threading.Thread(target=writer, args=(url, f"{url[-5:]}-{t}"))
+                   for url in (url_a, url_b) for t in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert errors == []
+    assert {status for status, _ in answers} == {201}
+    stored = query(db_path, "SELECT id, description FROM incidents")
+    assert len(stored) == 320
+    assert sorted(stored) == sorted((incident["id"], incident["description"]) for _, incident in answers)
+
+
+def test_sigkill_mid_load_loses_no_acknowledged_incident(db_path):
+    acknowledged, stop = [], threading.Event()
+
+    def writer(url, name):
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                status, incident = post(url, f"{name}-{i}")
+            except OSError:
+                return
+            if status == 201:
+                acknowledged.append((incident["id"], incident["description"]))
+
+    with server(db_path) as (url, process):
+        threads = [threading.Thread(target=writer, args=(url, f"w{t}")) for t in range(4)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.8)
+        process.send_signal(signal.SIGKILL)
+        process.wait(5)
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert len(acknowledged) > 50
+    stored = dict(query(db_path, "SELECT id, description FROM incidents"))
+    assert [pair for pair in acknowledged if stored.get(pair[0]) != pair[1]] == []
