@@ -29,17 +29,23 @@ from werkzeug.exceptions import HTTPException
 # ---------------------------------------------------------------------------
 
 STATUSES = ("new", "in_progress", "resolved", "closed")
+OPEN_STATUSES = ("new", "in_progress")  # an open incident holds its dedup_key
 SOURCES = ("operator", "monitoring", "partner")
+EVENT_TYPES = ("created", "status_changed", "description_changed", "repeated", "note")
 DEFAULT_STATUS = "new"
 DESCRIPTION_MAX = 10_000
+DEDUP_KEY_MAX = 255
+NOTE_MAX = 2_000
+ACTOR_MAX = 255
 PAGE_LIMIT_DEFAULT = 50
 PAGE_LIMIT_MAX = 200
 MAX_BODY_BYTES = 64 * 1024
 MAX_ID = 2**63 - 1  # SQLite's largest INTEGER; larger ids cannot exist
 BUSY_TIMEOUT_S = 5.0
 IDLE_CONNECTIONS = 16
-LIST_PARAMETERS = ("status", "source", "since", "until", "limit", "cursor")
-SERVER_FIELDS = ("id", "created_at", "updated_at")
+LIST_PARAMETERS = ("status", "source", "dedup_key", "since", "until", "limit", "cursor")
+EVENT_PARAMETERS = ("limit", "cursor")
+SERVER_FIELDS = ("id", "created_at", "updated_at", "occurrences", "last_seen_at")
 TIMESTAMP_GLOB = "[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z"
 DATETIME_PATTERN = re.compile(
     r"\d{4}-\d{2}-\d{2}([Tt ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?([Zz]|[+-]\d{2}:\d{2})?)?"
@@ -47,8 +53,12 @@ DATETIME_PATTERN = re.compile(
 
 
 def sql_list(values):
-    """Constant values as an SQL list literal, for CHECK constraints (never for request data)."""
+    """Constant values as an SQL list literal, for the schema (never for request data)."""
     return ", ".join(f"'{value}'" for value in values)
+
+
+# Literal, not parameters, so that SQLite sees the partial index's own condition and uses it.
+IS_OPEN = f"status IN ({sql_list(OPEN_STATUSES)})"
 
 
 # ---------------------------------------------------------------------------
@@ -70,11 +80,43 @@ MIGRATIONS = (
         # Every list query is a union of (status, source) streams read newest first from here.
         "CREATE INDEX incidents_by_status_source ON incidents (status, source, created_at)",
     ),
+    (
+        # Repeated reports fold into one open incident per dedup_key, counted.
+        f"ALTER TABLE incidents ADD COLUMN dedup_key TEXT CHECK (length(dedup_key) BETWEEN 1 AND {DEDUP_KEY_MAX})",
+        "ALTER TABLE incidents ADD COLUMN occurrences INTEGER NOT NULL DEFAULT 1 CHECK (occurrences >= 1)",
+        # ADD COLUMN ... NOT NULL needs a default; every existing row gets its created_at at once.
+        f"""ALTER TABLE incidents ADD COLUMN last_seen_at TEXT NOT NULL DEFAULT '1970-01-01T00:00:00.000Z'
+            CHECK (last_seen_at GLOB '{TIMESTAMP_GLOB}')""",
+        "UPDATE incidents SET last_seen_at = created_at",
+        f"CREATE UNIQUE INDEX incidents_open_dedup_key ON incidents (dedup_key) WHERE dedup_key IS NOT NULL AND {IS_OPEN}",
+        "CREATE INDEX incidents_by_dedup_key ON incidents (dedup_key, created_at) WHERE dedup_key IS NOT NULL",
+        f"""CREATE TABLE events (
+            id INTEGER PRIMARY KEY,
+            incident_id INTEGER NOT NULL REFERENCES incidents (id),
+            at TEXT NOT NULL CHECK (at GLOB '{TIMESTAMP_GLOB}'),
+            type TEXT NOT NULL CHECK (type IN ({sql_list(EVENT_TYPES)})),
+            from_status TEXT CHECK (from_status IN ({sql_list(STATUSES)})),
+            to_status TEXT CHECK (to_status IN ({sql_list(STATUSES)})),
+            note TEXT CHECK (length(note) BETWEEN 1 AND {NOTE_MAX}),
+            actor TEXT CHECK (length(actor) BETWEEN 1 AND {ACTOR_MAX}),
+            count INTEGER CHECK (count >= 1),
+            last_at TEXT CHECK (last_at GLOB '{TIMESTAMP_GLOB}')
+        ) STRICT""",
+        "CREATE INDEX events_by_incident ON events (incident_id)",
+        # Incidents from before the timeline get their creation; their first status is unknown.
+        "INSERT INTO events (incident_id, at, type) SELECT id, created_at, 'created' FROM incidents",
+    ),
 )
 
 INCIDENT_JSON = """json_object(
     'id', id, 'description', description, 'status', status, 'source', source,
+    'dedup_key', dedup_key, 'occurrences', occurrences, 'last_seen_at', last_seen_at,
     'created_at', created_at, 'updated_at', updated_at)"""
+
+# json_patch drops the keys whose value is null: each event shows only the fields of its type.
+EVENT_JSON = """json_patch(json_object('id', id, 'at', at, 'type', type), json_object(
+    'from_status', from_status, 'to_status', to_status, 'note', note, 'actor', actor,
+    'count', count, 'last_at', last_at))"""
 
 # ---------------------------------------------------------------------------
 # Database helpers
@@ -85,6 +127,7 @@ def connect(path):
     """Open a connection in autocommit mode; transactions are begun explicitly."""
     db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA synchronous = FULL")  # a COMMIT returns once the WAL is on disk
+    db.execute("PRAGMA foreign_keys = ON")
     db.row_factory = sqlite3.Row
     return db
 
@@ -184,36 +227,28 @@ def now():
     return utc_timestamp(datetime.now(timezone.utc))
 
 
-def fetch_incident_json(db, incident_id):
-    """The incident as JSON text built by SQLite, or 404 when there is none."""
-    row = db.execute(f"SELECT {INCIDENT_JSON} FROM incidents WHERE id = ?", (incident_id,)).fetchone()
-    if row is None:
-        raise ApiError(404, f"There is no incident {incident_id}.")
-    return row[0]
-
-
 # ---------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------
 
 
 class ApiError(Exception):
-    """A problem the client can fix, answered as application/problem+json."""
+    """A problem the client can fix, answered as application/problem+json.
 
-    def __init__(self, status, detail, errors=None, headers=None):
+    `extensions` become extra members of the problem, such as `errors` for invalid fields.
+    """
+
+    def __init__(self, status, detail, headers=None, **extensions):
         super().__init__(detail)
         self.status = status
         self.detail = detail
-        self.errors = errors
-        self.headers = headers or {}
+        self.headers = headers
+        self.extensions = extensions
 
 
-def problem(status, title, detail, errors=None, headers=None):
+def problem(status, title, detail, headers=None, **extensions):
     """An RFC 9457 problem details response."""
-    body = {"type": "about:blank", "title": title, "status": status, "detail": detail}
-    if errors:
-        body["errors"] = errors
-    response = jsonify(body)
+    response = jsonify({"type": "about:blank", "title": title, "status": status, "detail": detail, **extensions})
     response.status_code = status
     response.mimetype = "application/problem+json"
     response.headers.extend(headers or {})
@@ -221,14 +256,13 @@ def problem(status, title, detail, errors=None, headers=None):
 
 
 def handle_api_error(error):
-    title = HTTP_TITLES.get(error.status, "Error")
-    return problem(error.status, title, error.detail, error.errors, error.headers)
+    return problem(error.status, HTTP_TITLES[error.status], error.detail, error.headers, **error.extensions)
 
 
 def handle_http_exception(error):
     """Every HTTP error Flask or Werkzeug raises (404, 405, 413, ...) as a problem."""
     headers = [(name, value) for name, value in error.get_headers() if name != "Content-Type"]  # Allow on 405
-    return problem(error.code, error.name, error.description, headers=headers)
+    return problem(error.code, error.name, error.description, headers)
 
 
 def handle_database_busy(error):
@@ -236,7 +270,7 @@ def handle_database_busy(error):
     if error.sqlite_errorcode not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
         return handle_unexpected(error)
     current_app.logger.warning("database busy: %s", error)
-    return problem(503, "Service Unavailable", "The database is busy; retry shortly.", headers={"Retry-After": "1"})
+    return problem(503, "Service Unavailable", "The database is busy; retry shortly.", {"Retry-After": "1"})
 
 
 def handle_unexpected(error):
@@ -249,9 +283,9 @@ HTTP_TITLES = {
     400: "Bad Request",
     401: "Unauthorized",
     404: "Not Found",
+    409: "Conflict",
     415: "Unsupported Media Type",
     422: "Unprocessable Content",
-    503: "Service Unavailable",
 }
 
 # ---------------------------------------------------------------------------
@@ -285,6 +319,9 @@ FIELD_RULES = {
     "description": lambda value: clean_text(value, DESCRIPTION_MAX),
     "status": lambda value: clean_choice(value, STATUSES),
     "source": lambda value: clean_choice(value, SOURCES),
+    "dedup_key": lambda value: clean_text(value, DEDUP_KEY_MAX),
+    "note": lambda value: clean_text(value, NOTE_MAX),
+    "actor": lambda value: clean_text(value, ACTOR_MAX),
 }
 
 
@@ -303,6 +340,10 @@ def read_json_object():
     if not isinstance(body, dict):
         raise ApiError(400, "The body must be a JSON object, e.g. {\"description\": \"...\"}.")
     return body
+
+
+def invalid(what, errors):
+    return ApiError(422, f"Some {what} are invalid; see errors.", errors=errors)
 
 
 def validate_fields(body, required, optional):
@@ -324,7 +365,7 @@ def validate_fields(body, required, optional):
         elif field in required:
             errors.append({"field": field, "message": "is required"})
     if errors:
-        raise ApiError(422, "Some fields are invalid; see errors.", errors)
+        raise invalid("fields", errors)
     return values
 
 
@@ -351,20 +392,25 @@ def parse_limit(text):
     return int(text)
 
 
-def encode_cursor(created_at, incident_id):
-    return base64.urlsafe_b64encode(json.dumps([created_at, incident_id]).encode()).decode().rstrip("=")
+def encode_cursor(position):
+    """An opaque token for a keyset position (a list of JSON values)."""
+    return base64.urlsafe_b64encode(json.dumps(position).encode()).decode().rstrip("=")
 
 
-def decode_cursor(text):
-    """The (created_at, id) position a cursor stands for, or ValueError."""
+def decode_cursor(text, types):
+    """The keyset position a cursor stands for, checked against `types`, or ValueError."""
     message = "is not a cursor this server returned; start again without it"
     try:
-        created_at, incident_id = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
-    except (ValueError, TypeError):
+        position = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+    except ValueError:
         raise ValueError(message) from None
-    if not (isinstance(created_at, str) and type(incident_id) is int and 0 < incident_id <= MAX_ID):
+    if not (
+        isinstance(position, list)
+        and [type(value) for value in position] == list(types)
+        and all(0 < value <= MAX_ID for value in position if type(value) is int)
+    ):
         raise ValueError(message)
-    return created_at, incident_id
+    return position
 
 
 def parse_choices(values, choices):
@@ -376,35 +422,148 @@ def parse_choices(values, choices):
     return [choice for choice in choices if choice in given]
 
 
-def parse_list_query(args):
-    """The list filters from the query string, or 422 listing every problem."""
+# Query parameters: name -> (parser, repeatable). A repeatable parser gets the list of values.
+LIST_QUERY = {
+    "status": (lambda values: parse_choices(values, STATUSES), True),
+    "source": (lambda values: parse_choices(values, SOURCES), True),
+    "dedup_key": (FIELD_RULES["dedup_key"], False),
+    "since": (parse_datetime, False),
+    "until": (parse_datetime, False),
+    "limit": (parse_limit, False),
+    "cursor": (lambda text: decode_cursor(text, (str, int)), False),
+}
+EVENTS_QUERY = {
+    "limit": (parse_limit, False),
+    "cursor": (lambda text: decode_cursor(text, (int,)), False),
+}
+
+
+def parse_query(args, parsers):
+    """The parsed query parameters, or 422 naming each unknown or bad one."""
     errors = [
-        {"field": name, "message": f"is not a known query parameter; use {', '.join(LIST_PARAMETERS)}"}
+        {"field": name, "message": f"is not a known query parameter; use {', '.join(parsers)}"}
         for name in args.keys()
-        if name not in LIST_PARAMETERS
+        if name not in parsers
     ]
-    single = {"since": parse_datetime, "until": parse_datetime, "limit": parse_limit, "cursor": decode_cursor}
-    query = {"status": list(STATUSES), "source": list(SOURCES), "limit": PAGE_LIMIT_DEFAULT}
-    for name, choices in (("status", STATUSES), ("source", SOURCES)):
-        if name in args:
-            try:
-                query[name] = parse_choices(args.getlist(name), choices)
-            except ValueError as error:
-                errors.append({"field": name, "message": str(error)})
-    for name, parse in single.items():
+    query = {}
+    for name, (parse, repeatable) in parsers.items():
         values = args.getlist(name)
-        if len(values) > 1:
+        if not values:
+            continue
+        if len(values) > 1 and not repeatable:
             errors.append({"field": name, "message": "give it at most once"})
-        elif values:
-            try:
-                query[name] = parse(values[0])
-            except ValueError as error:
-                errors.append({"field": name, "message": str(error)})
+            continue
+        try:
+            query[name] = parse(values if repeatable else values[0])
+        except ValueError as error:
+            errors.append({"field": name, "message": str(error)})
     if not errors and "since" in query and "until" in query and query["since"] >= query["until"]:
         errors.append({"field": "until", "message": "must be later than since"})
     if errors:
-        raise ApiError(422, "Some query parameters are invalid; see errors.", errors)
+        raise invalid("query parameters", errors)
     return query
+
+
+# ---------------------------------------------------------------------------
+# Incidents and their timeline (inside the caller's write transaction)
+# ---------------------------------------------------------------------------
+
+
+def fetch_incident_json(db, incident_id):
+    """The incident as JSON text built by SQLite, or 404 when there is none."""
+    row = db.execute(f"SELECT {INCIDENT_JSON} FROM incidents WHERE id = ?", (incident_id,)).fetchone()
+    if row is None:
+        raise ApiError(404, f"There is no incident {incident_id}.")
+    return row[0]
+
+
+def add_event(db, incident_id, at, event_type, **columns):
+    """Append an event to an incident's timeline; `columns` names come from code, never requests."""
+    names = ("incident_id", "at", "type", *columns)
+    db.execute(
+        f"INSERT INTO events ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+        (incident_id, at, event_type, *columns.values()),
+    )
+
+
+def add_repeat_event(db, incident_id, at):
+    """Count a folded report: a run of repeats is one event with a count, not a row each."""
+    counted = db.execute(
+        """UPDATE events SET count = count + 1, last_at = ?
+           WHERE id = (SELECT max(id) FROM events WHERE incident_id = ?) AND type = 'repeated'""",
+        (at, incident_id),
+    ).rowcount
+    if not counted:
+        add_event(db, incident_id, at, "repeated", count=1, last_at=at)
+
+
+def report_incident(db, values, note=None, actor=None):
+    """Fold a report into the open incident with its dedup_key, or create a new incident.
+
+    Returns (id, incident JSON, whether it was created).
+    """
+    at = now()
+    if "dedup_key" in values:
+        folded = db.execute(
+            f"""UPDATE incidents SET occurrences = occurrences + 1, last_seen_at = ?, updated_at = ?
+                WHERE dedup_key = ? AND {IS_OPEN} RETURNING id, {INCIDENT_JSON}""",
+            (at, at, values["dedup_key"]),
+        ).fetchone()
+        if folded:
+            add_repeat_event(db, folded[0], at)
+            return folded[0], folded[1], False
+    status = values.get("status", DEFAULT_STATUS)
+    incident_id, body = db.execute(
+        f"""INSERT INTO incidents (description, status, source, dedup_key, created_at, updated_at, last_seen_at)
+            VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id, {INCIDENT_JSON}""",
+        (values["description"], status, values["source"], values.get("dedup_key"), at, at, at),
+    ).fetchone()
+    add_event(db, incident_id, at, "created", to_status=status, note=note, actor=actor)
+    return incident_id, body, True
+
+
+def check_dedup_key_free(db, incident_id, dedup_key):
+    """409 when another open incident holds the key that reopening this one would take back."""
+    holder = db.execute(
+        f"SELECT id FROM incidents WHERE dedup_key = ? AND {IS_OPEN} AND id != ?", (dedup_key, incident_id)
+    ).fetchone()
+    if holder:
+        raise ApiError(
+            409,
+            f"Incident {holder['id']} is open with the same dedup_key {dedup_key!r}; "
+            f"resolve or close it before reopening this one, or work on incident {holder['id']}.",
+            open_incident_id=holder["id"],
+        )
+
+
+def change_incident(db, incident_id, values, note=None, actor=None):
+    """Apply status and description changes and record them with the note; returns the incident JSON.
+
+    updated_at moves only when a value really changes; a note alone is a `note` event.
+    """
+    current = db.execute(
+        "SELECT status, description, dedup_key FROM incidents WHERE id = ?", (incident_id,)
+    ).fetchone()
+    if current is None:
+        raise ApiError(404, f"There is no incident {incident_id}.")
+    changed = {field: value for field, value in values.items() if value != current[field]}
+    reopening = changed.get("status") in OPEN_STATUSES and current["status"] not in OPEN_STATUSES
+    if reopening and current["dedup_key"] is not None:
+        check_dedup_key_free(db, incident_id, current["dedup_key"])
+    at = now()
+    events = []
+    if changed:
+        assignments = ", ".join(f"{field} = ?" for field in changed)  # names from FIELD_RULES only
+        db.execute(f"UPDATE incidents SET {assignments}, updated_at = ? WHERE id = ?", (*changed.values(), at, incident_id))
+    if "status" in changed:
+        events.append(("status_changed", {"from_status": current["status"], "to_status": changed["status"]}))
+    if "description" in changed:
+        events.append(("description_changed", {}))
+    if note and not events:
+        events.append(("note", {}))
+    for position, (event_type, columns) in enumerate(events):
+        add_event(db, incident_id, at, event_type, note=None if position else note, actor=actor, **columns)
+    return fetch_incident_json(db, incident_id)
 
 
 # ---------------------------------------------------------------------------
@@ -419,6 +578,14 @@ def json_response(text, status=200, headers=None):
     return Response(text, status, headers, mimetype="application/json")
 
 
+def page_response(rows, limit, position):
+    """`{"items", "next_cursor"}` from up to limit + 1 rows whose last column is an item's JSON."""
+    page = rows[:limit]
+    next_cursor = encode_cursor(position(page[-1])) if len(rows) > limit else None
+    items = ",".join(row[-1] for row in page)
+    return json_response(f'{{"items":[{items}],"next_cursor":{json.dumps(next_cursor)}}}')
+
+
 def check_token():
     """Require the bearer token on every route but /health when INCIDENTS_API_TOKEN is set."""
     token = current_app.config["API_TOKEN"]
@@ -429,7 +596,7 @@ def check_token():
         raise ApiError(
             401,
             "Send the API token as the header Authorization: Bearer <token>.",
-            headers={"WWW-Authenticate": 'Bearer realm="incidents"'},
+            {"WWW-Authenticate": 'Bearer realm="incidents"'},
         )
 
 
@@ -444,16 +611,13 @@ def health():
 
 
 def create_incident():
-    """Record a new incident; 201 with its Location once it is on disk."""
-    values = validate_fields(read_json_object(), ["description", "source"], ["status"])
+    """Record a report: 201 and Location for a new incident, 200 when it folds into an open one."""
+    values = validate_fields(read_json_object(), ["description", "source"], ["status", "dedup_key"])
     with write_transaction() as db:
-        timestamp = now()
-        incident_id, body = db.execute(
-            f"""INSERT INTO incidents (description, status, source, created_at, updated_at)
-                VALUES (?, ?, ?, ?, ?) RETURNING id, {INCIDENT_JSON}""",
-            (values["description"], values.get("status", DEFAULT_STATUS), values["source"], timestamp, timestamp),
-        ).fetchone()
-    return json_response(body, 201, {"Location": f"/incidents/{incident_id}"})
+        incident_id, body, created = report_incident(db, values)
+    if created:
+        return json_response(body, 201, {"Location": f"/incidents/{incident_id}"})
+    return json_response(body, 200, {"Content-Location": f"/incidents/{incident_id}"})
 
 
 def get_incident(incident_id):
@@ -461,63 +625,89 @@ def get_incident(incident_id):
     return json_response(fetch_incident_json(get_db(), incident_id))
 
 
-def list_page_sql(streams, conditions):
-    """SQL for one page: the newest rows of each (status, source) stream, merged.
+def list_streams(query):
+    """The WHERE conditions and values of each ordered stream that a list page merges.
 
-    Each stream is an equality prefix of the (status, source, created_at) index, so it is read
-    already in order and stops after LIMIT rows; a page costs the same at any table size and for
-    any mix of filters, where one `status IN (...)` query would sort every matching row.
+    Without dedup_key: one stream per (status, source) pair, each an equality prefix of the
+    (status, source, created_at) index. With dedup_key: one stream on that key's own index,
+    where unary + keeps SQLite from preferring the status index for the few rows a key has.
     """
-    stream = f"""SELECT * FROM (SELECT id, created_at FROM incidents WHERE {' AND '.join(conditions)}
-                 ORDER BY created_at DESC, id DESC LIMIT ?)"""
+    statuses, sources = query.get("status", STATUSES), query.get("source", SOURCES)
+    if "dedup_key" in query:
+        marks = lambda values: ", ".join("?" * len(values))
+        conditions = ["dedup_key = ?", f"+status IN ({marks(statuses)})", f"+source IN ({marks(sources)})"]
+        return [(conditions, [query["dedup_key"], *statuses, *sources])]
+    return [(["status = ?", "source = ?"], [status, source]) for status in statuses for source in sources]
+
+
+def list_page_sql(streams):
+    """SQL for one page: the newest rows of each stream (a list of WHERE conditions), merged.
+
+    Each stream is read from an index already in order and stops after LIMIT rows, so a page costs
+    the same at any table size and for any mix of filters, where one `status IN (...)` query
+    would sort every matching row.
+    """
+    selects = [
+        f"""SELECT * FROM (SELECT id, created_at FROM incidents WHERE {' AND '.join(conditions)}
+            ORDER BY created_at DESC, id DESC LIMIT ?)"""
+        for conditions in streams
+    ]
     return f"""SELECT id, created_at, {INCIDENT_JSON} FROM incidents
-               WHERE id IN (SELECT id FROM ({' UNION ALL '.join([stream] * streams)}
+               WHERE id IN (SELECT id FROM ({' UNION ALL '.join(selects)}
                             ORDER BY created_at DESC, id DESC LIMIT ?))
                ORDER BY created_at DESC, id DESC"""
 
 
+def list_sql(query):
+    """The SQL and parameters of one list page for the parsed query parameters."""
+    bounds = [
+        (condition, values)
+        for condition, name, values in (
+            ("created_at >= ?", "since", [query.get("since")]),
+            ("created_at < ?", "until", [query.get("until")]),
+            ("(created_at, id) < (?, ?)", "cursor", query.get("cursor")),
+        )
+        if name in query
+    ]
+    fetch = query.get("limit", PAGE_LIMIT_DEFAULT) + 1  # one more than a page tells whether another follows
+    streams, params = [], []
+    for conditions, values in list_streams(query):
+        streams.append(conditions + [condition for condition, _ in bounds])
+        params += [*values, *(value for _, bound in bounds for value in bound), fetch]
+    return list_page_sql(streams), [*params, fetch]
+
+
 def list_incidents():
     """Incidents newest first, filtered, one keyset page at a time."""
-    query = parse_list_query(request.args)
-    conditions, bounds = ["status = ?", "source = ?"], []
-    for condition, name in (("created_at >= ?", "since"), ("created_at < ?", "until"), ("(created_at, id) < (?, ?)", "cursor")):
-        if name in query:
-            conditions.append(condition)
-            bounds += query[name] if name == "cursor" else [query[name]]
-    fetch = query["limit"] + 1  # one more than a page tells whether another page follows
-    params = [
-        value
-        for status in query["status"]
-        for source in query["source"]
-        for value in (status, source, *bounds, fetch)
-    ]
-    streams = len(query["status"]) * len(query["source"])
-    rows = get_db().execute(list_page_sql(streams, conditions), (*params, fetch)).fetchall()
-    page = rows[: query["limit"]]
-    next_cursor = encode_cursor(page[-1][1], page[-1][0]) if len(rows) > len(page) else None
-    items = ",".join(row[2] for row in page)
-    return json_response(f'{{"items":[{items}],"next_cursor":{json.dumps(next_cursor)}}}')
+    query = parse_query(request.args, LIST_QUERY)
+    rows = get_db().execute(*list_sql(query)).fetchall()
+    return page_response(rows, query.get("limit", PAGE_LIMIT_DEFAULT), lambda row: [row["created_at"], row["id"]])
 
 
 def update_incident(incident_id):
-    """Change status and/or description; updated_at moves only when something changed."""
-    values = validate_fields(read_json_object(), [], ["status", "description"])
-    if not values:
-        raise ApiError(422, "Send status and/or description to change.", [
-            {"field": "status", "message": "send status and/or description"}])
+    """Change status and/or description, or add a note; every change goes on the timeline."""
+    values = validate_fields(read_json_object(), [], ["status", "description", "note", "actor"])
+    note, actor = values.pop("note", None), values.pop("actor", None)
+    if not values and note is None:
+        raise invalid("fields", [{"field": "status", "message": "send status, description and/or note"}])
     with write_transaction() as db:
-        current = db.execute("SELECT status, description FROM incidents WHERE id = ?", (incident_id,)).fetchone()
-        if current is None:
-            raise ApiError(404, f"There is no incident {incident_id}.")
-        changed = {field: value for field, value in values.items() if value != current[field]}
-        if changed:
-            assignments = ", ".join(f"{field} = ?" for field in changed)  # names from FIELD_RULES only
-            db.execute(
-                f"UPDATE incidents SET {assignments}, updated_at = ? WHERE id = ?",
-                (*changed.values(), now(), incident_id),
-            )
-        body = fetch_incident_json(db, incident_id)
+        body = change_incident(db, incident_id, values, note, actor)
     return json_response(body)
+
+
+def list_events(incident_id):
+    """An incident's timeline, oldest first, one keyset page at a time; 404 for no such incident."""
+    query = parse_query(request.args, EVENTS_QUERY)
+    limit = query.get("limit", PAGE_LIMIT_DEFAULT)
+    db = get_db()
+    if db.execute("SELECT 1 FROM incidents WHERE id = ?", (incident_id,)).fetchone() is None:
+        raise ApiError(404, f"There is no incident {incident_id}.")
+    after = query.get("cursor", [0])[0]
+    rows = db.execute(
+        f"SELECT id, {EVENT_JSON} FROM events WHERE incident_id = ? AND id > ? ORDER BY id LIMIT ?",
+        (incident_id, after, limit + 1),
+    ).fetchall()
+    return page_response(rows, limit, lambda row: [row["id"]])
 
 
 # ---------------------------------------------------------------------------
@@ -554,4 +744,5 @@ def create_app(test_config=None):
     app.get("/incidents")(list_incidents)
     app.get(INCIDENT_URL)(get_incident)
     app.patch(INCIDENT_URL)(update_incident)
+    app.get(INCIDENT_URL + "/events")(list_events)
     return app

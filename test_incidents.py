@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from werkzeug.datastructures import MultiDict
 
 import incidents
 
@@ -349,17 +350,35 @@ def test_list_limit_of_200_is_accepted(client, db_path):
     assert len(list_ids(client, "/incidents?limit=200")) == 200
 
 
-def test_list_query_reads_only_index_ranges(app):
-    """Every stream seeks the (status, source, created_at) index: nothing scans or sorts the table."""
-    conditions = ["status = ?", "source = ?", "created_at >= ?", "created_at < ?", "(created_at, id) < (?, ?)"]
-    stream_params = ["new", "operator", "a", "b", "c", 1, 51]
+def query_plan(app, params):
+    """SQLite's plan for the list query of these query parameters."""
     with app.app_context():
-        plan = incidents.get_db().execute(
-            "EXPLAIN QUERY PLAN " + incidents.list_page_sql(2, conditions), [*stream_params * 2, 51]
-        ).fetchall()
-    details = [row["detail"] for row in plan]
-    assert sum("SEARCH incidents USING COVERING INDEX incidents_by_status_source" in d for d in details) == 2
-    assert not [d for d in details if d.startswith("SCAN incidents")]
+        query = incidents.parse_query(MultiDict(params), incidents.LIST_QUERY)
+        sql, values = incidents.list_sql(query)
+        return [row["detail"] for row in incidents.get_db().execute("EXPLAIN QUERY PLAN " + sql, values)]
+
+
+@pytest.mark.parametrize(
+    "params, streams",
+    [
+        ([], 12),
+        ([("status", "new")], 3),
+        ([("status", "new,in_progress"), ("source", "partner")], 2),
+        ([("status", "new"), ("source", "operator"), ("since", "2026-01-01"), ("until", "2026-02-01"),
+          ("cursor", incidents.encode_cursor(["2026-01-15T00:00:00.000Z", 9]))], 1),
+    ],
+)
+def test_list_query_reads_only_index_ranges(app, params, streams):
+    """Each stream seeks the (status, source, created_at) index in order: nothing scans the table."""
+    plan = query_plan(app, params)
+    assert sum("SEARCH incidents USING COVERING INDEX incidents_by_status_source" in d for d in plan) == streams
+    assert not [d for d in plan if d.startswith("SCAN incidents")]
+
+
+def test_list_query_by_dedup_key_uses_its_index(app):
+    plan = query_plan(app, [("dedup_key", "disk-full"), ("status", "new")])
+    assert any("USING INDEX incidents_by_dedup_key (dedup_key=?)" in d for d in plan)
+    assert not [d for d in plan if d.startswith("SCAN incidents")]
 
 
 # ---------------------------------------------------------------------------
