@@ -441,6 +441,248 @@ def test_patch_without_json_content_type_is_415(client):
 
 
 # ---------------------------------------------------------------------------
+# Folding repeated reports by dedup_key
+# ---------------------------------------------------------------------------
+
+
+def report(client, key="disk-full:db1", description="Disk is full on db1", **fields):
+    return client.post("/incidents", json={"description": description, "source": "monitoring",
+                                           "dedup_key": key, **fields})
+
+
+def test_incident_without_dedup_key_shows_defaults(client):
+    incident = create(client)
+    assert incident["dedup_key"] is None
+    assert incident["occurrences"] == 1
+    assert incident["last_seen_at"] == incident["created_at"]
+
+
+def test_repeat_with_open_dedup_key_folds_into_one_incident(client, db_path):
+    first = report(client)
+    assert first.status_code == 201
+    assert first.json["dedup_key"] == "disk-full:db1" and first.json["occurrences"] == 1
+    time.sleep(0.002)
+    second = report(client, description="Disk is full on db1 (again)")
+    assert second.status_code == 200
+    assert "Location" not in second.headers
+    assert second.headers["Content-Location"] == f"/incidents/{first.json['id']}"
+    body = second.json
+    assert body["id"] == first.json["id"]
+    assert body["occurrences"] == 2
+    assert body["last_seen_at"] > first.json["last_seen_at"]
+    assert body["description"] == "Disk is full on db1"
+    assert body["created_at"] == first.json["created_at"]
+    assert query(db_path, "SELECT count(*), max(occurrences) FROM incidents") == [(1, 2)]
+
+
+def test_repeat_folds_into_in_progress_incident(client):
+    incident = report(client).json
+    client.patch(f"/incidents/{incident['id']}", json={"status": "in_progress"})
+    response = report(client)
+    assert response.status_code == 200
+    assert response.json["id"] == incident["id"] and response.json["status"] == "in_progress"
+
+
+@pytest.mark.parametrize("status", ["resolved", "closed"])
+def test_resolved_or_closed_incident_frees_its_dedup_key(client, db_path, status):
+    old = report(client).json
+    client.patch(f"/incidents/{old['id']}", json={"status": status})
+    response = report(client)
+    assert response.status_code == 201
+    assert response.json["id"] != old["id"] and response.json["occurrences"] == 1
+    assert query(db_path, "SELECT id, status, occurrences FROM incidents ORDER BY id") == [
+        (old["id"], status, 1), (response.json["id"], "new", 1)]
+
+
+def test_different_dedup_keys_make_different_incidents(client):
+    assert report(client, key="a").json["id"] != report(client, key="b").json["id"]
+
+
+@pytest.mark.parametrize("key", ["", "   ", "k" * 256, 5, None, ["a"]])
+def test_create_rejects_bad_dedup_key_with_422(client, key):
+    assert error_fields(report(client, key=key)) == ["dedup_key"]
+
+
+def test_list_filters_by_dedup_key(client):
+    old = report(client).json
+    client.patch(f"/incidents/{old['id']}", json={"status": "closed"})
+    new = report(client).json
+    report(client, key="other")
+    create(client)
+    assert list_ids(client, "/incidents?dedup_key=disk-full:db1") == [new["id"], old["id"]]
+    assert list_ids(client, "/incidents?dedup_key=disk-full:db1&status=closed") == [old["id"]]
+    assert list_ids(client, "/incidents?dedup_key=disk-full:db1&source=operator") == []
+    assert list_ids(client, "/incidents?dedup_key=nothing") == []
+
+
+def test_list_by_dedup_key_pages_with_cursor(client):
+    ids = []
+    for _ in range(5):
+        ids.append(report(client).json["id"])
+        client.patch(f"/incidents/{ids[-1]}", json={"status": "resolved"})
+    first = client.get("/incidents?dedup_key=disk-full:db1&limit=3").json
+    second = client.get(f"/incidents?dedup_key=disk-full:db1&limit=3&cursor={first['next_cursor']}").json
+    assert [i["id"] for i in first["items"] + second["items"]] == ids[::-1]
+    assert second["next_cursor"] is None
+
+
+def test_reopening_while_key_is_held_elsewhere_is_409_naming_it(client, db_path):
+    old = report(client).json
+    client.patch(f"/incidents/{old['id']}", json={"status": "resolved"})
+    holder = report(client).json
+    events_before = query(db_path, "SELECT count(*) FROM events")
+    response = client.patch(f"/incidents/{old['id']}", json={"status": "new", "note": "back again"})
+    body = assert_problem(response, 409)
+    assert body["open_incident_id"] == holder["id"]
+    assert str(holder["id"]) in body["detail"]
+    assert query(db_path, "SELECT status FROM incidents WHERE id = ?", (old["id"],)) == [("resolved",)]
+    assert query(db_path, "SELECT count(*) FROM events") == events_before
+
+
+def test_reopening_with_free_key_takes_it_back(client):
+    old = report(client).json
+    client.patch(f"/incidents/{old['id']}", json={"status": "resolved"})
+    assert client.patch(f"/incidents/{old['id']}", json={"status": "in_progress"}).status_code == 200
+    assert report(client).json["id"] == old["id"]
+
+
+def test_moving_between_closed_statuses_needs_no_free_key(client):
+    old = report(client).json
+    client.patch(f"/incidents/{old['id']}", json={"status": "resolved"})
+    report(client)
+    assert client.patch(f"/incidents/{old['id']}", json={"status": "closed"}).status_code == 200
+
+
+def test_database_allows_one_open_incident_per_key(client, db_path):
+    report(client)
+    with pytest.raises(sqlite3.IntegrityError), sqlite3.connect(db_path) as db:
+        db.execute("""INSERT INTO incidents (description, status, source, dedup_key, created_at, updated_at,
+                      last_seen_at) SELECT description, 'in_progress', source, dedup_key, created_at, updated_at,
+                      last_seen_at FROM incidents""")
+
+
+# ---------------------------------------------------------------------------
+# Timeline
+# ---------------------------------------------------------------------------
+
+
+def events(client, incident_id, params=""):
+    response = client.get(f"/incidents/{incident_id}/events{params}")
+    assert response.status_code == 200, response.get_data(as_text=True)
+    return response.json
+
+
+def test_creation_is_the_first_event(client):
+    incident = create(client, status="in_progress")
+    body = events(client, incident["id"])
+    assert body["next_cursor"] is None
+    assert body["items"] == [
+        {"id": body["items"][0]["id"], "at": incident["created_at"], "type": "created", "to_status": "in_progress"}]
+
+
+def test_status_change_is_recorded_with_note_and_actor(client):
+    incident = create(client)
+    updated = client.patch(f"/incidents/{incident['id']}", json={
+        "status": "in_progress", "note": "  Выехал техник  ", "actor": "ivan"}).json
+    event = events(client, incident["id"])["items"][-1]
+    assert event == {"id": event["id"], "at": updated["updated_at"], "type": "status_changed",
+                     "from_status": "new", "to_status": "in_progress", "note": "Выехал техник", "actor": "ivan"}
+
+
+def test_description_change_is_recorded(client):
+    incident = create(client)
+    client.patch(f"/incidents/{incident['id']}", json={"description": "Scooter #12 is back online"})
+    assert [e["type"] for e in events(client, incident["id"])["items"]] == ["created", "description_changed"]
+
+
+def test_patch_of_status_and_description_records_both_with_one_note(client):
+    incident = create(client)
+    client.patch(f"/incidents/{incident['id']}", json={"status": "resolved", "description": "Fixed", "note": "why"})
+    items = events(client, incident["id"])["items"]
+    assert [(e["type"], e.get("note")) for e in items] == [
+        ("created", None), ("status_changed", "why"), ("description_changed", None)]
+
+
+def test_patch_with_only_a_note_adds_a_note_and_changes_nothing(client, db_path):
+    incident = create(client)
+    time.sleep(0.002)
+    response = client.patch(f"/incidents/{incident['id']}", json={"note": "Called the partner, no answer"})
+    assert response.status_code == 200
+    assert response.json == incident
+    assert query(db_path, "SELECT status, description, updated_at FROM incidents") == [
+        ("new", incident["description"], incident["updated_at"])]
+    assert [(e["type"], e.get("note")) for e in events(client, incident["id"])["items"]] == [
+        ("created", None), ("note", "Called the partner, no answer")]
+
+
+def test_noop_patch_records_no_event(client):
+    incident = create(client)
+    client.patch(f"/incidents/{incident['id']}", json={"status": "new"})
+    assert len(events(client, incident["id"])["items"]) == 1
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [({"note": ""}, "note"), ({"note": "x" * 2001}, "note"), ({"note": 7}, "note"),
+     ({"actor": "ivan"}, "status"), ({"status": "closed", "actor": ""}, "actor")],
+)
+def test_patch_rejects_bad_note_or_actor_with_422(client, db_path, body, field):
+    incident = create(client)
+    assert field in error_fields(client.patch(f"/incidents/{incident['id']}", json=body))
+    assert query(db_path, "SELECT count(*) FROM events") == [(1,)]
+
+
+def test_repeats_are_counted_in_one_event_per_run(client, db_path):
+    incident = report(client).json
+    for _ in range(3):
+        last = report(client).json
+    client.patch(f"/incidents/{incident['id']}", json={"status": "in_progress"})
+    report(client)
+    items = events(client, incident["id"])["items"]
+    assert [(e["type"], e.get("count")) for e in items] == [
+        ("created", None), ("repeated", 3), ("status_changed", None), ("repeated", 1)]
+    assert items[1]["last_at"] == last["last_seen_at"]
+    assert query(db_path, "SELECT count(*) FROM events") == [(4,)]
+
+
+def test_events_page_oldest_first_with_cursor(client):
+    incident = create(client)
+    for i in range(6):
+        client.patch(f"/incidents/{incident['id']}", json={"note": f"note {i}"})
+    seen, url = [], f"/incidents/{incident['id']}/events?limit=3"
+    while url:
+        body = client.get(url).json
+        seen += body["items"]
+        url = body["next_cursor"] and f"/incidents/{incident['id']}/events?limit=3&cursor={body['next_cursor']}"
+    assert [e.get("note") for e in seen] == [None] + [f"note {i}" for i in range(6)]
+    assert [e["id"] for e in seen] == sorted(e["id"] for e in seen)
+
+
+def test_events_of_unknown_incident_is_404(client):
+    assert_problem(client.get("/incidents/42/events"), 404)
+
+
+@pytest.mark.parametrize("params", ["limit=0", "limit=x", "cursor=bad", "cursor=WyJhIl0", "status=new"])
+def test_events_reject_bad_query_parameters_with_422(client, params):
+    incident = create(client)
+    assert_problem(client.get(f"/incidents/{incident['id']}/events?{params}"), 422)
+
+
+def test_change_and_its_event_commit_together(app, db_path, monkeypatch):
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+    client = app.test_client()
+    incident = create(client)
+
+    def broken(*args, **kwargs):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(incidents, "add_event", broken)
+    assert_problem(client.patch(f"/incidents/{incident['id']}", json={"status": "closed"}), 500)
+    assert_problem(client.post("/incidents", json={"description": "x", "source": "operator"}), 500)
+    assert query(db_path, "SELECT id, status FROM incidents") == [(incident["id"], "new")]
+
+
+# ---------------------------------------------------------------------------
 # Errors and health
 # ---------------------------------------------------------------------------
 
@@ -581,6 +823,25 @@ def test_migration_from_older_version_keeps_data(app, client, db_path, monkeypat
     assert migrated.test_client().get(f"/incidents/{incident['id']}").json == incident
 
 
+def test_migration_of_version_1_file_keeps_incidents_and_fills_new_fields(db_path, monkeypatch):
+    with monkeypatch.context() as patched:
+        patched.setattr(incidents, "MIGRATIONS", incidents.MIGRATIONS[:1])
+        incidents.create_app({"DATABASE": str(db_path)})
+    insert_rows(db_path, [("Старый инцидент", "resolved", "partner", "2025-05-01T08:00:00.000Z"),
+                          ("Open one", "new", "operator", "2025-05-02T08:00:00.000Z")])
+    assert query(db_path, "PRAGMA user_version") == [(1,)]
+    client = incidents.create_app({"DATABASE": str(db_path), "TESTING": True}).test_client()
+    assert query(db_path, "PRAGMA user_version") == [(len(incidents.MIGRATIONS),)]
+    first = client.get("/incidents/1").json
+    assert first == {"id": 1, "description": "Старый инцидент", "status": "resolved", "source": "partner",
+                     "dedup_key": None, "occurrences": 1, "last_seen_at": "2025-05-01T08:00:00.000Z",
+                     "created_at": "2025-05-01T08:00:00.000Z", "updated_at": "2025-05-01T08:00:00.000Z"}
+    assert [e["type"] for e in events(client, 1)["items"]] == ["created"]
+    assert events(client, 2)["items"][0]["at"] == "2025-05-02T08:00:00.000Z"
+    assert report(client).status_code == 201
+    assert report(client).status_code == 200
+
+
 def test_failed_migration_rolls_back_whole_step(app, db_path, monkeypatch):
     version = len(incidents.MIGRATIONS)
     monkeypatch.setattr(incidents, "MIGRATIONS", incidents.MIGRATIONS + (
@@ -676,6 +937,32 @@ def test_two_server_processes_write_one_file_at_once(db_path):
     stored = query(db_path, "SELECT id, description FROM incidents")
     assert len(stored) == 320
     assert sorted(stored) == sorted((incident["id"], incident["description"]) for _, incident in answers)
+
+
+def test_same_dedup_key_from_many_clients_and_two_servers_makes_one_incident(db_path):
+    statuses, errors = [], []
+
+    def reporter(url):
+        for _ in range(20):
+            request = urllib.request.Request(
+                url + "/incidents", headers={"Content-Type": "application/json"}, method="POST",
+                data=json.dumps({"description": "Point 9 down", "source": "monitoring", "dedup_key": "p9"}).encode())
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    statuses.append(response.status)
+            except Exception as error:  # any failure is the test's finding
+                errors.append(repr(error))
+
+    with server(db_path) as (url_a, _), server(db_path) as (url_b, _):
+        threads = [threading.Thread(target=reporter, args=(url,)) for url in (url_a, url_b) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert errors == []
+    assert sorted(statuses) == [200] * 159 + [201]
+    assert query(db_path, "SELECT dedup_key, status, occurrences FROM incidents") == [("p9", "new", 160)]
+    assert query(db_path, "SELECT type, count FROM events ORDER BY id") == [("created", None), ("repeated", 159)]
 
 
 def test_sigkill_mid_load_loses_no_acknowledged_incident(db_path):
