@@ -6,9 +6,17 @@ One Flask module over one SQLite file. Run it with
 
 The database file is created, or migrated to the current schema, when the app starts.
 
+Telegram reports come in through the webhook POST /telegram/webhook, or, where Telegram cannot
+reach the server, by long polling:
+
+    flask --app incidents telegram-poll
+
 Environment:
-    INCIDENTS_DB          path of the SQLite file (default: incidents.db in the working directory)
-    INCIDENTS_API_TOKEN   when set, every route but /health needs "Authorization: Bearer <token>"
+    INCIDENTS_DB             path of the SQLite file (default: incidents.db in the working directory)
+    INCIDENTS_API_TOKEN      when set, every route but /health needs "Authorization: Bearer <token>"
+    TELEGRAM_WEBHOOK_SECRET  enables the webhook; Telegram sends it in X-Telegram-Bot-Api-Secret-Token
+    TELEGRAM_BOT_TOKEN       the bot's token from BotFather, for telegram-poll
+    TELEGRAM_API_URL         the Bot API's address (default: https://api.telegram.org)
 """
 import base64
 import hmac
@@ -18,10 +26,15 @@ import queue
 import re
 import sqlite3
 import threading
+import time
+import urllib.error
+import urllib.request
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
+import click
 from flask import Flask, Response, current_app, g, jsonify, request
+from flask.cli import with_appcontext
 from werkzeug.exceptions import HTTPException
 
 # ---------------------------------------------------------------------------
@@ -46,6 +59,10 @@ IDLE_CONNECTIONS = 16
 LIST_PARAMETERS = ("status", "source", "dedup_key", "since", "until", "limit", "cursor")
 EVENT_PARAMETERS = ("limit", "cursor")
 SERVER_FIELDS = ("id", "created_at", "updated_at", "occurrences", "last_seen_at")
+TELEGRAM_API_URL = "https://api.telegram.org"
+TELEGRAM_POLL_TIMEOUT_S = 30  # how long one getUpdates call waits for news
+TELEGRAM_BACKOFF_S = (1, 60)  # first and longest wait after a network error
+TELEGRAM_LIST_MAX = 10
 TIMESTAMP_GLOB = "[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z"
 DATETIME_PATTERN = re.compile(
     r"\d{4}-\d{2}-\d{2}([Tt ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?([Zz]|[+-]\d{2}:\d{2})?)?"
@@ -105,6 +122,13 @@ MIGRATIONS = (
         "CREATE INDEX events_by_incident ON events (incident_id)",
         # Incidents from before the timeline get their creation; their first status is unknown.
         "INSERT INTO events (incident_id, at, type) SELECT id, created_at, 'created' FROM incidents",
+    ),
+    (
+        # Where telegram-poll goes on after a restart, per bot (update ids are a bot's own).
+        """CREATE TABLE telegram_offsets (
+            bot_id INTEGER PRIMARY KEY,
+            next_update_id INTEGER NOT NULL CHECK (next_update_id >= 0)
+        ) STRICT""",
     ),
 )
 
@@ -587,9 +611,9 @@ def page_response(rows, limit, position):
 
 
 def check_token():
-    """Require the bearer token on every route but /health when INCIDENTS_API_TOKEN is set."""
+    """Require the bearer token on every route but /health and the webhook when INCIDENTS_API_TOKEN is set."""
     token = current_app.config["API_TOKEN"]
-    if not token or request.endpoint == "health":
+    if not token or request.endpoint in ("health", "telegram_webhook"):  # the webhook has its own secret
         return
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
@@ -711,6 +735,219 @@ def list_events(incident_id):
 
 
 # ---------------------------------------------------------------------------
+# Telegram: one handler for updates, two ways in (webhook and polling)
+# ---------------------------------------------------------------------------
+
+TELEGRAM_HELP = """Send me a problem and I register it as an incident.
+In a private chat, any text is a report. In a group: /incident <text>.
+/incidents - the newest unresolved incidents
+/take <id> - take an incident (in_progress)
+/resolve <id> - resolve an incident"""
+
+
+def telegram_sender(message):
+    """Who sent a message, as shown on the timeline: @username, else the name, with the user id."""
+    sender = message.get("from") if isinstance(message.get("from"), dict) else {}
+    name = f"@{sender['username']}" if sender.get("username") else " ".join(
+        str(sender[part]) for part in ("first_name", "last_name") if sender.get(part)) or "someone"
+    return f"{name} (Telegram user {sender.get('id', '?')})"[:ACTOR_MAX]
+
+
+def telegram_report(db, message, text):
+    """Register a report once per Telegram message: a re-delivery finds the incident it made."""
+    dedup_key = f"telegram:{message['chat']['id']}:{message['message_id']}"
+    known = db.execute("SELECT id FROM incidents WHERE dedup_key = ?", (dedup_key,)).fetchone()
+    if known is None:
+        chat = message["chat"]
+        where = "a private chat" if chat.get("type") == "private" else f"chat {chat.get('title', '')!r}"
+        actor = telegram_sender(message)
+        values = {"description": clean_text(text, DESCRIPTION_MAX), "source": "operator", "dedup_key": dedup_key}
+        note = f"Reported in Telegram by {actor} in {where} (chat {chat['id']}, message {message['message_id']})"
+        known = report_incident(db, values, note[:NOTE_MAX], actor)
+    return f"Incident #{known[0]} registered"
+
+
+def telegram_open_incidents(db):
+    rows = db.execute(
+        f"""SELECT id, status, description FROM incidents WHERE {IS_OPEN}
+            ORDER BY created_at DESC, id DESC LIMIT ?""",
+        (TELEGRAM_LIST_MAX,),
+    ).fetchall()
+    if not rows:
+        return "No unresolved incidents."
+    return "\n".join(f"#{row['id']} [{row['status']}] {row['description'].splitlines()[0][:100]}" for row in rows)
+
+
+def telegram_set_status(db, message, argument, status):
+    """/take and /resolve: change a status and record who did it."""
+    if not argument.lstrip("#").isdigit() or int(argument.lstrip("#")) > MAX_ID:
+        return f"Send the incident number, e.g. /{'take' if status == 'in_progress' else 'resolve'} 17"
+    incident_id = int(argument.lstrip("#"))
+    change_incident(db, incident_id, {"status": status}, actor=telegram_sender(message))
+    return f"Incident #{incident_id} is {status.replace('_', ' ')}, by {telegram_sender(message)}"
+
+
+def telegram_command(db, message, text):
+    """The reply to a message: a command, or in a private chat a report; None to stay silent."""
+    private = message["chat"].get("type") == "private"
+    if not text.startswith("/"):
+        return telegram_report(db, message, text) if private else None
+    command, _, argument = text.partition(" ")
+    command, argument = command.split("@")[0].lower(), argument.strip()
+    if command == "/incident":
+        return telegram_report(db, message, argument) if argument else "Describe the problem: /incident <text>"
+    if command == "/incidents":
+        return telegram_open_incidents(db)
+    if command in ("/take", "/resolve"):
+        return telegram_set_status(db, message, argument, "in_progress" if command == "/take" else "resolved")
+    if command in ("/start", "/help") or private:
+        return TELEGRAM_HELP
+    return None  # a group's command for another bot
+
+
+def handle_telegram_update(db, update):
+    """Act on one Telegram Update inside the caller's write transaction.
+
+    Returns the sendMessage call that answers it, or None when it is ignored (edits, joins,
+    channel posts, a group's chatter). A problem the user can fix becomes the reply.
+    """
+    message = update.get("message")
+    if not (
+        isinstance(message, dict)
+        and isinstance(message.get("chat"), dict)
+        and type(message["chat"].get("id")) is int
+        and type(message.get("message_id")) is int
+    ):
+        return None
+    text = message.get("text") or message.get("caption")
+    if not isinstance(text, str) or not text.strip():
+        reply = "I only understand text. /help" if message["chat"].get("type") == "private" else None
+    else:
+        try:
+            reply = telegram_command(db, message, text.strip())
+        except ApiError as error:
+            reply = error.detail
+        except ValueError as error:
+            reply = f"The text {error}."
+    if reply is None:
+        return None
+    return {"method": "sendMessage", "chat_id": message["chat"]["id"],
+            "reply_to_message_id": message["message_id"], "text": reply}
+
+
+def telegram_webhook():
+    """Updates pushed by Telegram; answers 200 with the reply as a Bot API call, or {}."""
+    secret = current_app.config["TELEGRAM_WEBHOOK_SECRET"]
+    if not secret:
+        raise ApiError(404, "The Telegram webhook is off; set TELEGRAM_WEBHOOK_SECRET to turn it on.")
+    given = request.headers.get("X-Telegram-Bot-Api-Secret-Token", "")
+    if not hmac.compare_digest(given.encode(), secret.encode()):
+        raise ApiError(401, "X-Telegram-Bot-Api-Secret-Token does not match TELEGRAM_WEBHOOK_SECRET.")
+    update = read_json_object()
+    with write_transaction() as db:
+        reply = handle_telegram_update(db, update)
+    return jsonify(reply or {})
+
+
+class BotApiError(Exception):
+    """A Bot API call that failed; `retry` says whether trying again later can help."""
+
+    def __init__(self, description, retry, retry_after=None):
+        super().__init__(description)
+        self.retry = retry
+        self.retry_after = retry_after
+
+
+def call_bot_api(base_url, token, method, payload, timeout):
+    """POST one Bot API method and return its result, or raise BotApiError."""
+    request = urllib.request.Request(
+        f"{base_url}/bot{token}/{method}", json.dumps(payload).encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            answer = json.load(response)
+    except urllib.error.HTTPError as error:
+        try:
+            answer = json.load(error)
+        except ValueError:
+            answer = {"error_code": error.code, "description": error.reason}
+    except (OSError, ValueError) as error:  # no connection, timeout, a garbled answer
+        raise BotApiError(f"{method}: {error}", retry=True) from None
+    if isinstance(answer, dict) and answer.get("ok"):
+        return answer.get("result")
+    answer = answer if isinstance(answer, dict) else {}
+    code = answer.get("error_code")
+    # 401 and 404: a wrong token; 409: a webhook is set or another poller runs. Waiting won't help.
+    raise BotApiError(
+        f"{method}: {code} {answer.get('description', '')}".strip(),
+        retry=code not in (401, 404, 409),
+        retry_after=(answer.get("parameters") or {}).get("retry_after"),
+    )
+
+
+def load_offset(db, bot_id):
+    row = db.execute("SELECT next_update_id FROM telegram_offsets WHERE bot_id = ?", (bot_id,)).fetchone()
+    return row[0] if row else 0
+
+
+def poll_telegram(database, db, call, bot_id):
+    """Long-poll getUpdates until interrupted, backing off while Telegram is unreachable.
+
+    Each update is acted on and the next offset stored in one transaction, so a restart neither
+    loses nor repeats an update; the reply is sent after the commit.
+    """
+    delay = 0
+    while True:
+        time.sleep(delay)
+        try:
+            updates = call("getUpdates", {"offset": load_offset(db, bot_id), "timeout": TELEGRAM_POLL_TIMEOUT_S,
+                                          "allowed_updates": ["message", "edited_message"]})
+        except BotApiError as error:
+            if not error.retry:
+                raise click.ClickException(f"Telegram refused: {error}") from None
+            delay = error.retry_after or min(max(delay * 2, TELEGRAM_BACKOFF_S[0]), TELEGRAM_BACKOFF_S[1])
+            current_app.logger.warning("Telegram unreachable (%s); trying again in %s s", error, delay)
+            continue
+        delay = 0
+        for update in updates:
+            with database.write(db):
+                reply = handle_telegram_update(db, update)
+                db.execute(
+                    """INSERT INTO telegram_offsets (bot_id, next_update_id) VALUES (?, ?)
+                       ON CONFLICT (bot_id) DO UPDATE SET next_update_id = excluded.next_update_id""",
+                    (bot_id, update["update_id"] + 1),
+                )
+            if reply:
+                try:
+                    call(reply.pop("method"), reply)
+                except BotApiError as error:
+                    current_app.logger.warning("reply to update %s not sent: %s", update["update_id"], error)
+
+
+@click.command("telegram-poll")
+@with_appcontext
+def telegram_poll_command():
+    """Take reports from Telegram by long polling getUpdates (for a server Telegram cannot reach)."""
+    token = current_app.config["TELEGRAM_BOT_TOKEN"]
+    if not token or not token.partition(":")[0].isdigit():
+        raise click.UsageError("Set TELEGRAM_BOT_TOKEN to the token BotFather gave you (123456:ABC...).")
+    base_url = current_app.config["TELEGRAM_API_URL"].rstrip("/")
+
+    def call(method, payload):
+        return call_bot_api(base_url, token, method, payload, TELEGRAM_POLL_TIMEOUT_S + 10)
+
+    database = current_app.extensions["incidents"]
+    db = database.acquire()
+    click.echo("Polling Telegram for reports; press Ctrl-C to stop.")
+    try:
+        poll_telegram(database, db, call, bot_id=int(token.partition(":")[0]))
+    except KeyboardInterrupt:
+        click.echo("Stopped.")
+    finally:
+        database.release(db)
+
+
+# ---------------------------------------------------------------------------
 # The app factory
 # ---------------------------------------------------------------------------
 
@@ -721,6 +958,9 @@ def create_app(test_config=None):
     app.config.from_mapping(
         DATABASE=os.environ.get("INCIDENTS_DB", "incidents.db"),
         API_TOKEN=os.environ.get("INCIDENTS_API_TOKEN") or None,
+        TELEGRAM_WEBHOOK_SECRET=os.environ.get("TELEGRAM_WEBHOOK_SECRET") or None,
+        TELEGRAM_BOT_TOKEN=os.environ.get("TELEGRAM_BOT_TOKEN") or None,
+        TELEGRAM_API_URL=os.environ.get("TELEGRAM_API_URL") or TELEGRAM_API_URL,
         MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
     )
     if test_config:
@@ -745,4 +985,6 @@ def create_app(test_config=None):
     app.get(INCIDENT_URL)(get_incident)
     app.patch(INCIDENT_URL)(update_incident)
     app.get(INCIDENT_URL + "/events")(list_events)
+    app.post("/telegram/webhook")(telegram_webhook)
+    app.cli.add_command(telegram_poll_command)
     return app

@@ -1,4 +1,5 @@
 """Tests for incidents.py: the spec of the HTTP API, its storage and its behaviour under load."""
+import http.server
 import json
 import os
 import signal
@@ -856,6 +857,357 @@ def test_newer_schema_version_refuses_to_start(app, db_path):
     query(db_path, "PRAGMA user_version = 99")
     with pytest.raises(RuntimeError, match="newer"):
         incidents.create_app({"DATABASE": str(db_path), "TESTING": True})
+
+
+# ---------------------------------------------------------------------------
+# Telegram: the webhook
+# ---------------------------------------------------------------------------
+
+SECRET = "hook-secret"
+PRIVATE_CHAT = {"id": 111, "type": "private", "first_name": "Иван", "username": "ivan_ops"}
+GROUP_CHAT = {"id": -100222, "type": "supergroup", "title": "Операторы"}
+IVAN = {"id": 111, "is_bot": False, "first_name": "Иван", "last_name": "Петров", "username": "ivan_ops"}
+OLGA = {"id": 333, "is_bot": False, "first_name": "Ольга"}
+
+
+def telegram_update(update_id, text=None, chat=PRIVATE_CHAT, sender=IVAN, message_id=None, kind="message", **extra):
+    """A Bot API Update as Telegram sends it."""
+    message = {"message_id": message_id or update_id, "from": sender, "chat": chat, "date": 1795000000, **extra}
+    if text is not None:
+        message["text"] = text
+        if text.startswith("/"):
+            message["entities"] = [{"type": "bot_command", "offset": 0, "length": len(text.split()[0])}]
+    return {"update_id": update_id, kind: message}
+
+
+@pytest.fixture
+def bot_app(db_path):
+    return incidents.create_app({"DATABASE": str(db_path), "TESTING": True, "TELEGRAM_WEBHOOK_SECRET": SECRET})
+
+
+@pytest.fixture
+def hook(bot_app):
+    client = bot_app.test_client()
+
+    def send(update, secret=SECRET):
+        response = client.post("/telegram/webhook", json=update, headers={"X-Telegram-Bot-Api-Secret-Token": secret})
+        assert response.status_code == 200, response.get_data(as_text=True)
+        return response.json
+
+    send.client = client
+    return send
+
+
+def test_webhook_private_text_becomes_incident_with_reply(hook, db_path):
+    reply = hook(telegram_update(1, "Самокат 4451 не выходит на связь\nс 9 утра", message_id=77))
+    assert reply == {"method": "sendMessage", "chat_id": 111, "reply_to_message_id": 77, "text": "Incident #1 registered"}
+    assert query(db_path, "SELECT description, source, status, dedup_key FROM incidents") == [
+        ("Самокат 4451 не выходит на связь\nс 9 утра", "operator", "new", "telegram:111:77")]
+    [(note, actor)] = query(db_path, "SELECT note, actor FROM events WHERE type = 'created'")
+    assert "@ivan_ops" in note and "111" in note and "77" in note
+    assert actor.startswith("@ivan_ops")
+
+
+def test_webhook_group_needs_incident_command(hook, db_path):
+    assert hook(telegram_update(1, "просто болтаем", chat=GROUP_CHAT)) == {}
+    reply = hook(telegram_update(2, "/incident@IncidentsBot Точка на Ленина не отвечает", chat=GROUP_CHAT, sender=OLGA))
+    assert reply["text"] == "Incident #1 registered" and reply["chat_id"] == -100222
+    assert query(db_path, "SELECT description FROM incidents") == [("Точка на Ленина не отвечает",)]
+    [(note,)] = query(db_path, "SELECT note FROM events")
+    assert "Ольга" in note and "Операторы" in note and "-100222" in note
+
+
+def test_webhook_incident_command_without_text_asks_for_it(hook, db_path):
+    assert "/incident <text>" in hook(telegram_update(1, "/incident", chat=GROUP_CHAT))["text"]
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(0,)]
+
+
+def test_webhook_same_message_twice_makes_one_incident(hook, db_path, bot_app):
+    first = hook(telegram_update(5, "Отчёт не выгружен", message_id=9))
+    hook.client.patch("/incidents/1", json={"status": "resolved"})
+    again = hook(telegram_update(5, "Отчёт не выгружен", message_id=9))
+    assert first["text"] == again["text"] == "Incident #1 registered"
+    assert query(db_path, "SELECT id, status, occurrences FROM incidents") == [(1, "resolved", 1)]
+
+
+def test_webhook_same_message_id_in_other_chat_is_another_incident(hook, db_path):
+    hook(telegram_update(1, "one", message_id=9))
+    hook(telegram_update(2, "/incident two", chat=GROUP_CHAT, message_id=9))
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(2,)]
+
+
+def test_webhook_edited_message_is_ignored(hook, db_path):
+    hook(telegram_update(1, "Scooter 12 offline", message_id=4))
+    assert hook(telegram_update(2, "Scooter 12 offline (edited)", message_id=4, kind="edited_message",
+                                edit_date=1795000100)) == {}
+    assert query(db_path, "SELECT description FROM incidents") == [("Scooter 12 offline",)]
+
+
+def test_webhook_photo_caption_is_a_report(hook, db_path):
+    reply = hook(telegram_update(1, photo=[{"file_id": "x", "width": 90, "height": 90}], caption="Сломан замок"))
+    assert reply["text"] == "Incident #1 registered"
+
+
+@pytest.mark.parametrize(
+    "update, answered",
+    [
+        (telegram_update(1, sticker={"file_id": "x", "emoji": "👍"}), True),
+        (telegram_update(1, chat=GROUP_CHAT, sticker={"file_id": "x"}), False),
+        (telegram_update(1, chat=GROUP_CHAT, new_chat_members=[OLGA]), False),
+        (telegram_update(1, "/frobnicate"), True),
+        (telegram_update(1, "/frobnicate@OtherBot", chat=GROUP_CHAT), False),
+        (telegram_update(1, "   "), True),
+        ({"update_id": 1, "my_chat_member": {"chat": GROUP_CHAT}}, False),
+        ({"update_id": 1, "channel_post": {"message_id": 1, "chat": {"id": -5, "type": "channel"}, "text": "x"}}, False),
+        ({"update_id": 1}, False),
+        ({"update_id": 1, "message": "text"}, False),
+        ({"update_id": 1, "message": {"message_id": 1, "chat": {"id": "x"}, "text": "x"}}, False),
+        ({"update_id": 1, "message": {"message_id": "1", "chat": {"id": 5, "type": "private"}, "text": "x"}}, False),
+        ({"update_id": 1, "message": {"message_id": 1, "chat": {"id": 5, "type": "private"}, "text": 42}}, True),
+    ],
+)
+def test_webhook_anything_else_gets_short_reply_or_is_ignored(hook, db_path, update, answered):
+    reply = hook(update)
+    assert bool(reply) == answered
+    if answered:
+        assert reply["method"] == "sendMessage" and 0 < len(reply["text"]) < 400
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(0,)]
+
+
+def test_webhook_lists_newest_unresolved_incidents(hook):
+    for i in range(12):
+        hook(telegram_update(i + 1, f"Problem {i}\nsecond line"))
+    hook.client.patch("/incidents/12", json={"status": "resolved"})
+    hook.client.patch("/incidents/11", json={"status": "in_progress"})
+    lines = hook(telegram_update(50, "/incidents", chat=GROUP_CHAT))["text"].splitlines()
+    assert lines == [f"#{i} [{'in_progress' if i == 11 else 'new'}] Problem {i - 1}" for i in range(11, 1, -1)]
+
+
+def test_webhook_lists_none_when_all_resolved(hook):
+    assert "No unresolved" in hook(telegram_update(1, "/incidents"))["text"]
+
+
+def test_webhook_take_and_resolve_change_status_and_record_who(hook, db_path):
+    hook(telegram_update(1, "Точка 7 не отвечает"))
+    assert "#1" in hook(telegram_update(2, "/take 1", chat=GROUP_CHAT, sender=OLGA))["text"]
+    assert "#1" in hook(telegram_update(3, "/resolve@IncidentsBot #1", chat=GROUP_CHAT))["text"]
+    assert query(db_path, "SELECT status FROM incidents") == [("resolved",)]
+    assert query(db_path, "SELECT type, from_status, to_status, actor FROM events WHERE type = 'status_changed'") == [
+        ("status_changed", "new", "in_progress", "Ольга (Telegram user 333)"),
+        ("status_changed", "in_progress", "resolved", "@ivan_ops (Telegram user 111)")]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("/resolve", "/resolve 17"), ("/take abc", "/take 17"), ("/resolve 99999999999999999999999", "/resolve 17"),
+    ("/resolve 42", "no incident 42"),
+])
+def test_webhook_bad_ids_get_helpful_reply(hook, db_path, text, expected):
+    assert expected in hook(telegram_update(1, text))["text"]
+
+
+def test_webhook_take_conflict_names_open_incident(hook, db_path):
+    hook.client.post("/incidents", json={"description": "a", "source": "monitoring", "dedup_key": "k"})
+    hook.client.patch("/incidents/1", json={"status": "resolved"})
+    hook.client.post("/incidents", json={"description": "b", "source": "monitoring", "dedup_key": "k"})
+    assert "Incident 2 is open" in hook(telegram_update(1, "/take 1"))["text"]
+    assert query(db_path, "SELECT status FROM incidents WHERE id = 1") == [("resolved",)]
+
+
+@pytest.mark.parametrize("secret", ["", "wrong", "hook-secret-2"])
+def test_webhook_rejects_wrong_secret_with_401(hook, db_path, secret):
+    response = hook.client.post("/telegram/webhook", json=telegram_update(1, "x"),
+                                headers={"X-Telegram-Bot-Api-Secret-Token": secret} if secret else {})
+    assert_problem(response, 401)
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(0,)]
+
+
+def test_webhook_is_404_without_secret_configured(client, db_path):
+    response = client.post("/telegram/webhook", json=telegram_update(1, "x"),
+                           headers={"X-Telegram-Bot-Api-Secret-Token": ""})
+    assert_problem(response, 404)
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(0,)]
+
+
+def test_webhook_needs_no_api_token(db_path):
+    client = incidents.create_app({"DATABASE": str(db_path), "TESTING": True, "API_TOKEN": "t",
+                                   "TELEGRAM_WEBHOOK_SECRET": SECRET}).test_client()
+    response = client.post("/telegram/webhook", json=telegram_update(1, "x"),
+                           headers={"X-Telegram-Bot-Api-Secret-Token": SECRET})
+    assert response.status_code == 200 and response.json["text"] == "Incident #1 registered"
+
+
+def test_webhook_rejects_malformed_body_with_400(hook):
+    response = hook.client.post("/telegram/webhook", data="{", content_type="application/json",
+                                headers={"X-Telegram-Bot-Api-Secret-Token": SECRET})
+    assert_problem(response, 400)
+
+
+# ---------------------------------------------------------------------------
+# Telegram: polling, against a fake Bot API on localhost
+# ---------------------------------------------------------------------------
+
+TOKEN = "123456:TEST-token"
+
+
+class FakeBotApi(http.server.ThreadingHTTPServer):
+    """Enough of the Bot API for telegram-poll: getUpdates from a list, sendMessage recorded."""
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), FakeBotApiHandler)
+        self.updates, self.offsets, self.sent = [], [], []
+        self.failures = 0  # getUpdates calls to answer 502 before working
+        self.status = None  # an error code to answer every call with
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def wait_for(self, condition, seconds=15):
+        deadline = time.monotonic() + seconds
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out; sent so far: {self.sent}"
+            time.sleep(0.05)
+
+
+class FakeBotApiHandler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def answer(self, status, body):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        try:
+            self.wfile.write(data)
+        except ConnectionError:  # the poller was stopped while it waited
+            pass
+
+    def do_POST(self):
+        fake = self.server
+        payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        token, _, method = self.path.removeprefix("/bot").partition("/")
+        if token != TOKEN or fake.status:
+            code = fake.status or 401
+            return self.answer(code, {"ok": False, "error_code": code, "description": "Unauthorized"})
+        if method == "sendMessage":
+            fake.sent.append(payload)
+            return self.answer(200, {"ok": True, "result": {"message_id": 1000 + len(fake.sent)}})
+        if fake.failures:
+            fake.failures -= 1
+            return self.answer(502, {"ok": False, "error_code": 502, "description": "Bad Gateway"})
+        fake.offsets.append(payload["offset"])
+        pending = [u for u in fake.updates if u["update_id"] >= payload["offset"]]
+        if not pending:
+            time.sleep(0.05)
+        self.answer(200, {"ok": True, "result": pending})
+
+
+@pytest.fixture
+def bot_api():
+    fake = FakeBotApi()
+    yield fake
+    fake.shutdown()
+    fake.server_close()
+
+
+@contextmanager
+def poller(db_path, bot_api, token=TOKEN):
+    """`flask --app incidents telegram-poll` against the fake; stopped with Ctrl-C (SIGINT)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flask", "--app", "incidents", "telegram-poll"], cwd=HERE,
+        env={**os.environ, "INCIDENTS_DB": str(db_path), "TELEGRAM_BOT_TOKEN": token, "TELEGRAM_API_URL": bot_api.url},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+        process.wait(10)
+        process.stdout.close()
+
+
+def test_poller_turns_updates_into_incidents_and_replies(db_path, bot_api):
+    bot_api.updates = [
+        telegram_update(10, "Самокат 12 не выходит на связь", message_id=501),
+        telegram_update(11, "/incident Точка на Ленина не отвечает", chat=GROUP_CHAT, sender=OLGA, message_id=502),
+        telegram_update(12, "Самокат 12 не выходит на связь (edited)", message_id=501, kind="edited_message"),
+        telegram_update(13, "/take 1", chat=GROUP_CHAT, sender=OLGA, message_id=503),
+    ]
+    with poller(db_path, bot_api) as process:
+        bot_api.wait_for(lambda: len(bot_api.sent) == 3)
+        bot_api.wait_for(lambda: bot_api.offsets[-1] == 14)
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=10)
+    assert process.returncode == 0 and "Stopped." in output
+    assert bot_api.sent == [
+        {"chat_id": 111, "reply_to_message_id": 501, "text": "Incident #1 registered"},
+        {"chat_id": -100222, "reply_to_message_id": 502, "text": "Incident #2 registered"},
+        {"chat_id": -100222, "reply_to_message_id": 503, "text": "Incident #1 is in progress, by Ольга (Telegram user 333)"},
+    ]
+    assert query(db_path, "SELECT id, description, status FROM incidents") == [
+        (1, "Самокат 12 не выходит на связь", "in_progress"), (2, "Точка на Ленина не отвечает", "new")]
+    assert query(db_path, "SELECT bot_id, next_update_id FROM telegram_offsets") == [(123456, 14)]
+
+
+def test_poller_restart_neither_loses_nor_repeats_updates(db_path, bot_api):
+    bot_api.updates = [telegram_update(1, "first"), telegram_update(2, "second")]
+    with poller(db_path, bot_api):
+        bot_api.wait_for(lambda: len(bot_api.sent) == 2)
+    # Telegram still holds the old updates if asked from an old offset, and has a new one.
+    bot_api.updates.append(telegram_update(3, "third"))
+    bot_api.offsets.clear()
+    with poller(db_path, bot_api):
+        bot_api.wait_for(lambda: len(bot_api.sent) == 3)
+    assert bot_api.offsets[0] == 3
+    assert query(db_path, "SELECT description FROM incidents ORDER BY id") == [("first",), ("second",), ("third",)]
+    assert [m["text"] for m in bot_api.sent] == [f"Incident #{i} registered" for i in (1, 2, 3)]
+
+
+def test_poller_backs_off_on_network_errors_then_goes_on(db_path, bot_api):
+    bot_api.failures = 1
+    bot_api.updates = [telegram_update(1, "after the outage")]
+    with poller(db_path, bot_api) as process:
+        bot_api.wait_for(lambda: len(bot_api.sent) == 1)
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=10)
+    assert "trying again in 1 s" in output
+    assert query(db_path, "SELECT description FROM incidents") == [("after the outage",)]
+
+
+def test_poller_stops_with_message_on_wrong_token(db_path, bot_api):
+    with poller(db_path, bot_api, token="999:wrong") as process:
+        output, _ = process.communicate(timeout=15)
+    assert process.returncode == 1
+    assert "401" in output and "wrong" not in output
+
+
+def test_poller_needs_a_token(db_path):
+    result = subprocess.run([sys.executable, "-m", "flask", "--app", "incidents", "telegram-poll"], cwd=HERE,
+                            env={**{k: v for k, v in os.environ.items() if k != "TELEGRAM_BOT_TOKEN"},
+                                 "INCIDENTS_DB": str(db_path)}, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "TELEGRAM_BOT_TOKEN" in result.stderr
+
+
+def test_poll_backoff_doubles_to_a_limit_and_honours_retry_after(db_path, bot_app, monkeypatch):
+    sleeps = []
+    monkeypatch.setattr(incidents.time, "sleep", sleeps.append)
+    script = [incidents.BotApiError("down", retry=True)] * 8 + [
+        incidents.BotApiError("429 Too Many Requests", retry=True, retry_after=7), [], KeyboardInterrupt()]
+
+    def call(method, payload):
+        step = script.pop(0)
+        if isinstance(step, BaseException):
+            raise step
+        return step
+
+    database = bot_app.extensions["incidents"]
+    with bot_app.app_context(), pytest.raises(KeyboardInterrupt):
+        incidents.poll_telegram(database, database.acquire(), call, bot_id=1)
+    assert sleeps == [0, 1, 2, 4, 8, 16, 32, 60, 60, 7, 0]
 
 
 # ---------------------------------------------------------------------------
