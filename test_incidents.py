@@ -176,6 +176,11 @@ def test_create_accepts_json_content_type_with_charset(client):
     assert response.status_code == 201
 
 
+def test_create_accepts_body_just_under_64_kib(client):
+    body = json.dumps({"description": "x", "source": "operator"}) + " " * (64 * 1024 - 100)
+    assert client.post("/incidents", data=body, content_type="application/json").status_code == 201
+
+
 def test_create_rejects_body_over_64_kib_with_413(client, db_path):
     body = json.dumps({"description": "x" * (64 * 1024), "source": "operator"})
     assert_problem(client.post("/incidents", data=body, content_type="application/json"), 413)
