@@ -72,6 +72,11 @@ def sql_list(values):
     return ", ".join(f"'{value}'" for value in values)
 
 
+def placeholders(values):
+    """One ? per value, for values bound as parameters."""
+    return ", ".join("?" * len(values))
+
+
 # Literal, not parameters, so that SQLite sees the partial index's own condition and uses it.
 IS_OPEN = f"status IN ({sql_list(OPEN_STATUSES)})"
 
@@ -503,7 +508,7 @@ def add_event(db, incident_id, at, event_type, **columns):
     """Append an event to an incident's timeline; `columns` names come from code, never requests."""
     names = ("incident_id", "at", "type", *columns)
     db.execute(
-        f"INSERT INTO events ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+        f"INSERT INTO events ({', '.join(names)}) VALUES ({placeholders(names)})",
         (incident_id, at, event_type, *columns.values()),
     )
 
@@ -656,8 +661,7 @@ def list_streams(query):
     """
     statuses, sources = query.get("status", STATUSES), query.get("source", SOURCES)
     if "dedup_key" in query:
-        marks = lambda values: ", ".join("?" * len(values))
-        conditions = ["dedup_key = ?", f"+status IN ({marks(statuses)})", f"+source IN ({marks(sources)})"]
+        conditions = ["dedup_key = ?", f"+status IN ({placeholders(statuses)})", f"+source IN ({placeholders(sources)})"]
         return [(conditions, [query["dedup_key"], *statuses, *sources])]
     return [(["status = ?", "source = ?"], [status, source]) for status in statuses for source in sources]
 
