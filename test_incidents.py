@@ -28,6 +28,14 @@ TIMESTAMP = r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z"
 # ---------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch):
+    """Tests and the servers they start see only the configuration each test sets."""
+    for name in ("INCIDENTS_DB", "INCIDENTS_API_TOKEN", "TELEGRAM_WEBHOOK_SECRET", "TELEGRAM_BOT_TOKEN",
+                 "TELEGRAM_API_URL"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture
 def db_path(tmp_path):
     return tmp_path / "incidents.db"
@@ -1192,8 +1200,7 @@ def test_poller_stops_with_message_on_wrong_token(db_path, bot_api):
 
 def test_poller_needs_a_token(db_path):
     result = subprocess.run([sys.executable, "-m", "flask", "--app", "incidents", "telegram-poll"], cwd=HERE,
-                            env={**{k: v for k, v in os.environ.items() if k != "TELEGRAM_BOT_TOKEN"},
-                                 "INCIDENTS_DB": str(db_path)}, capture_output=True, text=True, timeout=30)
+                            env={**os.environ, "INCIDENTS_DB": str(db_path)}, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "TELEGRAM_BOT_TOKEN" in result.stderr
 
 
