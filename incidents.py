@@ -782,11 +782,12 @@ def telegram_open_incidents(db):
 
 def telegram_set_status(db, message, argument, status):
     """/take and /resolve: change a status and record who did it."""
-    if not argument.lstrip("#").isdigit() or int(argument.lstrip("#")) > MAX_ID:
+    number = argument.lstrip("#")
+    if not number.isdecimal() or int(number) > MAX_ID:
         return f"Send the incident number, e.g. /{'take' if status == 'in_progress' else 'resolve'} 17"
-    incident_id = int(argument.lstrip("#"))
-    change_incident(db, incident_id, {"status": status}, actor=telegram_sender(message))
-    return f"Incident #{incident_id} is {status.replace('_', ' ')}, by {telegram_sender(message)}"
+    actor = telegram_sender(message)
+    change_incident(db, int(number), {"status": status}, actor=actor)
+    return f"Incident #{int(number)} is {status.replace('_', ' ')}, by {actor}"
 
 
 def telegram_command(db, message, text):
@@ -794,8 +795,8 @@ def telegram_command(db, message, text):
     private = message["chat"].get("type") == "private"
     if not text.startswith("/"):
         return telegram_report(db, message, text) if private else None
-    command, _, argument = text.partition(" ")
-    command, argument = command.split("@")[0].lower(), argument.strip()
+    command, argument = (text.split(maxsplit=1) + [""])[:2]  # the text may start on the next line
+    command = command.split("@")[0].lower()
     if command == "/incident":
         return telegram_report(db, message, argument) if argument else "Describe the problem: /incident <text>"
     if command == "/incidents":

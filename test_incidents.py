@@ -930,6 +930,12 @@ def test_webhook_group_needs_incident_command(hook, db_path):
     assert "Ольга" in note and "Операторы" in note and "-100222" in note
 
 
+@pytest.mark.parametrize("text", ["/incident\nСамокат 7:\nне заряжается", "/incident Самокат 7:\nне заряжается"])
+def test_webhook_incident_command_keeps_the_text_as_written(hook, db_path, text):
+    assert hook(telegram_update(1, text, chat=GROUP_CHAT))["text"] == "Incident #1 registered"
+    assert query(db_path, "SELECT description FROM incidents") == [("Самокат 7:\nне заряжается",)]
+
+
 def test_webhook_incident_command_without_text_asks_for_it(hook, db_path):
     assert "/incident <text>" in hook(telegram_update(1, "/incident", chat=GROUP_CHAT))["text"]
     assert query(db_path, "SELECT count(*) FROM incidents") == [(0,)]
@@ -1012,6 +1018,7 @@ def test_webhook_take_and_resolve_change_status_and_record_who(hook, db_path):
 
 @pytest.mark.parametrize("text, expected", [
     ("/resolve", "/resolve 17"), ("/take abc", "/take 17"), ("/resolve 99999999999999999999999", "/resolve 17"),
+    ("/take ²", "/take 17"), ("/resolve -1", "/resolve 17"),
     ("/resolve 42", "no incident 42"),
 ])
 def test_webhook_bad_ids_get_helpful_reply(hook, db_path, text, expected):
