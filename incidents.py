@@ -496,11 +496,15 @@ def parse_query(args, parsers):
 # ---------------------------------------------------------------------------
 
 
+def no_such_incident(incident_id):
+    return ApiError(404, f"There is no incident {incident_id}.")
+
+
 def fetch_incident_json(db, incident_id):
     """The incident as JSON text built by SQLite, or 404 when there is none."""
     row = db.execute(f"SELECT {INCIDENT_JSON} FROM incidents WHERE id = ?", (incident_id,)).fetchone()
     if row is None:
-        raise ApiError(404, f"There is no incident {incident_id}.")
+        raise no_such_incident(incident_id)
     return row[0]
 
 
@@ -572,7 +576,7 @@ def change_incident(db, incident_id, values, note=None, actor=None):
         "SELECT status, description, dedup_key FROM incidents WHERE id = ?", (incident_id,)
     ).fetchone()
     if current is None:
-        raise ApiError(404, f"There is no incident {incident_id}.")
+        raise no_such_incident(incident_id)
     changed = {field: value for field, value in values.items() if value != current[field]}
     reopening = changed.get("status") in OPEN_STATUSES and current["status"] not in OPEN_STATUSES
     if reopening and current["dedup_key"] is not None:
@@ -727,7 +731,7 @@ def list_events(incident_id):
     limit = query.get("limit", PAGE_LIMIT_DEFAULT)
     db = get_db()
     if db.execute("SELECT 1 FROM incidents WHERE id = ?", (incident_id,)).fetchone() is None:
-        raise ApiError(404, f"There is no incident {incident_id}.")
+        raise no_such_incident(incident_id)
     after = query.get("cursor", [0])[0]
     rows = db.execute(
         f"SELECT id, {EVENT_JSON} FROM events WHERE incident_id = ? AND id > ? ORDER BY id LIMIT ?",
@@ -770,14 +774,12 @@ def telegram_report(db, message, text):
 
 
 def telegram_open_incidents(db):
-    rows = db.execute(
-        f"""SELECT id, status, description FROM incidents WHERE {IS_OPEN}
-            ORDER BY created_at DESC, id DESC LIMIT ?""",
-        (TELEGRAM_LIST_MAX,),
-    ).fetchall()
-    if not rows:
+    """/incidents: the newest unresolved incidents, read like any list page (no sort of the table)."""
+    rows = db.execute(*list_sql({"status": OPEN_STATUSES, "limit": TELEGRAM_LIST_MAX})).fetchall()
+    items = [json.loads(row[-1]) for row in rows[:TELEGRAM_LIST_MAX]]
+    if not items:
         return "No unresolved incidents."
-    return "\n".join(f"#{row['id']} [{row['status']}] {row['description'].splitlines()[0][:100]}" for row in rows)
+    return "\n".join(f"#{i['id']} [{i['status']}] {i['description'].splitlines()[0][:100]}" for i in items)
 
 
 def telegram_set_status(db, message, argument, status):

@@ -1002,6 +1002,19 @@ def test_webhook_lists_newest_unresolved_incidents(hook):
     assert lines == [f"#{i} [{'in_progress' if i == 11 else 'new'}] Problem {i - 1}" for i in range(11, 1, -1)]
 
 
+def test_webhook_lists_through_the_indexed_list_query(bot_app):
+    """/incidents reads the merged index streams, never `status IN (...) ORDER BY`, which sorts every open row."""
+    statements = []
+    with bot_app.app_context():
+        db = incidents.get_db()
+        db.set_trace_callback(statements.append)
+        incidents.telegram_open_incidents(db)
+        db.set_trace_callback(None)
+    [statement] = statements
+    assert statement.count("WHERE status = ") == len(incidents.OPEN_STATUSES) * len(incidents.SOURCES)
+    assert " IN ('new', 'in_progress')" not in statement
+
+
 def test_webhook_lists_none_when_all_resolved(hook):
     assert "No unresolved" in hook(telegram_update(1, "/incidents"))["text"]
 
