@@ -6,6 +6,8 @@ One Flask module over one SQLite file. Run it with
 
 The database file is created, or migrated to the current schema, when the app starts.
 
+Alerts from Prometheus Alertmanager and Grafana come in through POST /integrations/alertmanager.
+
 Telegram reports come in through the webhook POST /telegram/webhook, or, where Telegram cannot
 reach the server, by long polling:
 
@@ -17,8 +19,11 @@ Environment:
     TELEGRAM_WEBHOOK_SECRET  enables the webhook; Telegram sends it in X-Telegram-Bot-Api-Secret-Token
     TELEGRAM_BOT_TOKEN       the bot's token from BotFather, for telegram-poll
     TELEGRAM_API_URL         the Bot API's address (default: https://api.telegram.org)
+    INCIDENTS_REOPEN_WINDOW  seconds after an alert's incident resolves in which the alert firing
+                             again reopens it (default 900; 0 turns reopening off)
 """
 import base64
+import hashlib
 import hmac
 import json
 import os
@@ -35,7 +40,7 @@ from datetime import datetime, timedelta, timezone
 import click
 from flask import Flask, Response, current_app, g, jsonify, request
 from flask.cli import with_appcontext
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -61,6 +66,10 @@ TELEGRAM_API_URL = "https://api.telegram.org"
 TELEGRAM_POLL_TIMEOUT_S = 30  # how long one getUpdates call waits for news
 TELEGRAM_BACKOFF_S = (1, 60)  # first and longest wait after a network error
 TELEGRAM_LIST_MAX = 10
+ALERT_BODY_MAX = 1024 * 1024  # Alertmanager batches alerts; every other route keeps MAX_BODY_BYTES
+ALERT_STATUSES = ("firing", "resolved")
+ALERT_KEY_PREFIX = "alertmanager:"
+REOPEN_WINDOW_S = 900  # a resolved alert that fires again this soon reopens its incident
 TIMESTAMP_GLOB = "[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z"
 DATETIME_PATTERN = re.compile(
     r"\d{4}-\d{2}-\d{2}([Tt ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?([Zz]|[+-]\d{2}:\d{2})?)?"
@@ -311,6 +320,7 @@ HTTP_TITLES = {
     401: "Unauthorized",
     404: "Not Found",
     409: "Conflict",
+    413: "Content Too Large",
     415: "Unsupported Media Type",
     422: "Unprocessable Content",
 }
@@ -327,6 +337,11 @@ def clean_text(value, limit):
     value = value.strip()
     if not 1 <= len(value) <= limit:
         raise ValueError(f"must be 1 to {limit} characters after trimming spaces")
+    return check_storable(value)
+
+
+def check_storable(value):
+    """Text SQLite stores as given: no NUL, no lone surrogates (which UTF-8 cannot encode)."""
     if "\x00" in value:
         raise ValueError("must not contain NUL characters")
     try:
@@ -528,21 +543,20 @@ def add_repeat_event(db, incident_id, at):
         add_event(db, incident_id, at, "repeated", count=1, last_at=at)
 
 
-def report_incident(db, values, note=None, actor=None):
-    """Fold a report into the open incident with its dedup_key, or create a new incident.
+def fold_report(db, dedup_key, at):
+    """Count a repeat on the open incident that holds dedup_key: (id, incident JSON), or None."""
+    folded = db.execute(
+        f"""UPDATE incidents SET occurrences = occurrences + 1, last_seen_at = ?, updated_at = ?
+            WHERE dedup_key = ? AND {IS_OPEN} RETURNING id, {INCIDENT_JSON}""",
+        (at, at, dedup_key),
+    ).fetchone()
+    if folded:
+        add_repeat_event(db, folded[0], at)
+    return folded
 
-    Returns (id, incident JSON, whether it was created).
-    """
-    at = now()
-    if "dedup_key" in values:
-        folded = db.execute(
-            f"""UPDATE incidents SET occurrences = occurrences + 1, last_seen_at = ?, updated_at = ?
-                WHERE dedup_key = ? AND {IS_OPEN} RETURNING id, {INCIDENT_JSON}""",
-            (at, at, values["dedup_key"]),
-        ).fetchone()
-        if folded:
-            add_repeat_event(db, folded[0], at)
-            return folded[0], folded[1], False
+
+def insert_incident(db, values, at, note=None, actor=None):
+    """A new incident and its `created` event: (id, incident JSON)."""
     status = values.get("status", DEFAULT_STATUS)
     incident_id, body = db.execute(
         f"""INSERT INTO incidents (description, status, source, dedup_key, created_at, updated_at, last_seen_at)
@@ -550,7 +564,19 @@ def report_incident(db, values, note=None, actor=None):
         (values["description"], status, values["source"], values.get("dedup_key"), at, at, at),
     ).fetchone()
     add_event(db, incident_id, at, "created", to_status=status, note=note, actor=actor)
-    return incident_id, body, True
+    return incident_id, body
+
+
+def report_incident(db, values, note=None, actor=None):
+    """Fold a report into the open incident with its dedup_key, or create a new incident.
+
+    Returns (id, incident JSON, whether it was created).
+    """
+    at = now()
+    folded = "dedup_key" in values and fold_report(db, values["dedup_key"], at)
+    if folded:
+        return folded[0], folded[1], False
+    return (*insert_incident(db, values, at, note, actor), True)
 
 
 def check_dedup_key_free(db, incident_id, dedup_key):
@@ -601,7 +627,16 @@ def change_incident(db, incident_id, values, note=None, actor=None):
 # Routes
 # ---------------------------------------------------------------------------
 
-INCIDENT_URL = f"/incidents/<int(max={MAX_ID}):incident_id>"
+# No max= on the converter: a number past it would fail the match and Werkzeug would answer 405
+# for PATCH; check_incident_id answers 404 for every method instead.
+INCIDENT_URL = "/incidents/<int:incident_id>"
+
+
+def check_incident_id():
+    """An id past SQLite's largest integer is no incident, on every route that takes one."""
+    incident_id = (request.view_args or {}).get("incident_id", 0)
+    if incident_id > MAX_ID:
+        raise no_such_incident(incident_id)
 
 
 def json_response(text, status=200, headers=None):
@@ -953,8 +988,167 @@ def telegram_poll_command():
 
 
 # ---------------------------------------------------------------------------
+# Alerts: Prometheus Alertmanager and Grafana webhooks
+# ---------------------------------------------------------------------------
+
+ALERT_TIME_PATTERN = re.compile(r"(\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+
+
+def parse_alert_time(value):
+    """An RFC 3339 time as the senders write it (nanoseconds, any offset) in the stored format."""
+    match = ALERT_TIME_PATTERN.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError("must be an RFC 3339 date-time such as 2026-11-23T07:00:00.123Z")
+    seconds, fraction, offset = match.groups()
+    try:
+        moment = datetime.fromisoformat(seconds + (fraction or "")[:7] + offset.upper().replace("Z", "+00:00"))
+        return utc_timestamp(moment)
+    except (ValueError, OverflowError) as error:
+        raise ValueError(f"is not a valid date-time: {error}") from None
+
+
+def clean_string_map(value):
+    """Labels or annotations: an object whose values are all text."""
+    if not isinstance(value, dict) or not all(isinstance(text, str) for text in value.values()):
+        raise ValueError("must be an object whose values are strings")
+    for text in (*value, *value.values()):
+        check_storable(text)
+    return value
+
+
+def alert_identity(alert):
+    """The fingerprint, else a hash of the sorted labels that every Python version computes alike."""
+    fingerprint = alert.get("fingerprint")
+    if fingerprint:
+        return clean_text(fingerprint, DEDUP_KEY_MAX - len(ALERT_KEY_PREFIX))
+    canonical = json.dumps(sorted(alert["labels"].items()), ensure_ascii=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def alert_description(labels, annotations):
+    """What the person on duty reads first: summary, description, then every label."""
+    lines = [annotations.get("summary") or labels.get("alertname") or "Alert",
+             annotations.get("description", ""),
+             " ".join(f"{name}={value}" for name, value in sorted(labels.items()))]
+    return "\n".join(line.strip() for line in lines if line.strip())[:DESCRIPTION_MAX].strip()
+
+
+ALERT_FIELDS = {
+    "labels": clean_string_map,
+    "annotations": clean_string_map,
+    "status": lambda value: clean_choice(value, ALERT_STATUSES),
+    "startsAt": parse_alert_time,
+    "endsAt": parse_alert_time,
+}
+
+
+def clean_alert(alert, index, errors):
+    """One alert's values for apply_alert; its problems go into `errors`, named alerts[i].field."""
+    if not isinstance(alert, dict):
+        errors.append({"field": f"alerts[{index}]", "message": "must be an object"})
+        return None
+    values = {"annotations": {}}
+    for field, rule in ALERT_FIELDS.items():
+        if field in alert or field in ("labels", "status"):
+            try:
+                values[field] = rule(alert.get(field))
+            except ValueError as error:
+                errors.append({"field": f"alerts[{index}].{field}", "message": str(error)})
+    try:
+        values["identity"] = alert_identity(alert) if "labels" in values else None
+    except ValueError as error:
+        errors.append({"field": f"alerts[{index}].fingerprint", "message": str(error)})
+    return values
+
+
+def clean_alerts(body):
+    """The alerts of a webhook payload, checked whole before anything is written; 422 otherwise."""
+    alerts = body.get("alerts")
+    if not isinstance(alerts, list):
+        raise invalid("fields", [{"field": "alerts", "message": "must be a list of alerts"}])
+    errors = []
+    if "status" in body and body["status"] not in ALERT_STATUSES:
+        errors.append({"field": "status", "message": f"must be one of: {', '.join(ALERT_STATUSES)}"})
+    cleaned = [clean_alert(alert, index, errors) for index, alert in enumerate(alerts)]
+    if errors:
+        raise invalid("fields", errors)
+    return cleaned
+
+
+def alert_incident(db, dedup_key):
+    """The alert's open incident, else its newest one, with when its status last changed; or None."""
+    return db.execute(
+        f"""SELECT id, status, coalesce((SELECT max(at) FROM events WHERE incident_id = incidents.id
+                                          AND type = 'status_changed'), updated_at) AS changed_at
+            FROM incidents WHERE dedup_key = ? ORDER BY {IS_OPEN} DESC, created_at DESC, id DESC LIMIT 1""",
+        (dedup_key,),
+    ).fetchone()
+
+
+def fire_alert(db, alert, dedup_key, sender, at, reopen_after):
+    """A firing alert folds into its open incident, reopens one resolved since `reopen_after`, or opens one."""
+    latest = alert_incident(db, dedup_key)
+    if latest and latest["status"] in OPEN_STATUSES:
+        fold_report(db, dedup_key, at)
+        return latest["id"], "folded"
+    if latest and latest["status"] == "resolved" and reopen_after and latest["changed_at"] >= reopen_after:
+        note = f"The alert fired again (started {alert.get('startsAt', 'at an unknown time')})"
+        change_incident(db, latest["id"], {"status": "new"}, note, sender)
+        return latest["id"], "reopened"
+    values = {"description": alert_description(alert["labels"], alert["annotations"]),
+              "source": "monitoring", "dedup_key": dedup_key}
+    note = f"Alert from {sender}, firing since {alert.get('startsAt', 'an unknown time')}"
+    return insert_incident(db, values, at, note, sender)[0], "created"
+
+
+def resolve_alert(db, alert, dedup_key, sender):
+    """A resolved alert resolves its open incident; without one it changes nothing."""
+    latest = alert_incident(db, dedup_key)
+    if latest is None or latest["status"] not in OPEN_STATUSES:
+        return latest and latest["id"], "unchanged"
+    note = f"The alert ended at {alert.get('endsAt', 'an unknown time')}"
+    change_incident(db, latest["id"], {"status": "resolved"}, note, sender)
+    return latest["id"], "resolved"
+
+
+def receive_alerts():
+    """Alertmanager's or Grafana's webhook: each alert opens, folds, reopens or resolves an incident."""
+    request.max_content_length = ALERT_BODY_MAX
+    try:
+        body = read_json_object()
+    except RequestEntityTooLarge:
+        raise ApiError(413, f"The payload is over {ALERT_BODY_MAX} bytes; lower max_alerts in the "
+                            "receiver's webhook_configs so that Alertmanager sends fewer alerts at once.") from None
+    alerts = clean_alerts(body)
+    sender = "grafana" if "orgId" in body else "alertmanager"
+    window = current_app.config["REOPEN_WINDOW"]
+    results = []
+    with write_transaction() as db:
+        at = now()
+        reopen_after = window and utc_timestamp(datetime.now(timezone.utc) - timedelta(seconds=window))
+        for alert in alerts:
+            dedup_key = ALERT_KEY_PREFIX + alert["identity"]
+            if alert["status"] == "firing":
+                incident_id, action = fire_alert(db, alert, dedup_key, sender, at, reopen_after)
+            else:
+                incident_id, action = resolve_alert(db, alert, dedup_key, sender)
+            results.append({"id": incident_id, "action": action})
+    return jsonify(incidents=results)
+
+
+# ---------------------------------------------------------------------------
 # The app factory
 # ---------------------------------------------------------------------------
+
+
+def env_seconds(name, default):
+    """A whole number of seconds from the environment, or a startup error that says what to set."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    if not (text.isascii() and text.isdigit()):
+        raise RuntimeError(f"{name} must be a whole number of seconds (0 or more), not {text!r}")
+    return int(text)
 
 
 def create_app(test_config=None):
@@ -966,6 +1160,7 @@ def create_app(test_config=None):
         TELEGRAM_WEBHOOK_SECRET=os.environ.get("TELEGRAM_WEBHOOK_SECRET") or None,
         TELEGRAM_BOT_TOKEN=os.environ.get("TELEGRAM_BOT_TOKEN") or None,
         TELEGRAM_API_URL=os.environ.get("TELEGRAM_API_URL") or TELEGRAM_API_URL,
+        REOPEN_WINDOW=env_seconds("INCIDENTS_REOPEN_WINDOW", REOPEN_WINDOW_S),
         MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
     )
     if test_config:
@@ -978,6 +1173,7 @@ def create_app(test_config=None):
     app.extensions["incidents"] = database
     app.teardown_appcontext(close_db)
     app.before_request(check_token)
+    app.before_request(check_incident_id)
 
     app.register_error_handler(ApiError, handle_api_error)
     app.register_error_handler(HTTPException, handle_http_exception)
@@ -991,5 +1187,6 @@ def create_app(test_config=None):
     app.patch(INCIDENT_URL)(update_incident)
     app.get(INCIDENT_URL + "/events")(list_events)
     app.post("/telegram/webhook")(telegram_webhook)
+    app.post("/integrations/alertmanager")(receive_alerts)
     app.cli.add_command(telegram_poll_command)
     return app

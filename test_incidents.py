@@ -210,9 +210,18 @@ def test_get_returns_the_incident(client):
 
 
 @pytest.mark.parametrize("path", ["/incidents/999", "/incidents/0", "/incidents/abc", "/incidents/-1",
+                                  "/incidents/9223372036854775807", "/incidents/9223372036854775808",
                                   "/incidents/99999999999999999999999", "/nowhere"])
 def test_get_unknown_incident_or_route_is_404_problem(client, path):
     assert_problem(client.get(path), 404)
+
+
+@pytest.mark.parametrize("incident_id", ["9223372036854775807", "9223372036854775808", "99999999999999999999999"])
+def test_incident_id_out_of_range_is_404_on_every_route_that_takes_one(client, incident_id):
+    for response in (client.patch(f"/incidents/{incident_id}", json={"status": "resolved"}),
+                     client.get(f"/incidents/{incident_id}"),
+                     client.get(f"/incidents/{incident_id}/events")):
+        assert assert_problem(response, 404)["detail"] == f"There is no incident {incident_id}."
 
 
 def test_unsupported_method_is_405_with_allow(client):
@@ -1244,6 +1253,263 @@ def test_poll_backoff_doubles_to_a_limit_and_honours_retry_after(db_path, bot_ap
 
 
 # ---------------------------------------------------------------------------
+# Alerts from Alertmanager and Grafana
+# ---------------------------------------------------------------------------
+
+
+def am_alert(status="firing", fingerprint="a1b2c3d4e5f60718", point="7", **fields):
+    """One alert as Alertmanager's webhook sends it (payload version 4)."""
+    alert = {
+        "status": status,
+        "labels": {"alertname": "PointDown", "point": point, "severity": "critical", "instance": "10.0.0.7:9100"},
+        "annotations": {"summary": f"Точка {point} не отвечает", "description": "No ping for 5 minutes"},
+        "startsAt": "2026-11-23T07:00:00.123456789Z",
+        "endsAt": "2026-11-23T07:10:00Z" if status == "resolved" else "0001-01-01T00:00:00Z",
+        "generatorURL": "http://prometheus:9090/graph?g0.expr=up%3D%3D0",
+        "fingerprint": fingerprint,
+        **fields,
+    }
+    return {key: value for key, value in alert.items() if value is not None}
+
+
+def am_payload(*alerts, status=None):
+    return {
+        "version": "4", "groupKey": '{}:{alertname="PointDown"}', "truncatedAlerts": 0,
+        "status": status or ("firing" if any(a.get("status") == "firing" for a in alerts) else "resolved"),
+        "receiver": "incidents", "groupLabels": {"alertname": "PointDown"}, "commonLabels": {},
+        "commonAnnotations": {}, "externalURL": "http://alertmanager:9093", "alerts": list(alerts),
+    }
+
+
+def grafana_payload(*alerts):
+    """Grafana's webhook contact point: Alertmanager's shape plus fields of its own."""
+    extra = {"silenceURL": "http://grafana/alerting/silence/new", "dashboardURL": "http://grafana/d/x",
+             "panelURL": "http://grafana/d/x?viewPanel=2", "values": {"B": 0, "C": 1}, "valueString": "[ var='B' value=0 ]"}
+    return {**am_payload(*[{**alert, **extra} for alert in alerts]), "version": "1", "orgId": 1,
+            "title": "[FIRING:1] PointDown", "state": "alerting", "message": "**Firing**"}
+
+
+@pytest.fixture
+def alert(client):
+    def send(payload, status=200, **headers):
+        response = client.post("/integrations/alertmanager", json=payload, headers=headers)
+        assert response.status_code == status, response.get_data(as_text=True)
+        return response.json
+
+    return send
+
+
+def actions(answer):
+    return [(item["id"], item["action"]) for item in answer["incidents"]]
+
+
+def test_firing_alert_opens_monitoring_incident_described_for_the_person_on_duty(alert, client):
+    assert alert(am_payload(am_alert())) == {"incidents": [{"id": 1, "action": "created"}]}
+    incident = client.get("/incidents/1").json
+    assert incident["source"] == "monitoring" and incident["status"] == "new"
+    assert incident["dedup_key"] == "alertmanager:a1b2c3d4e5f60718"
+    assert incident["description"] == ("Точка 7 не отвечает\nNo ping for 5 minutes\n"
+                                       "alertname=PointDown instance=10.0.0.7:9100 point=7 severity=critical")
+    created = events(client, 1)["items"][0]
+    assert created["actor"] == "alertmanager" and "2026-11-23T07:00:00.123Z" in created["note"]
+
+
+def test_alert_without_summary_is_described_by_alertname_and_trimmed(alert, client):
+    labels = {"alertname": "DiskFull", "path": "x" * (incidents.DESCRIPTION_MAX + 10)}
+    alert(am_payload(am_alert(labels=labels, annotations={})))
+    description = client.get("/incidents/1").json["description"]
+    assert description.startswith("DiskFull\nalertname=DiskFull path=xxx")
+    assert len(description) == incidents.DESCRIPTION_MAX
+
+
+def test_alerts_in_one_payload_are_handled_each_in_payload_order(alert, client):
+    alert(am_payload(am_alert(fingerprint="f1"), am_alert(fingerprint="f2", point="8")))
+    answer = alert(am_payload(am_alert("resolved", "f2", "8"), am_alert(fingerprint="f3", point="9"),
+                              am_alert("resolved", "f4", "10"), am_alert(fingerprint="f1")))
+    assert actions(answer) == [(2, "resolved"), (3, "created"), (None, "unchanged"), (1, "folded")]
+    assert [(i["id"], i["status"], i["occurrences"]) for i in client.get("/incidents").json["items"]] == [
+        (3, "new", 1), (2, "resolved", 1), (1, "new", 2)]
+
+
+def test_alert_sent_again_folds_and_counts_notifications(alert, client, db_path):
+    for _ in range(3):
+        answer = alert(am_payload(am_alert()))
+    assert actions(answer) == [(1, "folded")]
+    assert query(db_path, "SELECT count(*), max(occurrences) FROM incidents") == [(1, 3)]
+    assert client.get("/incidents?dedup_key=alertmanager:a1b2c3d4e5f60718").json["items"][0]["id"] == 1
+
+
+@pytest.mark.parametrize("status", ["new", "in_progress"])
+def test_resolved_alert_resolves_its_open_incident_with_a_note(alert, client, status):
+    alert(am_payload(am_alert()))
+    client.patch("/incidents/1", json={"status": status})
+    assert actions(alert(am_payload(am_alert("resolved")))) == [(1, "resolved")]
+    assert client.get("/incidents/1").json["status"] == "resolved"
+    last = events(client, 1)["items"][-1]
+    assert (last["type"], last["from_status"], last["to_status"], last["actor"]) == (
+        "status_changed", status, "resolved", "alertmanager")
+    assert last["note"] == "The alert ended at 2026-11-23T07:10:00.000Z"
+
+
+def test_resolved_alert_without_incident_changes_nothing(alert, db_path):
+    assert actions(alert(am_payload(am_alert("resolved")))) == [(None, "unchanged")]
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(0,)]
+
+
+def test_resolved_alert_after_operator_resolved_it_changes_nothing(alert, client, db_path):
+    alert(am_payload(am_alert()))
+    client.patch("/incidents/1", json={"status": "resolved", "actor": "ivan"})
+    before = query(db_path, "SELECT * FROM events")
+    assert actions(alert(am_payload(am_alert("resolved")))) == [(1, "unchanged")]
+    assert query(db_path, "SELECT * FROM events") == before
+
+
+def test_alert_firing_again_within_window_reopens_the_same_incident(alert, client, db_path):
+    for _ in range(2):
+        assert actions(alert(am_payload(am_alert()))) in ([(1, "created")], [(1, "reopened")])
+        assert actions(alert(am_payload(am_alert("resolved")))) == [(1, "resolved")]
+    assert actions(alert(am_payload(am_alert()))) == [(1, "reopened")]
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(1,)]
+    timeline = [(e["type"], e.get("to_status")) for e in events(client, 1)["items"]]
+    assert timeline == [("created", "new"), ("status_changed", "resolved"), ("status_changed", "new"),
+                        ("status_changed", "resolved"), ("status_changed", "new")]
+    assert "fired again" in events(client, 1)["items"][-1]["note"]
+
+
+def age_status_changes(db_path, seconds):
+    """Move every status change of the timeline `seconds` into the past."""
+    with sqlite3.connect(db_path) as db:
+        db.execute("UPDATE events SET at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?) WHERE type = 'status_changed'",
+                   (f"-{seconds} seconds",))
+
+
+def test_alert_firing_again_after_window_opens_a_new_incident(alert, db_path):
+    alert(am_payload(am_alert()))
+    alert(am_payload(am_alert("resolved")))
+    age_status_changes(db_path, incidents.REOPEN_WINDOW_S + 5)
+    assert actions(alert(am_payload(am_alert()))) == [(2, "created")]
+    age_status_changes(db_path, incidents.REOPEN_WINDOW_S - 60)
+    alert(am_payload(am_alert("resolved")))
+    assert actions(alert(am_payload(am_alert()))) == [(2, "reopened")]
+
+
+def test_closed_incident_is_never_reopened_by_its_alert(alert, client):
+    alert(am_payload(am_alert()))
+    client.patch("/incidents/1", json={"status": "closed"})
+    assert actions(alert(am_payload(am_alert()))) == [(2, "created")]
+    assert client.get("/incidents/1").json["status"] == "closed"
+
+
+def test_reopen_window_of_zero_turns_reopening_off(db_path, monkeypatch):
+    monkeypatch.setenv("INCIDENTS_REOPEN_WINDOW", "0")
+    client = incidents.create_app({"DATABASE": str(db_path), "TESTING": True}).test_client()
+    for payload in (am_payload(am_alert()), am_payload(am_alert("resolved")), am_payload(am_alert())):
+        answer = client.post("/integrations/alertmanager", json=payload).json
+    assert actions(answer) == [(2, "created")]
+
+
+@pytest.mark.parametrize("value", ["-1", "15m", "1.5"])
+def test_bad_reopen_window_stops_startup_saying_what_to_set(db_path, monkeypatch, value):
+    monkeypatch.setenv("INCIDENTS_REOPEN_WINDOW", value)
+    with pytest.raises(RuntimeError, match="INCIDENTS_REOPEN_WINDOW must be a whole number of seconds"):
+        incidents.create_app({"DATABASE": str(db_path), "TESTING": True})
+
+
+def test_alert_without_fingerprint_is_known_by_its_sorted_labels(alert, client):
+    labels = {"alertname": "PointDown", "point": "7"}
+    alert(am_payload(am_alert(fingerprint=None, labels=labels)))
+    reordered = dict(reversed(list(labels.items())))
+    assert actions(alert(am_payload(am_alert(fingerprint=None, labels=reordered)))) == [(1, "folded")]
+    # sha256 of [["alertname","PointDown"],["point","7"]] (sorted labels, ASCII JSON): the same everywhere.
+    assert client.get("/incidents/1").json["dedup_key"] == "alertmanager:d8ce7d151e30324f"
+    assert actions(alert(am_payload(am_alert(fingerprint=None, labels={**labels, "point": "8"})))) == [(2, "created")]
+
+
+def test_grafana_payload_is_understood_and_its_actor_named(alert, client):
+    assert actions(alert(grafana_payload(am_alert()))) == [(1, "created")]
+    alert(grafana_payload(am_alert("resolved")))
+    assert [e["actor"] for e in events(client, 1)["items"]] == ["grafana", "grafana"]
+    assert client.get("/incidents/1").json["status"] == "resolved"
+
+
+@pytest.mark.parametrize(
+    "payload, fields",
+    [
+        ({}, ["alerts"]),
+        ({"alerts": {"status": "firing"}}, ["alerts"]),
+        (am_payload(am_alert(), status="pending"), ["status"]),
+        (am_payload(am_alert(), "not an alert"), ["alerts[1]"]),
+        (am_payload(am_alert(), am_alert(labels=None)), ["alerts[1].labels"]),
+        (am_payload(am_alert(labels=["alertname"])), ["alerts[0].labels"]),
+        (am_payload(am_alert(labels={"alertname": "PointDown", "point": 7})), ["alerts[0].labels"]),
+        (am_payload(am_alert(labels={"alertname": "Point\x00Down"})), ["alerts[0].labels"]),
+        (am_payload(am_alert(annotations={"summary": None})), ["alerts[0].annotations"]),
+        (am_payload(am_alert(status="pending")), ["alerts[0].status"]),
+        (am_payload(am_alert(status=None)), ["alerts[0].status"]),
+        (am_payload(am_alert(startsAt="yesterday")), ["alerts[0].startsAt"]),
+        (am_payload(am_alert(endsAt="2026-13-45T99:00:00Z")), ["alerts[0].endsAt"]),
+        (am_payload(am_alert(endsAt=1795000000)), ["alerts[0].endsAt"]),
+        (am_payload(am_alert(fingerprint=["x"])), ["alerts[0].fingerprint"]),
+        (am_payload(am_alert(fingerprint="f" * 300)), ["alerts[0].fingerprint"]),
+        (am_payload(am_alert(), am_alert(fingerprint="f2", status="x", labels=5)),
+         ["alerts[1].labels", "alerts[1].status"]),
+    ],
+)
+def test_malformed_alert_payload_is_422_naming_alert_and_field_and_writes_nothing(alert, db_path, payload, fields):
+    answer = alert(payload, status=422)
+    assert sorted(error["field"] for error in answer["errors"]) == fields
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(0,)]
+
+
+def test_lone_surrogate_in_labels_is_422(client, db_path):
+    body = json.dumps(am_payload(am_alert())).replace('"point": "7"', '"point": "\\ud800"')
+    response = client.post("/integrations/alertmanager", data=body, content_type="application/json")
+    assert [e["field"] for e in assert_problem(response, 422)["errors"]] == ["alerts[0].labels"]
+
+
+def test_alert_payload_fails_whole_when_one_alert_fails(app, client, db_path, monkeypatch):
+    real, calls = incidents.add_event, []
+
+    def failing(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            raise sqlite3.OperationalError("disk I/O error")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(incidents, "add_event", failing)
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+    response = client.post("/integrations/alertmanager", json=am_payload(am_alert(), am_alert(fingerprint="f2")))
+    assert_problem(response, 500)
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(0,)]
+
+
+def sized_payload(size):
+    """A valid payload of exactly `size` bytes as the test client sends it."""
+    payload = am_payload(am_alert(annotations={"summary": "Big", "runbook": ""}))
+    padding = size - len(json.dumps(payload).encode())
+    payload["alerts"][0]["annotations"]["runbook"] = "r" * padding
+    assert len(json.dumps(payload).encode()) == size
+    return payload
+
+
+def test_alert_payload_of_one_mib_is_accepted_and_larger_refused_naming_max_alerts(alert, client, db_path):
+    assert actions(alert(sized_payload(incidents.ALERT_BODY_MAX))) == [(1, "created")]
+    response = client.post("/integrations/alertmanager", json=sized_payload(incidents.ALERT_BODY_MAX + 1))
+    assert "max_alerts" in assert_problem(response, 413)["detail"]
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(1,)]
+    assert_problem(client.post("/incidents", json={"description": "x" * 70_000, "source": "operator"}), 413)
+
+
+def test_alert_route_needs_the_api_token_when_set(token_client, db_path):
+    response = token_client.post("/integrations/alertmanager", json=am_payload(am_alert()))
+    assert_problem(response, 401)
+    response = token_client.post("/integrations/alertmanager", json=am_payload(am_alert()),
+                                 headers={"Authorization": "Bearer s3cret"})
+    assert response.status_code == 200
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(1,)]
+
+
+# ---------------------------------------------------------------------------
 # Real server processes: restarts, concurrency, kill -9
 # ---------------------------------------------------------------------------
 
@@ -1377,3 +1643,28 @@ def test_sigkill_mid_load_loses_no_acknowledged_incident(db_path):
     assert len(acknowledged) > 50
     stored = dict(query(db_path, "SELECT id, description FROM incidents"))
     assert [pair for pair in acknowledged if stored.get(pair[0]) != pair[1]] == []
+
+
+def test_same_alert_from_two_concurrent_senders_through_a_real_server_makes_one_incident(db_path):
+    answers, errors = [], []
+    body = json.dumps(am_payload(am_alert())).encode()
+
+    def sender():
+        for _ in range(50):
+            request = urllib.request.Request(url + "/integrations/alertmanager", data=body, method="POST",
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    answers.append(json.loads(response.read())["incidents"][0]["action"])
+            except Exception as error:  # any failure is the test's finding
+                errors.append(repr(error))
+
+    with server(db_path) as (url, _):
+        threads = [threading.Thread(target=sender) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert errors == []
+    assert sorted(answers) == ["created"] + ["folded"] * 99
+    assert query(db_path, "SELECT id, status, occurrences FROM incidents") == [(1, "new", 100)]
