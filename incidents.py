@@ -57,6 +57,8 @@ NOTE_MAX = 2_000
 ACTOR_MAX = 255
 PAGE_LIMIT_DEFAULT = 50
 PAGE_LIMIT_MAX = 200
+SEARCH_MAX = 200  # characters of q, after trimming
+SEARCH_WORD_MIN = 3  # the trigram index cannot look up anything shorter
 MAX_BODY_BYTES = 64 * 1024
 MAX_ID = 2**63 - 1  # SQLite's largest INTEGER; larger ids cannot exist
 BUSY_TIMEOUT_S = 5.0
@@ -93,6 +95,9 @@ IS_OPEN = f"status IN ({sql_list(OPEN_STATUSES)})"
 # ---------------------------------------------------------------------------
 # Schema and migrations
 # ---------------------------------------------------------------------------
+
+# What the search index holds of a text, as SQL: the trigram tokenizer folds case, not ё.
+SEARCH_FOLD = "replace(replace({}, 'ё', 'е'), 'Ё', 'Е')"
 
 # MIGRATIONS[n] takes a file from user_version n to n + 1. Append, never edit: files in the
 # field have already run the old steps.
@@ -141,6 +146,27 @@ MIGRATIONS = (
             bot_id INTEGER PRIMARY KEY,
             next_update_id INTEGER NOT NULL CHECK (next_update_id >= 0)
         ) STRICT""",
+    ),
+    (
+        # Full-text search: every 3-character sequence of each description, case folded, with ё as е.
+        # Contentless (the text stays in incidents alone) and without per-row sizes (no ranking).
+        # rowid is -id: FTS5 reads its doclists fastest in ascending order, which is then newest first.
+        """CREATE VIRTUAL TABLE incidents_search USING fts5(
+            body, content='', tokenize='trigram case_sensitive 0', detail=full, columnsize=0)""",
+        # Triggers keep the index in the transaction of every write of a description, whatever the path.
+        f"""CREATE TRIGGER incidents_search_insert AFTER INSERT ON incidents BEGIN
+            INSERT INTO incidents_search (rowid, body) VALUES (-new.id, {SEARCH_FOLD.format("new.description")});
+        END""",
+        f"""CREATE TRIGGER incidents_search_update AFTER UPDATE OF description ON incidents BEGIN
+            INSERT INTO incidents_search (incidents_search, rowid, body)
+                VALUES ('delete', -old.id, {SEARCH_FOLD.format("old.description")});
+            INSERT INTO incidents_search (rowid, body) VALUES (-new.id, {SEARCH_FOLD.format("new.description")});
+        END""",
+        f"""CREATE TRIGGER incidents_search_delete AFTER DELETE ON incidents BEGIN
+            INSERT INTO incidents_search (incidents_search, rowid, body)
+                VALUES ('delete', -old.id, {SEARCH_FOLD.format("old.description")});
+        END""",
+        f"INSERT INTO incidents_search (rowid, body) SELECT -id, {SEARCH_FOLD.format('description')} FROM incidents",
     ),
 )
 
@@ -209,6 +235,15 @@ class Database:
                     db.execute("ROLLBACK")
                 raise
 
+    def announce_upgrade(self, db):
+        """Say so before upgrading a file that holds incidents: a step may take a while on a large one."""
+        current = db.execute("PRAGMA user_version").fetchone()[0]
+        if 0 < current < len(MIGRATIONS):
+            count = db.execute("SELECT max(id) FROM incidents").fetchone()[0] or 0
+            click.echo(f"Upgrading {self.path} from schema version {current} to {len(MIGRATIONS)} "
+                       f"(about {count} incidents; building the search index takes about 10 s a million)...",
+                       err=True)
+
     def migrate(self):
         """Bring the file to the newest schema, one transaction per step.
 
@@ -218,6 +253,7 @@ class Database:
         db = self.acquire()
         try:
             db.execute("PRAGMA journal_mode = WAL")
+            self.announce_upgrade(db)
             for version, statements in enumerate(MIGRATIONS, start=1):
                 with self.write(db):
                     current = db.execute("PRAGMA user_version").fetchone()[0]
@@ -464,6 +500,26 @@ def parse_choices(values, choices):
     return [choice for choice in choices if choice in given]
 
 
+SEARCH_TERM = re.compile(r'"([^"]*)"|([^\s"]+)')
+
+
+def parse_search(text):
+    """q as an FTS5 query: each word and "quoted phrase" a literal string, every one required.
+
+    Quoting every term makes the engine's own syntax (AND, NEAR, *, col:) plain text.
+    """
+    text = clean_text(text, SEARCH_MAX)
+    if text.count('"') % 2:
+        raise ValueError('has a " without its closing partner; close the phrase or leave the quote out')
+    terms = [" ".join(match[1].split()) if match[1] is not None else match[2] for match in SEARCH_TERM.finditer(text)]
+    short = [term for term in terms if len(term) < SEARCH_WORD_MIN]
+    if short:
+        raise ValueError(
+            f"has words shorter than {SEARCH_WORD_MIN} characters ({', '.join(repr(term) for term in short)}), "
+            f"which the index cannot look up; leave them out or quote them with a neighbour, e.g. \"точка на\"")
+    return " ".join(f'"{term}"' for term in terms).replace("ё", "е").replace("Ё", "Е")
+
+
 # Query parameters: name -> (parser, repeatable). A repeatable parser gets the list of values.
 LIST_QUERY = {
     "status": (lambda values: parse_choices(values, STATUSES), True),
@@ -473,6 +529,7 @@ LIST_QUERY = {
     "until": (parse_datetime, False),
     "limit": (parse_limit, False),
     "cursor": (lambda text: decode_cursor(text, (str, int)), False),
+    "q": (parse_search, False),
 }
 EVENTS_QUERY = {
     "limit": (parse_limit, False),
@@ -691,17 +748,25 @@ def get_incident(incident_id):
     return json_response(fetch_incident_json(get_db(), incident_id))
 
 
+# One incident's row in the search index, probed for the few rows a dedup_key stream reads.
+SEARCH_ROW = "EXISTS (SELECT 1 FROM incidents_search WHERE incidents_search MATCH ? AND rowid = -incidents.id)"
+
+
 def list_streams(query):
     """The WHERE conditions and values of each ordered stream that a list page merges.
 
     Without dedup_key: one stream per (status, source) pair, each an equality prefix of the
     (status, source, created_at) index. With dedup_key: one stream on that key's own index,
-    where unary + keeps SQLite from preferring the status index for the few rows a key has.
+    where unary + keeps SQLite from preferring the status index for the few rows a key has;
+    a search then probes the index for each of those rows.
     """
     statuses, sources = query.get("status", STATUSES), query.get("source", SOURCES)
     if "dedup_key" in query:
         conditions = ["dedup_key = ?", f"+status IN ({placeholders(statuses)})", f"+source IN ({placeholders(sources)})"]
-        return [(conditions, [query["dedup_key"], *statuses, *sources])]
+        values = [query["dedup_key"], *statuses, *sources]
+        if "q" in query:
+            conditions, values = [*conditions, SEARCH_ROW], [*values, query["q"]]
+        return [(conditions, values)]
     return [(["status = ?", "source = ?"], [status, source]) for status in statuses for source in sources]
 
 
@@ -723,18 +788,39 @@ def list_page_sql(streams):
                ORDER BY created_at DESC, id DESC"""
 
 
+def time_bounds(query):
+    """The since/until conditions of a list or search page, with their values."""
+    return [(condition, [query[name]]) for condition, name in (("created_at >= ?", "since"), ("created_at < ?", "until"))
+            if name in query]
+
+
+def search_sql(query):
+    """SQL for one page of matches, read from the search index newest first (its rowid is -id).
+
+    The filters are checked on each match in index order until the page is full, so no match
+    is ever sorted; the cursor's id is where the next page starts.
+    """
+    conditions, params = ["incidents_search MATCH ?"], [query["q"]]
+    for name in ("status", "source"):
+        if name in query:
+            conditions.append(f"{name} IN ({placeholders(query[name])})")
+            params += query[name]
+    for condition, values in time_bounds(query) + ([("incidents_search.rowid > ?", [-query["cursor"][1]])]
+                                                   if "cursor" in query else []):
+        conditions.append(condition)
+        params += values
+    return f"""SELECT incidents.id, created_at, {INCIDENT_JSON}
+               FROM incidents_search JOIN incidents ON incidents.id = -incidents_search.rowid
+               WHERE {' AND '.join(conditions)} ORDER BY incidents_search.rowid LIMIT ?""", params
+
+
 def list_sql(query):
     """The SQL and parameters of one list page for the parsed query parameters."""
-    bounds = [
-        (condition, values)
-        for condition, name, values in (
-            ("created_at >= ?", "since", [query.get("since")]),
-            ("created_at < ?", "until", [query.get("until")]),
-            ("(created_at, id) < (?, ?)", "cursor", query.get("cursor")),
-        )
-        if name in query
-    ]
     fetch = query.get("limit", PAGE_LIMIT_DEFAULT) + 1  # one more than a page tells whether another follows
+    if "q" in query and "dedup_key" not in query:
+        sql, params = search_sql(query)
+        return sql, [*params, fetch]
+    bounds = time_bounds(query) + ([("(created_at, id) < (?, ?)", query["cursor"])] if "cursor" in query else [])
     streams, params = [], []
     for conditions, values in list_streams(query):
         streams.append(conditions + [condition for condition, _ in bounds])

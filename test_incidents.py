@@ -406,6 +406,169 @@ def test_list_query_by_dedup_key_uses_its_index(app):
 
 
 # ---------------------------------------------------------------------------
+# Search by words: GET /incidents?q=
+# ---------------------------------------------------------------------------
+
+REPORTS = [
+    "Точка на Ленина не отвечает",            # 1
+    "scooter #4521 is offline",               # 2
+    "Нет скутера у точки; два скутеров сели",  # 3
+    "Упала ёлка у входа",                     # 4
+    "Елка стоит криво",                       # 5
+    "Отчёт не выгружен: AND NEAR( col:x * \"quoted\"",  # 6
+    "Ленина 12: отвечает не всегда",          # 7
+]
+
+
+@pytest.fixture
+def reports(client):
+    for description in REPORTS:
+        create(client, description, source="operator")
+    return client
+
+
+def search(client, q, **params):
+    response = client.get("/incidents", query_string={"q": q, **params})
+    assert response.status_code == 200, response.get_data(as_text=True)
+    return [item["id"] for item in response.json["items"]]
+
+
+@pytest.mark.parametrize(
+    "q, expected",
+    [
+        ("точка", [1]), ("ТОЧК", [3, 1]), ("SCOOTER", [2]), ("Scooter", [2]),  # case, in any alphabet
+        ("ёлка", [5, 4]), ("елка", [5, 4]), ("ЁЛКА", [5, 4]), ("отчет", [6]),  # е and ё are one letter
+        ("ленин отвечает", [7, 1]), ("отвечает ленин", [7, 1]), ("ленин scooter", []),  # every word, any order
+        ("ленин", [7, 1]), ("скутер", [3]), ("4521", [2]), ("#4521", [2]), ("ffline", [2]),  # inside words
+        ('"не отвечает"', [1]), ('"отвечает не"', [7]), ('"ленина не"', [1]), ('"точка ленина"', []),  # phrases
+        ('ленин "не отвечает"', [1]), ('  "не   отвечает"  ', [1]),
+    ],
+)
+def test_search_matches_words_as_people_type_them(reports, q, expected):
+    assert search(reports, q) == expected
+
+
+@pytest.mark.parametrize("q, expected", [("AND", [6]), ("NEAR(", [6]), ("col:x", [6]), ("AND NEAR(", [6]), ("NOT", []),
+                                         ('"quoted"', [6]), ("^Отч", []), ("Отч*", [])])
+def test_search_takes_the_engines_syntax_literally(reports, q, expected):
+    assert search(reports, q) == expected
+
+
+@pytest.mark.parametrize(
+    "q, message",
+    [
+        ("", "1 to 200 characters"), ("   ", "1 to 200 characters"), ("x" * 201, "1 to 200 characters"),
+        ('"', 'closing partner'), ('точка "не отвечает', 'closing partner'), ('"a" "b', 'closing partner'),
+        ("*", "shorter than 3 characters"), ("на", "shorter than 3 characters"), ("OR", "shorter than 3"), ("точка на", "'на'"),
+        ('""', "shorter than 3 characters"), ("a\x00b", "NUL"),
+    ],
+)
+def test_search_rejects_what_it_cannot_look_up_with_422_that_explains(reports, q, message):
+    response = reports.get("/incidents", query_string={"q": q})
+    body = assert_problem(response, 422)
+    assert [error["field"] for error in body["errors"]] == ["q"]
+    assert message in body["errors"][0]["message"]
+    assert "fts5" not in response.get_data(as_text=True) and "syntax" not in response.get_data(as_text=True)
+
+
+def test_search_of_200_characters_is_accepted(reports):
+    q = "ленин " * 32 + "ленина"
+    assert len(q) == 198 and search(reports, f" {q}  ") == [7, 1]
+    assert search(reports, "л" * 200) == []
+
+
+@pytest.mark.parametrize(
+    "params, expected",
+    [
+        ({"status": "new"}, [7, 1]),
+        ({"status": "in_progress"}, []),
+        ({"source": "operator"}, [7, 1]),
+        ({"source": "partner,monitoring"}, []),
+        ({"limit": "1"}, [7]),
+    ],
+)
+def test_search_combines_with_list_filters(reports, params, expected):
+    assert search(reports, "ленин", **params) == expected
+
+
+def test_search_combines_with_status_dedup_key_and_dates(client, db_path):
+    create(client, "Точка 5 не отвечает", dedup_key="ping:5")
+    create(client, "Точка 6 не отвечает", dedup_key="ping:6")
+    client.patch("/incidents/1", json={"status": "resolved"})
+    create(client, "Точка 5 опять не отвечает", dedup_key="ping:5")
+    assert search(client, "отвечает", dedup_key="ping:5") == [3, 1]
+    assert search(client, "опять", dedup_key="ping:5") == [3]
+    assert search(client, "отвечает", dedup_key="ping:5", status="resolved") == [1]
+    with sqlite3.connect(db_path) as db:
+        db.execute("UPDATE incidents SET created_at = '2026-01-0' || id || 'T00:00:00.000Z'")
+    assert search(client, "отвечает", since="2026-01-02", until="2026-01-03") == [2]
+    assert search(client, "отвечает", since="2026-01-02", dedup_key="ping:5") == [3]
+
+
+def test_search_pages_with_cursor_returning_each_match_once_while_incidents_arrive(client):
+    for i in range(23):
+        create(client, f"Самокат {i} не заряжается")
+        create(client, f"Point {i} is down")
+    seen, cursor = [], None
+    while True:
+        params = {"limit": "5", **({"cursor": cursor} if cursor else {})}
+        page = client.get("/incidents", query_string={"q": "самокат", **params}).json
+        seen += [item["description"] for item in page["items"]]
+        create(client, f"Самокат new-{len(seen)} не заряжается")  # newer than the walk: not in it
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == [f"Самокат {i} не заряжается" for i in reversed(range(23))]
+
+
+def test_search_finds_what_every_write_path_stored_at_once(client, hook, db_path):
+    incident = create(client, "Точка на Пушкина молчит")
+    assert search(client, "пушкин") == [incident["id"]]
+    client.patch(f"/incidents/{incident['id']}", json={"description": "Точка на Гоголя молчит"})
+    assert search(client, "пушкин") == [] and search(client, "гогол") == [incident["id"]]
+    hook(telegram_update(1, "Самокат 77 сломан"))
+    client.post("/integrations/alertmanager", json=am_payload(am_alert(point="88")))
+    assert len(search(client, "\"самокат 77\"")) == 1 and len(search(client, "point=88")) == 1
+    assert query(db_path, "INSERT INTO incidents_search (incidents_search) VALUES ('integrity-check')") == []
+
+
+def test_search_index_rolls_back_with_its_write(app, client, monkeypatch):
+    monkeypatch.setattr(incidents, "add_event", lambda *args, **kwargs: 1 / 0)
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+    assert_problem(client.post("/incidents", json={"description": "Призрак", "source": "operator"}), 500)
+    monkeypatch.undo()
+    create(client, "Призрак")
+    assert search(client, "призрак") == [1]  # the rolled-back row left nothing behind to match
+
+
+def test_search_query_reads_the_index_in_order_and_never_sorts(app):
+    plan = query_plan(app, [("q", "point does"), ("status", "new"),
+                            ("cursor", incidents.encode_cursor(["2026-01-15T00:00:00.000Z", 9]))])
+    assert plan[0].startswith("SCAN incidents_search VIRTUAL TABLE")
+    assert "SEARCH incidents USING INTEGER PRIMARY KEY (rowid=?)" in plan
+    assert not [d for d in plan if "TEMP B-TREE" in d]
+
+
+def test_search_with_dedup_key_reads_the_keys_index_and_probes_the_search_index(app):
+    plan = query_plan(app, [("q", "point does"), ("dedup_key", "ping:5")])
+    assert any("USING INDEX incidents_by_dedup_key (dedup_key=?)" in d for d in plan)
+    assert not [d for d in plan if d.startswith("SCAN incidents ")]
+
+
+def test_migration_builds_the_search_index_for_existing_incidents_and_says_so(db_path, monkeypatch, capsys):
+    with monkeypatch.context() as patched:
+        patched.setattr(incidents, "MIGRATIONS", incidents.MIGRATIONS[:3])
+        incidents.create_app({"DATABASE": str(db_path)})
+    insert_rows(db_path, [("Старая ёлка у точки", "new", "operator", "2025-05-01T08:00:00.000Z")])
+    capsys.readouterr()
+    client = incidents.create_app({"DATABASE": str(db_path), "TESTING": True}).test_client()
+    assert "from schema version 3 to 4 (about 1 incidents; building the search index" in capsys.readouterr().err
+    assert search(client, "елка точк") == [1]
+    incidents.create_app({"DATABASE": str(db_path), "TESTING": True})
+    assert capsys.readouterr().err == ""  # an up-to-date file starts silently
+
+
+# ---------------------------------------------------------------------------
 # Updating incidents
 # ---------------------------------------------------------------------------
 
