@@ -241,7 +241,7 @@ class Database:
         if 0 < current < len(MIGRATIONS):
             count = db.execute("SELECT max(id) FROM incidents").fetchone()[0] or 0
             click.echo(f"Upgrading {self.path} from schema version {current} to {len(MIGRATIONS)} "
-                       f"(about {count} incidents; building the search index takes about 10 s a million)...",
+                       f"(about {count} incidents; building the search index takes about 40 s a million)...",
                        err=True)
 
     def migrate(self):
