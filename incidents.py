@@ -23,6 +23,8 @@ Environment:
                              again reopens it (default 900; 0 turns reopening off)
 """
 import base64
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
@@ -34,6 +36,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import weakref
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
@@ -168,6 +171,36 @@ MIGRATIONS = (
         END""",
         f"INSERT INTO incidents_search (rowid, body) SELECT -id, {SEARCH_FOLD.format('description')} FROM incidents",
     ),
+    (
+        # Counts for /metrics, kept by triggers so that a scrape reads a dozen rows, not the table:
+        # incidents per (status, source) now, and ever created and folded (summed per source).
+        f"""CREATE TABLE incident_counts (
+            status TEXT NOT NULL CHECK (status IN ({sql_list(STATUSES)})),
+            source TEXT NOT NULL CHECK (source IN ({sql_list(SOURCES)})),
+            current INTEGER NOT NULL CHECK (current >= 0),
+            created INTEGER NOT NULL CHECK (created >= 0),
+            folded INTEGER NOT NULL CHECK (folded >= 0),
+            PRIMARY KEY (status, source)
+        ) STRICT, WITHOUT ROWID""",
+        f"""INSERT INTO incident_counts (status, source, current, created, folded)
+            SELECT statuses.value, sources.value, count(incidents.id), count(incidents.id),
+                   coalesce(sum(incidents.occurrences - 1), 0)
+            FROM json_each('{json.dumps(STATUSES)}') AS statuses, json_each('{json.dumps(SOURCES)}') AS sources
+            LEFT JOIN incidents ON incidents.status = statuses.value AND incidents.source = sources.value
+            GROUP BY statuses.value, sources.value""",
+        """CREATE TRIGGER incident_counts_insert AFTER INSERT ON incidents BEGIN
+            UPDATE incident_counts SET current = current + 1, created = created + 1, folded = folded + new.occurrences - 1
+            WHERE status = new.status AND source = new.source;
+        END""",
+        """CREATE TRIGGER incident_counts_update AFTER UPDATE OF status, source, occurrences ON incidents BEGIN
+            UPDATE incident_counts SET current = current - 1 WHERE status = old.status AND source = old.source;
+            UPDATE incident_counts SET current = current + 1, folded = folded + max(new.occurrences - old.occurrences, 0)
+            WHERE status = new.status AND source = new.source;
+        END""",
+        """CREATE TRIGGER incident_counts_delete AFTER DELETE ON incidents BEGIN
+            UPDATE incident_counts SET current = current - 1 WHERE status = old.status AND source = old.source;
+        END""",
+    ),
 )
 
 INCIDENT_JSON = """json_object(
@@ -185,6 +218,21 @@ EVENT_JSON = """json_patch(json_object('id', id, 'at', at, 'type', type), json_o
 # ---------------------------------------------------------------------------
 
 
+# Failures of storage that a write cannot get past until someone acts; reads go on meanwhile.
+STORAGE_PROBLEMS = {
+    sqlite3.SQLITE_FULL: "The disk that holds the database is full, so nothing can be written; "
+                         "free space on it and retry (no restart needed). Reads still work.",
+    sqlite3.SQLITE_READONLY: "The database file is read-only for the server, so nothing can be written; "
+                             "make it writable and retry. Reads still work.",
+}
+DATABASE_BUSY = dict.fromkeys((sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED), "The database is busy; retry shortly.")
+
+
+def sqlite_error_code(error):
+    """The primary SQLite result code of an exception (0 for anything that is not an SQLite error)."""
+    return (getattr(error, "sqlite_errorcode", None) or 0) & 0xFF
+
+
 def connect(path):
     """Open a connection in autocommit mode; transactions are begun explicitly."""
     db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
@@ -195,18 +243,22 @@ def connect(path):
 
 
 class Database:
-    """The app's SQLite file: reusable connections and the process's write lock.
+    """The app's SQLite file: reusable connections and the writers' turns.
 
     Opening a connection costs more than Flask's own work for a request, so connections are
-    kept and handed to one request at a time. Writers in this process take turns on a Python
-    lock before BEGIN IMMEDIATE: SQLite's busy handler would otherwise put them to sleep for
-    up to 100 ms at a time while they wait. Other processes still meet at the busy timeout.
+    kept and handed to one request at a time. Writers take turns before BEGIN IMMEDIATE: threads
+    on a Python lock, processes on a kernel lock on the file beside the database (flock). Both wake
+    the next writer the moment the last one is done, where SQLite's busy handler would put it to
+    sleep for up to 100 ms at a time; the kernel drops the turn of a process that dies holding it.
     """
 
     def __init__(self, path):
         self.path = path
         self.idle = queue.LifoQueue(IDLE_CONNECTIONS)
         self.write_lock = threading.Lock()
+        self.turns = os.open(f"{path}-writer.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        weakref.finalize(self, os.close, self.turns)
+        self.write_problem = None  # why the last write failed, while writes fail for want of disk
 
     def acquire(self):
         try:
@@ -223,17 +275,28 @@ class Database:
             db.close()
 
     @contextmanager
+    def writer_turn(self):
+        """This process's turn among every process that writes the file."""
+        fcntl.flock(self.turns, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self.turns, fcntl.LOCK_UN)
+
+    @contextmanager
     def write(self, db):
         """Run the block as one BEGIN IMMEDIATE transaction: committed, or rolled back on error."""
-        with self.write_lock:
+        with self.write_lock, self.writer_turn():
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
                 db.execute("COMMIT")
-            except BaseException:
+            except BaseException as error:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
+                self.write_problem = STORAGE_PROBLEMS.get(sqlite_error_code(error))
                 raise
+            self.write_problem = None
 
     def announce_upgrade(self, db):
         """Say so before upgrading a file that holds incidents: a step may take a while on a large one."""
@@ -252,16 +315,16 @@ class Database:
         """
         db = self.acquire()
         try:
+            if db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS):
+                return  # up to date: no write, so a start never waits for a writer
             db.execute("PRAGMA journal_mode = WAL")
             self.announce_upgrade(db)
             for version, statements in enumerate(MIGRATIONS, start=1):
                 with self.write(db):
                     current = db.execute("PRAGMA user_version").fetchone()[0]
                     if current > len(MIGRATIONS):
-                        raise RuntimeError(
-                            f"{self.path} has schema version {current}, newer than this code's "
-                            f"{len(MIGRATIONS)}; upgrade the code"
-                        )
+                        stop_startup(f"{self.path} has schema version {current}, newer than this code's "
+                                     f"{len(MIGRATIONS)}; upgrade the code")
                     if current >= version:
                         continue
                     for statement in statements:
@@ -318,6 +381,11 @@ class ApiError(Exception):
         self.extensions = extensions
 
 
+def stop_startup(message):
+    """End startup with one line that says what to fix; a traceback would only bury it."""
+    raise SystemExit(f"incidents: {message}")
+
+
 def problem(status, title, detail, headers=None, **extensions):
     """An RFC 9457 problem details response."""
     response = jsonify({"type": "about:blank", "title": title, "status": status, "detail": detail, **extensions})
@@ -337,12 +405,13 @@ def handle_http_exception(error):
     return problem(error.code, error.name, error.description, headers)
 
 
-def handle_database_busy(error):
-    """A write that waited out the busy timeout: the client may simply retry."""
-    if error.sqlite_errorcode not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+def handle_database_error(error):
+    """A write the database could not take now (busy, disk full, read-only): 503, saying why."""
+    detail = STORAGE_PROBLEMS.get(sqlite_error_code(error)) or DATABASE_BUSY.get(sqlite_error_code(error))
+    if detail is None:
         return handle_unexpected(error)
-    current_app.logger.warning("database busy: %s", error)
-    return problem(503, "Service Unavailable", "The database is busy; retry shortly.", {"Retry-After": "1"})
+    current_app.logger.warning("write refused: %s", error)
+    return problem(503, "Service Unavailable", detail, {"Retry-After": "1"})
 
 
 def handle_unexpected(error):
@@ -724,12 +793,15 @@ def check_token():
 
 
 def health():
-    """Whether the database answers: 200 or 503."""
+    """Whether the database answers and takes writes: 200, or 503 saying what is wrong."""
     try:
         get_db().execute("SELECT 1 FROM incidents LIMIT 1").fetchall()
     except sqlite3.Error as error:
         current_app.logger.error("health check failed: %s", error)
         return problem(503, "Service Unavailable", "The database does not answer.")
+    write_problem = current_app.extensions["incidents"].write_problem
+    if write_problem:
+        return problem(503, "Service Unavailable", write_problem, reads="ok", writes="failing")
     return jsonify(status="ok")
 
 
@@ -1223,6 +1295,95 @@ def receive_alerts():
 
 
 # ---------------------------------------------------------------------------
+# Metrics for Prometheus, and backups
+# ---------------------------------------------------------------------------
+
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# The oldest `new` incident: one ordered index seek per source.
+OLDEST_NEW_SQL = "SELECT min(at) FROM (" + " UNION ALL ".join(
+    ["SELECT min(created_at) AS at FROM incidents WHERE status = 'new' AND source = ?"] * len(SOURCES)) + ")"
+
+
+def escape_label(value):
+    """A label value as the text format quotes it: backslash, double quote and newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def metric_family(name, kind, help_text, samples):
+    """One metric family in the text format: HELP, TYPE, then a line per (labels, value) sample."""
+    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+    for labels, value in samples:
+        label_text = ",".join(f'{label}="{escape_label(str(text))}"' for label, text in labels.items())
+        lines.append(f"{name}{{{label_text}}} {value}" if labels else f"{name} {value}")
+    return lines
+
+
+def age_seconds(timestamp):
+    """Seconds since a stored timestamp, or 0 for None."""
+    if timestamp is None:
+        return 0
+    return round((datetime.now(timezone.utc) - datetime.fromisoformat(timestamp)).total_seconds(), 3)
+
+
+def per_source(counts, column):
+    return [({"source": source}, sum(row[column] for row in counts if row["source"] == source)) for source in SOURCES]
+
+
+def metrics():
+    """Counts for Prometheus, read from the database: the same in every worker and after restarts."""
+    db = get_db()
+    counts = db.execute("SELECT status, source, current, created, folded FROM incident_counts").fetchall()
+    oldest_new = db.execute(OLDEST_NEW_SQL, SOURCES).fetchone()[0]
+    lines = [
+        *metric_family("incidents_open", "gauge", "Open incidents (new or in_progress), by status and source.",
+                       [({"status": row["status"], "source": row["source"]}, row["current"])
+                        for row in counts if row["status"] in OPEN_STATUSES]),
+        *metric_family("incidents_created_total", "counter", "Incidents created, by source.",
+                       per_source(counts, "created")),
+        *metric_family("incidents_folded_total", "counter",
+                       "Reports folded into an open incident with the same dedup_key, by source.",
+                       per_source(counts, "folded")),
+        *metric_family("incidents_oldest_new_age_seconds", "gauge",
+                       "Age of the oldest incident nobody has taken (status new); 0 when there is none.",
+                       [({}, age_seconds(oldest_new))]),
+    ]
+    return Response("\n".join(lines) + "\n", content_type=METRICS_CONTENT_TYPE)
+
+
+@click.command("backup")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Replace PATH if it exists.")
+@with_appcontext
+def backup_command(path, force):
+    """Copy the live database to PATH, check the copy and say what it holds."""
+    if os.path.exists(path) and not force:
+        raise click.ClickException(f"{path} exists; pass --force to replace it.")
+    partial = f"{path}.partial"
+    database = current_app.extensions["incidents"]
+    source = database.acquire()
+    try:
+        with contextlib.closing(sqlite3.connect(partial)) as copy:
+            source.backup(copy)  # one step: a snapshot of one moment, while writers go on in the WAL
+            summary = describe_backup(copy)
+    finally:
+        database.release(source)
+    os.replace(partial, path)
+    click.echo(f"Backed up {database.path} to {path}: {summary}.")
+
+
+def describe_backup(copy):
+    """What a copy holds, after SQLite has checked every page of it (ClickException if damaged)."""
+    check = copy.execute("PRAGMA integrity_check").fetchall()
+    if check != [("ok",)]:
+        raise click.ClickException(f"the copy failed its integrity check: {check[:5]}")
+    incidents, events = (copy.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in ("incidents", "events"))
+    pages, page_size = (copy.execute(f"PRAGMA {name}").fetchone()[0] for name in ("page_count", "page_size"))
+    version = copy.execute("PRAGMA user_version").fetchone()[0]
+    return (f"{incidents} incidents, {events} events, {pages * page_size} bytes, schema version {version}, "
+            "integrity check ok")
+
+
+# ---------------------------------------------------------------------------
 # The app factory
 # ---------------------------------------------------------------------------
 
@@ -1233,8 +1394,22 @@ def env_seconds(name, default):
     if not text:
         return default
     if not (text.isascii() and text.isdigit()):
-        raise RuntimeError(f"{name} must be a whole number of seconds (0 or more), not {text!r}")
+        stop_startup(f"{name} must be a whole number of seconds (0 or more), not {text!r}")
     return int(text)
+
+
+def check_database_path(path):
+    """Stop at startup, in one line, where SQLite could only fail later with an obscure error."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        stop_startup(f"the folder of the database {path} does not exist; create it (mkdir -p {folder}) "
+                     "with the server's user as owner, or set INCIDENTS_DB to a path in an existing folder")
+    if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
+        stop_startup(f"the database {path} is read-only for this user; make it readable and writable by the "
+                     f"server's user (chown or chmod u+rw {path})")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        stop_startup(f"the folder {folder} of the database is read-only for this user; SQLite keeps its "
+                     "write-ahead log beside the file, so the server's user must be able to write there")
 
 
 def create_app(test_config=None):
@@ -1254,6 +1429,7 @@ def create_app(test_config=None):
     app.json.ensure_ascii = False
     app.json.sort_keys = False
 
+    check_database_path(app.config["DATABASE"])
     database = Database(app.config["DATABASE"])
     database.migrate()
     app.extensions["incidents"] = database
@@ -1263,7 +1439,7 @@ def create_app(test_config=None):
 
     app.register_error_handler(ApiError, handle_api_error)
     app.register_error_handler(HTTPException, handle_http_exception)
-    app.register_error_handler(sqlite3.OperationalError, handle_database_busy)
+    app.register_error_handler(sqlite3.OperationalError, handle_database_error)
     app.register_error_handler(Exception, handle_unexpected)
 
     app.get("/health")(health)
@@ -1274,5 +1450,7 @@ def create_app(test_config=None):
     app.get(INCIDENT_URL + "/events")(list_events)
     app.post("/telegram/webhook")(telegram_webhook)
     app.post("/integrations/alertmanager")(receive_alerts)
+    app.get("/metrics")(metrics)
     app.cli.add_command(telegram_poll_command)
+    app.cli.add_command(backup_command)
     return app

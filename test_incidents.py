@@ -3,6 +3,7 @@ import http.client
 import http.server
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -562,7 +563,8 @@ def test_migration_builds_the_search_index_for_existing_incidents_and_says_so(db
     insert_rows(db_path, [("Старая ёлка у точки", "new", "operator", "2025-05-01T08:00:00.000Z")])
     capsys.readouterr()
     client = incidents.create_app({"DATABASE": str(db_path), "TESTING": True}).test_client()
-    assert "from schema version 3 to 4 (about 1 incidents; building the search index" in capsys.readouterr().err
+    upgrade = f"from schema version 3 to {len(incidents.MIGRATIONS)} (about 1 incidents; building the search index"
+    assert upgrade in capsys.readouterr().err
     assert search(client, "елка точк") == [1]
     incidents.create_app({"DATABASE": str(db_path), "TESTING": True})
     assert capsys.readouterr().err == ""  # an up-to-date file starts silently
@@ -1041,7 +1043,7 @@ def test_failed_migration_rolls_back_whole_step(app, db_path, monkeypatch):
 
 def test_newer_schema_version_refuses_to_start(app, db_path):
     query(db_path, "PRAGMA user_version = 99")
-    with pytest.raises(RuntimeError, match="newer"):
+    with pytest.raises(SystemExit, match="newer"):
         incidents.create_app({"DATABASE": str(db_path), "TESTING": True})
 
 
@@ -1574,7 +1576,7 @@ def test_reopen_window_of_zero_turns_reopening_off(db_path, monkeypatch):
 @pytest.mark.parametrize("value", ["-1", "15m", "1.5"])
 def test_bad_reopen_window_stops_startup_saying_what_to_set(db_path, monkeypatch, value):
     monkeypatch.setenv("INCIDENTS_REOPEN_WINDOW", value)
-    with pytest.raises(RuntimeError, match="INCIDENTS_REOPEN_WINDOW must be a whole number of seconds"):
+    with pytest.raises(SystemExit, match="INCIDENTS_REOPEN_WINDOW must be a whole number of seconds"):
         incidents.create_app({"DATABASE": str(db_path), "TESTING": True})
 
 
@@ -1670,6 +1672,305 @@ def test_alert_route_needs_the_api_token_when_set(token_client, db_path):
                                  headers={"Authorization": "Bearer s3cret"})
     assert response.status_code == 200
     assert query(db_path, "SELECT count(*) FROM incidents") == [(1,)]
+
+
+# ---------------------------------------------------------------------------
+# Metrics for Prometheus
+# ---------------------------------------------------------------------------
+
+# The text exposition format 0.0.4, from its specification: a sample is a metric name, optional
+# labels in braces (name="value", values escaping \\, \" and \n), a value and an optional timestamp.
+METRIC_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+LABEL = r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"'
+SAMPLE = re.compile(rf"({METRIC_NAME})(?:\{{((?:{LABEL},?)*)\}})? ([^ ]+)(?: (-?\d+))?")
+METRIC_TYPES = ("counter", "gauge", "histogram", "summary", "untyped")
+
+
+def parse_metrics(text):
+    """{name: {"help", "type", "samples": {frozenset(labels): value}}}; fails on any line off the format."""
+    families = {}
+    assert text.endswith("\n")
+    for line in text.splitlines():
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            _, keyword, name, rest = line.split(" ", 3)
+            assert re.fullmatch(METRIC_NAME, name), line
+            family = families.setdefault(name, {"samples": {}})
+            assert keyword.lower() not in family, f"second {keyword} for {name}"
+            if keyword == "TYPE":
+                assert rest in METRIC_TYPES and not family["samples"], line  # TYPE comes before samples
+            family[keyword.lower()] = rest
+            continue
+        assert line and not line.startswith("#"), f"unexpected line {line!r}"
+        match = SAMPLE.fullmatch(line)
+        assert match, f"not a sample line: {line!r}"
+        labels = frozenset(
+            (name, re.sub(r"\\(.)", lambda m: {"n": "\n"}.get(m[1], m[1]), value))
+            for name, value in re.findall(LABEL, match[2] or ""))
+        value = float(match[5])  # also Nan, +Inf and -Inf
+        family = families[match[1]]  # a sample of an announced family
+        assert labels not in family["samples"], f"repeated sample {line!r}"
+        family["samples"][labels] = value
+    for name, family in families.items():
+        assert family.get("help") and family.get("type"), f"{name} lacks HELP or TYPE"
+    return families
+
+
+def sample(families, name, **labels):
+    return families[name]["samples"][frozenset(labels.items())]
+
+
+def scrape(client, **headers):
+    response = client.get("/metrics", headers=headers)
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    return parse_metrics(response.get_data(as_text=True))
+
+
+def test_metrics_parse_and_every_family_has_help_and_type(client):
+    families = scrape(client)
+    assert {name: family["type"] for name, family in families.items()} == {
+        "incidents_open": "gauge", "incidents_created_total": "counter", "incidents_folded_total": "counter",
+        "incidents_oldest_new_age_seconds": "gauge"}
+
+
+def test_metrics_label_values_are_escaped_as_the_format_says(client):
+    tricky = 'a "quoted" back\\slash\nand a new line'
+    text = "\n".join(incidents.metric_family("x_total", "counter", "Tricky.", [({"label": tricky}, 1)])) + "\n"
+    assert 'x_total{label="a \\"quoted\\" back\\\\slash\\nand a new line"} 1' in text
+    assert sample(parse_metrics(text), "x_total", label=tricky) == 1
+
+
+def test_metrics_values_match_the_database(client, db_path):
+    for source, status in [("operator", "new"), ("operator", "new"), ("partner", "in_progress"),
+                           ("monitoring", "resolved"), ("monitoring", "new")]:
+        create(client, f"{source} {status}", source=source, status=status)
+    for _ in range(3):
+        report(client, key="ping:7", source="monitoring")
+    client.patch("/incidents/1", json={"status": "in_progress"})
+    families = scrape(client)
+    for status, source, count in query(db_path, "SELECT status, source, count(*) FROM incidents GROUP BY 1, 2"):
+        if status in incidents.OPEN_STATUSES:
+            assert sample(families, "incidents_open", status=status, source=source) == count
+    assert sum(families["incidents_open"]["samples"].values()) == query(
+        db_path, "SELECT count(*) FROM incidents WHERE status IN ('new', 'in_progress')")[0][0] == 5
+    assert {source: sample(families, "incidents_created_total", source=source) for source in incidents.SOURCES} == {
+        "operator": 2, "partner": 1, "monitoring": 3}
+    assert sample(families, "incidents_folded_total", source="monitoring") == 2
+    assert sample(families, "incidents_folded_total", source="operator") == 0
+
+
+def test_metrics_counters_never_go_down_and_hold_across_restarts_and_processes(client, db_path):
+    create(client, source="partner")
+    report(client, key="k", source="partner")
+    report(client, key="k", source="partner")
+    client.patch("/incidents/1", json={"status": "closed"})
+    client.patch("/incidents/2", json={"status": "resolved"})
+    with server(db_path) as (url, _):  # another process, started after the writes
+        with urllib.request.urlopen(url + "/metrics") as response:
+            families = parse_metrics(response.read().decode())
+    assert sample(families, "incidents_created_total", source="partner") == 2
+    assert sample(families, "incidents_folded_total", source="partner") == 1
+    assert sample(families, "incidents_open", status="new", source="partner") == 0
+
+
+def test_metrics_age_of_oldest_new_incident(client, db_path):
+    assert sample(scrape(client), "incidents_oldest_new_age_seconds") == 0
+    for source in incidents.SOURCES:
+        create(client, source=source)
+    with sqlite3.connect(db_path) as db:
+        db.execute("UPDATE incidents SET created_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-3600 seconds') WHERE id = 2")
+        db.execute("UPDATE incidents SET created_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-7200 seconds'), "
+                   "status = 'in_progress' WHERE id = 3")  # taken: not waiting
+    assert 3600 <= sample(scrape(client), "incidents_oldest_new_age_seconds") < 3660
+
+
+def test_metrics_read_counts_and_index_ends_not_the_table(app):
+    with app.app_context():
+        plan = [row["detail"] for row in incidents.get_db().execute(
+            "EXPLAIN QUERY PLAN " + incidents.OLDEST_NEW_SQL, incidents.SOURCES)]
+    assert plan and all("SCAN incidents" not in d for d in plan)
+    assert sum("SEARCH incidents USING COVERING INDEX incidents_by_status_source" in d for d in plan) == 3
+
+
+def test_metrics_need_the_api_token_when_set(token_client):
+    assert_problem(token_client.get("/metrics"), 401)
+    assert scrape(token_client, Authorization="Bearer s3cret")
+
+
+def test_migration_counts_incidents_already_in_the_file(db_path, monkeypatch):
+    with monkeypatch.context() as patched:
+        patched.setattr(incidents, "MIGRATIONS", incidents.MIGRATIONS[:4])
+        incidents.create_app({"DATABASE": str(db_path)})
+    insert_rows(db_path, [("a", "new", "operator", "2025-05-01T08:00:00.000Z"),
+                          ("b", "closed", "operator", "2025-05-01T09:00:00.000Z")])
+    query(db_path, "UPDATE incidents SET occurrences = 4 WHERE id = 1")
+    families = scrape(incidents.create_app({"DATABASE": str(db_path), "TESTING": True}).test_client())
+    assert sample(families, "incidents_created_total", source="operator") == 2
+    assert sample(families, "incidents_folded_total", source="operator") == 3
+    assert sample(families, "incidents_open", status="new", source="operator") == 1
+
+
+# ---------------------------------------------------------------------------
+# Production: full disk, read-only files, startup errors, writers in several processes
+# ---------------------------------------------------------------------------
+
+
+def limit_pages(app, pages):
+    """Stand in for a disk with room for `pages` pages: the connection the next request gets."""
+    database = app.extensions["incidents"]
+    db = database.acquire()
+    current = db.execute("PRAGMA page_count").fetchone()[0]
+    db.execute(f"PRAGMA max_page_count = {current + pages if pages is not None else 4294967294}")
+    database.release(db)
+
+
+def test_full_disk_answers_writes_503_keeps_reads_and_recovers_without_restart(app, client, db_path):
+    kept = create(client, "Записан до того, как кончилось место")
+    limit_pages(app, 0)
+    response = client.post("/incidents", json={"description": "x" * 9000, "source": "operator"})
+    assert "disk that holds the database is full" in assert_problem(response, 503)["detail"]
+    assert client.get(f"/incidents/{kept['id']}").json == kept
+    assert client.get("/incidents").status_code == 200
+    health = assert_problem(client.get("/health"), 503)
+    assert "full" in health["detail"] and (health["reads"], health["writes"]) == ("ok", "failing")
+    limit_pages(app, None)
+    assert create(client, "x" * 9000)["id"] == kept["id"] + 1
+    assert client.get("/health").json == {"status": "ok"}
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(2,)]
+
+
+def run_flask(db_path, *args):
+    """A `flask --app incidents` command in its own process."""
+    return subprocess.run([sys.executable, "-m", "flask", "--app", "incidents", *args], cwd=HERE,
+                          env={**os.environ, "INCIDENTS_DB": str(db_path)}, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_missing_database_folder_stops_startup_with_one_line(tmp_path):
+    result = run_flask(tmp_path / "nowhere" / "incidents.db", "run", "--port", str(free_port()))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"incidents: the folder of the database {tmp_path}/nowhere/incidents.db does not exist; create it "
+        f"(mkdir -p {tmp_path}/nowhere) with the server's user as owner, or set INCIDENTS_DB to a path in an "
+        "existing folder"]
+
+
+def test_read_only_database_stops_startup_with_one_line_naming_it(db_path, monkeypatch):
+    incidents.create_app({"DATABASE": str(db_path)})
+    db_path.chmod(0o444)
+    if os.geteuid() == 0:  # file modes bind no one as root: answer as the kernel would for another user
+        real = os.access
+        monkeypatch.setattr(incidents.os, "access", lambda path, mode: real(path, mode) and (
+            str(path) != str(db_path) or not mode & os.W_OK))
+    with pytest.raises(SystemExit) as stopped:
+        incidents.create_app({"DATABASE": str(db_path)})
+    assert str(stopped.value) == (
+        f"incidents: the database {db_path} is read-only for this user; make it readable and writable by the "
+        f"server's user (chown or chmod u+rw {db_path})")
+
+
+def test_read_only_file_at_write_time_is_503_saying_so(app, client, db_path, monkeypatch):
+    create(client)
+    real = incidents.Database.write
+
+    @contextmanager
+    def read_only_write(self, db):
+        with real(self, db):
+            db.execute("PRAGMA query_only = ON")  # SQLite answers SQLITE_READONLY, as for a read-only file
+            try:
+                yield db
+            finally:
+                db.execute("PRAGMA query_only = OFF")
+
+    monkeypatch.setattr(incidents.Database, "write", read_only_write)
+    response = client.post("/incidents", json={"description": "x", "source": "operator"})
+    assert "read-only" in assert_problem(response, 503)["detail"]
+    assert client.get("/incidents/1").status_code == 200
+
+
+def test_writers_in_processes_take_turns_on_a_kernel_lock(app, client, monkeypatch):
+    calls = []
+    real = incidents.fcntl.flock
+    monkeypatch.setattr(incidents.fcntl, "flock", lambda fd, op: calls.append(op) or real(fd, op))
+    create(client)
+    assert calls == [incidents.fcntl.LOCK_EX, incidents.fcntl.LOCK_UN]
+
+
+def test_writer_killed_while_holding_its_turn_does_not_stall_the_others(db_path):
+    with server(db_path) as (url, _):
+        holder = subprocess.Popen(
+            [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); "
+                                   "fcntl.flock(fd, fcntl.LOCK_EX); print('holding', flush=True); time.sleep(60)",
+             f"{db_path}-writer.lock"], stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline() == "holding\n"
+            answers = []
+            writer = threading.Thread(target=lambda: answers.append(post(url, "waits for its turn")))
+            writer.start()
+            writer.join(1.0)
+            assert writer.is_alive() and answers == []  # the turn is taken
+            started = time.monotonic()
+            holder.kill()
+            writer.join(10)
+            assert answers and answers[0][0] == 201
+            assert time.monotonic() - started < 1.0
+        finally:
+            holder.kill()
+            holder.wait()
+            holder.stdout.close()
+
+
+# ---------------------------------------------------------------------------
+# Backups
+# ---------------------------------------------------------------------------
+
+
+def test_backup_of_a_live_database_is_consistent_and_holds_every_acknowledged_incident(db_path, tmp_path):
+    acknowledged, stop = [], threading.Event()
+    target = tmp_path / "backup.db"
+
+    def writer(url, name):
+        i = 0
+        while not stop.is_set():
+            i += 1
+            status, incident = post(url, f"{name}-{i}")
+            acknowledged.append((time.monotonic(), incident["id"], incident["description"]))
+
+    with server(db_path) as (url, _):
+        threads = [threading.Thread(target=writer, args=(url, f"w{t}")) for t in range(3)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)
+        began = time.monotonic()
+        result = run_flask(db_path, "backup", str(target))
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert result.returncode == 0, result.stderr
+    before = [(i, d) for at, i, d in acknowledged if at < began]
+    after = [(i, d) for at, i, d in acknowledged if at > time.monotonic()]
+    assert len(before) > 20 and not after
+    with sqlite3.connect(target) as copy:
+        assert copy.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        stored = dict(copy.execute("SELECT id, description FROM incidents"))
+        events = copy.execute("SELECT count(*) FROM events").fetchone()[0]
+        version = copy.execute("PRAGMA user_version").fetchone()[0]
+    assert [pair for pair in before if stored.get(pair[0]) != pair[1]] == []
+    assert re.fullmatch(
+        rf"Backed up {db_path} to {target}: {len(stored)} incidents, {events} events, {target.stat().st_size} bytes, "
+        rf"schema version {version}, integrity check ok\.\n", result.stdout)
+
+
+def test_backup_refuses_to_overwrite_unless_forced(db_path, tmp_path, client):
+    create(client)
+    target = tmp_path / "backup.db"
+    target.write_text("yesterday's backup")
+    result = run_flask(db_path, "backup", str(target))
+    assert result.returncode == 1 and "exists; pass --force" in result.stderr
+    assert target.read_text() == "yesterday's backup"
+    result = run_flask(db_path, "backup", "--force", str(target))
+    assert result.returncode == 0, result.stderr
+    assert query(target, "SELECT count(*) FROM incidents") == [(1,)]
 
 
 # ---------------------------------------------------------------------------
