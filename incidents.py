@@ -6,7 +6,10 @@ One Flask module over one SQLite file. Run it with
 
 The database file is created, or migrated to the current schema, when the app starts.
 
-Alerts from Prometheus Alertmanager and Grafana come in through POST /integrations/alertmanager.
+Alerts from Prometheus Alertmanager and Grafana come in through POST /integrations/alertmanager;
+Prometheus scrapes GET /metrics. A consistent copy of the live database, checked:
+
+    flask --app incidents backup PATH [--force]
 
 Telegram reports come in through the webhook POST /telegram/webhook, or, where Telegram cannot
 reach the server, by long polling:
@@ -304,8 +307,7 @@ class Database:
         if 0 < current < len(MIGRATIONS):
             count = db.execute("SELECT max(id) FROM incidents").fetchone()[0] or 0
             click.echo(f"Upgrading {self.path} from schema version {current} to {len(MIGRATIONS)} "
-                       f"(about {count} incidents; building the search index takes about 40 s a million)...",
-                       err=True)
+                       f"(about {count} incidents; building an index takes up to a minute a million)...", err=True)
 
     def migrate(self):
         """Bring the file to the newest schema, one transaction per step.

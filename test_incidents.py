@@ -563,7 +563,7 @@ def test_migration_builds_the_search_index_for_existing_incidents_and_says_so(db
     insert_rows(db_path, [("Старая ёлка у точки", "new", "operator", "2025-05-01T08:00:00.000Z")])
     capsys.readouterr()
     client = incidents.create_app({"DATABASE": str(db_path), "TESTING": True}).test_client()
-    upgrade = f"from schema version 3 to {len(incidents.MIGRATIONS)} (about 1 incidents; building the search index"
+    upgrade = f"from schema version 3 to {len(incidents.MIGRATIONS)} (about 1 incidents; building an index takes"
     assert upgrade in capsys.readouterr().err
     assert search(client, "елка точк") == [1]
     incidents.create_app({"DATABASE": str(db_path), "TESTING": True})
