@@ -1171,8 +1171,7 @@ def clean_string_map(value):
     """Labels or annotations: an object whose values are all text."""
     if not isinstance(value, dict) or not all(isinstance(text, str) for text in value.values()):
         raise ValueError("must be an object whose values are strings")
-    for text in (*value, *value.values()):
-        check_storable(text)
+    check_storable("".join(value) + "".join(value.values()))  # one pass over all of its text
     return value
 
 
@@ -1203,7 +1202,7 @@ ALERT_FIELDS = {
 
 
 def clean_alert(alert, index, errors):
-    """One alert's values for apply_alert; its problems go into `errors`, named alerts[i].field."""
+    """One alert's clean values; its problems go into `errors`, each named alerts[i].field."""
     if not isinstance(alert, dict):
         errors.append({"field": f"alerts[{index}]", "message": "must be an object"})
         return None
@@ -1293,7 +1292,7 @@ def receive_alerts():
             else:
                 incident_id, action = resolve_alert(db, alert, dedup_key, sender)
             results.append({"id": incident_id, "action": action})
-    return jsonify(incidents=results)
+    return json_response(json.dumps({"incidents": results}))
 
 
 # ---------------------------------------------------------------------------

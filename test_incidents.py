@@ -556,11 +556,8 @@ def test_search_with_dedup_key_reads_the_keys_index_and_probes_the_search_index(
     assert not [d for d in plan if d.startswith("SCAN incidents ")]
 
 
-def test_migration_builds_the_search_index_for_existing_incidents_and_says_so(db_path, monkeypatch, capsys):
-    with monkeypatch.context() as patched:
-        patched.setattr(incidents, "MIGRATIONS", incidents.MIGRATIONS[:3])
-        incidents.create_app({"DATABASE": str(db_path)})
-    insert_rows(db_path, [("Старая ёлка у точки", "new", "operator", "2025-05-01T08:00:00.000Z")])
+def test_migration_builds_the_search_index_for_existing_incidents_and_says_so(db_path, capsys):
+    file_at_version(db_path, 3, [("Старая ёлка у точки", "new", "operator", "2025-05-01T08:00:00.000Z")])
     capsys.readouterr()
     client = incidents.create_app({"DATABASE": str(db_path), "TESTING": True}).test_client()
     upgrade = f"from schema version 3 to {len(incidents.MIGRATIONS)} (about 1 incidents; building an index takes"
@@ -1012,12 +1009,17 @@ def test_migration_from_older_version_keeps_data(app, client, db_path, monkeypat
     assert migrated.test_client().get(f"/incidents/{incident['id']}").json == incident
 
 
-def test_migration_of_version_1_file_keeps_incidents_and_fills_new_fields(db_path, monkeypatch):
-    with monkeypatch.context() as patched:
-        patched.setattr(incidents, "MIGRATIONS", incidents.MIGRATIONS[:1])
+def file_at_version(db_path, version, rows):
+    """A database file as the code of schema `version` left it, holding `rows` (see insert_rows)."""
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(incidents, "MIGRATIONS", incidents.MIGRATIONS[:version])
         incidents.create_app({"DATABASE": str(db_path)})
-    insert_rows(db_path, [("Старый инцидент", "resolved", "partner", "2025-05-01T08:00:00.000Z"),
-                          ("Open one", "new", "operator", "2025-05-02T08:00:00.000Z")])
+    insert_rows(db_path, rows)
+
+
+def test_migration_of_version_1_file_keeps_incidents_and_fills_new_fields(db_path):
+    file_at_version(db_path, 1, [("Старый инцидент", "resolved", "partner", "2025-05-01T08:00:00.000Z"),
+                                 ("Open one", "new", "operator", "2025-05-02T08:00:00.000Z")])
     assert query(db_path, "PRAGMA user_version") == [(1,)]
     client = incidents.create_app({"DATABASE": str(db_path), "TESTING": True}).test_client()
     assert query(db_path, "PRAGMA user_version") == [(len(incidents.MIGRATIONS),)]
@@ -1797,12 +1799,9 @@ def test_metrics_need_the_api_token_when_set(token_client):
     assert scrape(token_client, Authorization="Bearer s3cret")
 
 
-def test_migration_counts_incidents_already_in_the_file(db_path, monkeypatch):
-    with monkeypatch.context() as patched:
-        patched.setattr(incidents, "MIGRATIONS", incidents.MIGRATIONS[:4])
-        incidents.create_app({"DATABASE": str(db_path)})
-    insert_rows(db_path, [("a", "new", "operator", "2025-05-01T08:00:00.000Z"),
-                          ("b", "closed", "operator", "2025-05-01T09:00:00.000Z")])
+def test_migration_counts_incidents_already_in_the_file(db_path):
+    file_at_version(db_path, 4, [("a", "new", "operator", "2025-05-01T08:00:00.000Z"),
+                                 ("b", "closed", "operator", "2025-05-01T09:00:00.000Z")])
     query(db_path, "UPDATE incidents SET occurrences = 4 WHERE id = 1")
     families = scrape(incidents.create_app({"DATABASE": str(db_path), "TESTING": True}).test_client())
     assert sample(families, "incidents_created_total", source="operator") == 2
