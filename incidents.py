@@ -1366,9 +1366,13 @@ def backup_command(path, force):
         with contextlib.closing(sqlite3.connect(partial)) as copy:
             source.backup(copy)  # one step: a snapshot of one moment, while writers go on in the WAL
             summary = describe_backup(copy)
+        os.replace(partial, path)
+    except (sqlite3.Error, OSError, click.ClickException) as error:
+        with contextlib.suppress(OSError):
+            os.remove(partial)  # only a checked copy ever takes the name PATH
+        raise click.ClickException(f"the backup failed, nothing was written to {path}: {error}") from None
     finally:
         database.release(source)
-    os.replace(partial, path)
     click.echo(f"Backed up {database.path} to {path}: {summary}.")
 
 

@@ -1960,6 +1960,23 @@ def test_backup_of_a_live_database_is_consistent_and_holds_every_acknowledged_in
         rf"schema version {version}, integrity check ok\.\n", result.stdout)
 
 
+def test_failed_backup_says_why_in_one_line_and_leaves_nothing(db_path, tmp_path, client):
+    create(client)
+    result = run_flask(db_path, "backup", str(tmp_path / "missing" / "backup.db"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"Error: the backup failed, nothing was written to {tmp_path}/missing/backup.db: unable to open database file"]
+
+
+def test_backup_whose_copy_fails_its_check_removes_the_copy(app, client, tmp_path, monkeypatch):
+    create(client)
+    monkeypatch.setattr(incidents, "describe_backup", lambda copy: (_ for _ in ()).throw(
+        incidents.click.ClickException("the copy failed its integrity check: [('page 2 is never used',)]")))
+    result = app.test_cli_runner().invoke(args=["backup", str(tmp_path / "backup.db")])
+    assert result.exit_code == 1 and "integrity check" in result.output
+    assert not (tmp_path / "backup.db").exists() and not (tmp_path / "backup.db.partial").exists()
+
+
 def test_backup_refuses_to_overwrite_unless_forced(db_path, tmp_path, client):
     create(client)
     target = tmp_path / "backup.db"
