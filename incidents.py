@@ -16,12 +16,18 @@ reach the server, by long polling:
 
     flask --app incidents telegram-poll
 
+and notifications, beside a webhook deployment, by
+
+    flask --app incidents telegram-notify
+
 Environment:
     INCIDENTS_DB             path of the SQLite file (default: incidents.db in the working directory)
     INCIDENTS_API_TOKEN      when set, every route but /health needs "Authorization: Bearer <token>"
     TELEGRAM_WEBHOOK_SECRET  enables the webhook; Telegram sends it in X-Telegram-Bot-Api-Secret-Token
     TELEGRAM_BOT_TOKEN       the bot's token from BotFather, for telegram-poll
     TELEGRAM_API_URL         the Bot API's address (default: https://api.telegram.org)
+    TELEGRAM_NOTIFY_CHAT_IDS chats (ids, separated by commas) that see every incident, kept current;
+                             sent by telegram-poll, or by telegram-notify beside the webhook
     INCIDENTS_REOPEN_WINDOW  seconds after an alert's incident resolves in which the alert firing
                              again reopens it (default 900; 0 turns reopening off)
 """
@@ -30,11 +36,13 @@ import contextlib
 import fcntl
 import hashlib
 import hmac
+import html
 import json
 import os
 import queue
 import re
 import sqlite3
+import sys
 import threading
 import time
 import urllib.error
@@ -74,10 +82,16 @@ TELEGRAM_API_URL = "https://api.telegram.org"
 TELEGRAM_POLL_TIMEOUT_S = 30  # how long one getUpdates call waits for news
 TELEGRAM_BACKOFF_S = (1, 60)  # first and longest wait after a network error
 TELEGRAM_LIST_MAX = 10
+TELEGRAM_UPDATES = ["message", "edited_message", "callback_query"]  # what the bot asks Telegram for
 ALERT_BODY_MAX = 1024 * 1024  # Alertmanager batches alerts; every other route keeps MAX_BODY_BYTES
 ALERT_STATUSES = ("firing", "resolved")
 ALERT_KEY_PREFIX = "alertmanager:"
 REOPEN_WINDOW_S = 900  # a resolved alert that fires again this soon reopens its incident
+NOTIFY_KINDS = ("change", "repeat")  # a change is shown at once; repeats alone at most once per interval
+NOTIFY_REPEAT_INTERVAL_S = 60
+NOTIFY_POLL_S = 0.5  # how often the sender looks for news in the outbox
+NOTIFY_DESCRIPTION_LINES = 10
+NOTIFY_DESCRIPTION_MAX = 3000  # a Telegram message holds 4096 characters
 TIMESTAMP_GLOB = "[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z"
 DATETIME_PATTERN = re.compile(
     r"\d{4}-\d{2}-\d{2}([Tt ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?([Zz]|[+-]\d{2}:\d{2})?)?"
@@ -203,6 +217,33 @@ MIGRATIONS = (
         """CREATE TRIGGER incident_counts_delete AFTER DELETE ON incidents BEGIN
             UPDATE incident_counts SET current = current - 1 WHERE status = old.status AND source = old.source;
         END""",
+    ),
+    (
+        # Notifications: what each notify chat's message of an incident must catch up with, written in
+        # the transaction of the change. One row per (incident, chat, kind); a later change bumps seq,
+        # so the sender removes only what it has shown. queued_at is when the row was first queued.
+        f"""CREATE TABLE notify_outbox (
+            incident_id INTEGER NOT NULL REFERENCES incidents (id),
+            chat_id INTEGER NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ({sql_list(NOTIFY_KINDS)})),
+            seq INTEGER NOT NULL CHECK (seq >= 1),
+            queued_at TEXT NOT NULL CHECK (queued_at GLOB '{TIMESTAMP_GLOB}'),
+            PRIMARY KEY (incident_id, chat_id, kind)
+        ) STRICT, WITHOUT ROWID""",
+        # The message that later edits go to, and when it was last brought up to date.
+        f"""CREATE TABLE notify_messages (
+            incident_id INTEGER NOT NULL REFERENCES incidents (id),
+            chat_id INTEGER NOT NULL,
+            message_id INTEGER NOT NULL,
+            shown_at TEXT NOT NULL CHECK (shown_at GLOB '{TIMESTAMP_GLOB}'),
+            PRIMARY KEY (incident_id, chat_id)
+        ) STRICT, WITHOUT ROWID""",
+        # Chats the bot was removed from: nothing more is queued for them.
+        f"""CREATE TABLE notify_chats_gone (
+            chat_id INTEGER PRIMARY KEY,
+            reason TEXT NOT NULL,
+            at TEXT NOT NULL CHECK (at GLOB '{TIMESTAMP_GLOB}')
+        ) STRICT""",
     ),
 )
 
@@ -671,6 +712,18 @@ def add_repeat_event(db, incident_id, at):
         add_event(db, incident_id, at, "repeated", count=1, last_at=at)
 
 
+def queue_notification(db, incident_id, kind):
+    """Record, in the transaction of a change, that each notify chat's message must catch up."""
+    chats = current_app.config["TELEGRAM_NOTIFY_CHAT_IDS"]
+    if chats:
+        db.execute(
+            """INSERT INTO notify_outbox (incident_id, chat_id, kind, seq, queued_at)
+               SELECT ?, value, ?, 1, ? FROM json_each(?) WHERE value NOT IN (SELECT chat_id FROM notify_chats_gone)
+               ON CONFLICT (incident_id, chat_id, kind) DO UPDATE SET seq = seq + 1""",
+            (incident_id, kind, now(), json.dumps(chats)),
+        )
+
+
 def fold_report(db, dedup_key, at):
     """Count a repeat on the open incident that holds dedup_key: (id, incident JSON), or None."""
     folded = db.execute(
@@ -680,6 +733,7 @@ def fold_report(db, dedup_key, at):
     ).fetchone()
     if folded:
         add_repeat_event(db, folded[0], at)
+        queue_notification(db, folded[0], "repeat")
     return folded
 
 
@@ -692,6 +746,7 @@ def insert_incident(db, values, at, note=None, actor=None):
         (values["description"], status, values["source"], values.get("dedup_key"), at, at, at),
     ).fetchone()
     add_event(db, incident_id, at, "created", to_status=status, note=note, actor=actor)
+    queue_notification(db, incident_id, "change")
     return incident_id, body
 
 
@@ -740,6 +795,7 @@ def change_incident(db, incident_id, values, note=None, actor=None):
     if changed:
         assignments = ", ".join(f"{field} = ?" for field in changed)  # names from FIELD_RULES only
         db.execute(f"UPDATE incidents SET {assignments}, updated_at = ? WHERE id = ?", (*changed.values(), at, incident_id))
+        queue_notification(db, incident_id, "change")
     if "status" in changed:
         events.append(("status_changed", {"from_status": current["status"], "to_status": changed["status"]}))
     if "description" in changed:
@@ -946,12 +1002,21 @@ In a private chat, any text is a report. In a group: /incident <text>.
 /resolve <id> - resolve an incident"""
 
 
-def telegram_sender(message):
-    """Who sent a message, as shown on the timeline: @username, else the name, with the user id."""
-    sender = message.get("from") if isinstance(message.get("from"), dict) else {}
-    name = f"@{sender['username']}" if sender.get("username") else " ".join(
-        str(sender[part]) for part in ("first_name", "last_name") if sender.get(part)) or "someone"
-    return f"{name} (Telegram user {sender.get('id', '?')})"[:ACTOR_MAX]
+def telegram_user(update_part):
+    """The user who sent a message or tapped a button, as Telegram describes them."""
+    return update_part.get("from") if isinstance(update_part.get("from"), dict) else {}
+
+
+def telegram_name(update_part):
+    """@username, else the name of who sent a message or tapped a button."""
+    user = telegram_user(update_part)
+    return f"@{user['username']}" if user.get("username") else " ".join(
+        str(user[part]) for part in ("first_name", "last_name") if user.get(part)) or "someone"
+
+
+def telegram_sender(update_part):
+    """Who did it, as shown on the timeline: the name with the Telegram user id."""
+    return f"{telegram_name(update_part)} (Telegram user {telegram_user(update_part).get('id', '?')})"[:ACTOR_MAX]
 
 
 def telegram_report(db, message, text):
@@ -1005,12 +1070,50 @@ def telegram_command(db, message, text):
     return None  # a group's command for another bot
 
 
+# What a button does: action -> (the status it sets, the statuses it is meant for, the verb it is told by).
+BUTTON_ACTIONS = {
+    "take": ("in_progress", ("new",), "taken"),
+    "resolve": ("resolved", OPEN_STATUSES, "resolved"),
+    "reopen": ("new", ("resolved", "closed"), "reopened"),
+}
+BUTTON_DATA = re.compile(r"(take|resolve|reopen):([0-9]{1,19})")
+
+
+def telegram_button(db, callback):
+    """A tap on a notification's button: the change it names, answered with what happened.
+
+    A tap on a button the incident has moved past changes nothing and refreshes the message.
+    """
+    answer = {"method": "answerCallbackQuery", "callback_query_id": callback["id"]}
+    data = callback.get("data")
+    match = BUTTON_DATA.fullmatch(data) if isinstance(data, str) else None
+    if not match or int(match[2]) > MAX_ID:
+        return {**answer, "text": "Unknown action"}
+    status, meant_for, verb = BUTTON_ACTIONS[match[1]]
+    incident_id = int(match[2])
+    current = db.execute("SELECT status FROM incidents WHERE id = ?", (incident_id,)).fetchone()
+    if current is None:
+        return {**answer, "text": f"There is no incident #{incident_id}"}
+    if current["status"] not in meant_for:
+        queue_notification(db, incident_id, "change")
+        return {**answer, "text": f"Incident #{incident_id} is already {current['status'].replace('_', ' ')}"}
+    try:
+        change_incident(db, incident_id, {"status": status}, actor=telegram_sender(callback))
+    except ApiError as error:  # reopening while another open incident holds the dedup_key
+        return {**answer, "text": error.detail[:200], "show_alert": True}
+    return {**answer, "text": f"Incident #{incident_id} {verb} by {telegram_name(callback)}"}
+
+
 def handle_telegram_update(db, update):
     """Act on one Telegram Update inside the caller's write transaction.
 
-    Returns the sendMessage call that answers it, or None when it is ignored (edits, joins,
-    channel posts, a group's chatter). A problem the user can fix becomes the reply.
+    Returns the Bot API call that answers it (sendMessage, or answerCallbackQuery for a button),
+    or None when it is ignored (edits, joins, channel posts, a group's chatter). A problem the
+    user can fix becomes the reply.
     """
+    callback = update.get("callback_query")
+    if isinstance(callback, dict) and isinstance(callback.get("id"), str):
+        return telegram_button(db, callback)
     message = update.get("message")
     if not (
         isinstance(message, dict)
@@ -1052,10 +1155,11 @@ def telegram_webhook():
 class BotApiError(Exception):
     """A Bot API call that failed; `retry` says whether trying again later can help."""
 
-    def __init__(self, description, retry, retry_after=None):
+    def __init__(self, description, retry, retry_after=None, code=None):
         super().__init__(description)
         self.retry = retry
         self.retry_after = retry_after
+        self.code = code
 
 
 def call_bot_api(base_url, token, method, payload, timeout):
@@ -1082,7 +1186,15 @@ def call_bot_api(base_url, token, method, payload, timeout):
         f"{method}: {code} {answer.get('description', '')}".strip(),
         retry=code not in (401, 404, 409),
         retry_after=(answer.get("parameters") or {}).get("retry_after"),
+        code=code,
     )
+
+
+def retry_delay(error, delay):
+    """How long to wait after a failed Bot API call: what Telegram asks, else doubling up to a limit."""
+    if not error.retry:
+        raise click.ClickException(f"Telegram refused: {error}") from None
+    return error.retry_after or min(max(delay * 2, TELEGRAM_BACKOFF_S[0]), TELEGRAM_BACKOFF_S[1])
 
 
 def load_offset(db, bot_id):
@@ -1101,11 +1213,9 @@ def poll_telegram(database, db, call, bot_id):
         time.sleep(delay)
         try:
             updates = call("getUpdates", {"offset": load_offset(db, bot_id), "timeout": TELEGRAM_POLL_TIMEOUT_S,
-                                          "allowed_updates": ["message", "edited_message"]})
+                                          "allowed_updates": TELEGRAM_UPDATES})
         except BotApiError as error:
-            if not error.retry:
-                raise click.ClickException(f"Telegram refused: {error}") from None
-            delay = error.retry_after or min(max(delay * 2, TELEGRAM_BACKOFF_S[0]), TELEGRAM_BACKOFF_S[1])
+            delay = retry_delay(error, delay)
             current_app.logger.warning("Telegram unreachable (%s); trying again in %s s", error, delay)
             continue
         delay = 0
@@ -1124,10 +1234,8 @@ def poll_telegram(database, db, call, bot_id):
                     current_app.logger.warning("reply to update %s not sent: %s", update["update_id"], error)
 
 
-@click.command("telegram-poll")
-@with_appcontext
-def telegram_poll_command():
-    """Take reports from Telegram by long polling getUpdates (for a server Telegram cannot reach)."""
+def telegram_bot():
+    """The configured bot's Bot API caller and id, or a usage error that says what to set."""
     token = current_app.config["TELEGRAM_BOT_TOKEN"]
     if not token or not token.partition(":")[0].isdigit():
         raise click.UsageError("Set TELEGRAM_BOT_TOKEN to the token BotFather gave you (123456:ABC...).")
@@ -1136,15 +1244,36 @@ def telegram_poll_command():
     def call(method, payload):
         return call_bot_api(base_url, token, method, payload, TELEGRAM_POLL_TIMEOUT_S + 10)
 
+    return call, int(token.partition(":")[0])
+
+
+def until_interrupted(banner, work):
+    """Run work(database, db) on a connection of its own until Ctrl-C, then say so."""
     database = current_app.extensions["incidents"]
     db = database.acquire()
-    click.echo("Polling Telegram for reports; press Ctrl-C to stop.")
+    click.echo(banner)
     try:
-        poll_telegram(database, db, call, bot_id=int(token.partition(":")[0]))
+        work(database, db)
     except KeyboardInterrupt:
         click.echo("Stopped.")
     finally:
         database.release(db)
+
+
+@click.command("telegram-poll")
+@with_appcontext
+def telegram_poll_command():
+    """Take reports from Telegram by long polling getUpdates (for a server Telegram cannot reach).
+
+    With TELEGRAM_NOTIFY_CHAT_IDS set, it also sends the notifications, from a thread of its own.
+    """
+    call, bot_id = telegram_bot()
+    with contextlib.ExitStack() as stack:
+        if current_app.config["TELEGRAM_NOTIFY_CHAT_IDS"]:
+            stack.enter_context(sole_sender(current_app.extensions["incidents"].path, bot_id))
+            stack.enter_context(notifications_in_background(call))
+        until_interrupted("Polling Telegram for reports; press Ctrl-C to stop.",
+                          lambda database, db: poll_telegram(database, db, call, bot_id))
 
 
 # ---------------------------------------------------------------------------
@@ -1296,6 +1425,203 @@ def receive_alerts():
 
 
 # ---------------------------------------------------------------------------
+# Notifications: every incident in the duty chats, kept current, with buttons
+# ---------------------------------------------------------------------------
+
+# The buttons that fit each status: (callback action, label).
+NOTIFY_BUTTONS = {
+    "new": (("take", "Take"), ("resolve", "Resolve")),
+    "in_progress": (("resolve", "Resolve"),),
+    "resolved": (("reopen", "Reopen"),),
+    "closed": (("reopen", "Reopen"),),
+}
+
+
+def short_time(timestamp):
+    """2026-11-23T07:05:30.123Z as 2026-11-23 07:05 UTC."""
+    return f"{timestamp[:10]} {timestamp[11:16]} UTC"
+
+
+def shorten(text):
+    """The first lines of a description, cut to fit a Telegram message with room to spare."""
+    lines = text.splitlines()
+    short = "\n".join(lines[:NOTIFY_DESCRIPTION_LINES])[:NOTIFY_DESCRIPTION_MAX]
+    return short if short == text else short.rstrip() + " …"
+
+
+def incident_message(db, incident_id):
+    """The text (HTML, every value escaped) and buttons of an incident's message, as it is now."""
+    incident = json.loads(fetch_incident_json(db, incident_id))
+    change = db.execute(
+        "SELECT actor, at FROM events WHERE incident_id = ? AND type = 'status_changed' ORDER BY id DESC LIMIT 1",
+        (incident_id,),
+    ).fetchone()
+    status = incident["status"].replace("_", " ")
+    lines = [f"<b>Incident #{incident_id}</b> · {status} · {incident['source']}",
+             html.escape(shorten(incident["description"]), quote=False),
+             f"Reported {short_time(incident['created_at'])}"]
+    if incident["occurrences"] > 1:
+        lines.append(f"Repeated {incident['occurrences']} times, last {short_time(incident['last_seen_at'])}")
+    if change:
+        lines.append(f"Now {status}: by {html.escape(change['actor'] or 'someone', quote=False)}, "
+                     f"{short_time(change['at'])}")
+    buttons = [{"text": label, "callback_data": f"{action}:{incident_id}"}
+               for action, label in NOTIFY_BUTTONS[incident["status"]]]
+    return "\n".join(lines), {"inline_keyboard": [buttons]}
+
+
+def pending_notifications(db):
+    """Each (incident, chat) the outbox has news for, oldest first, with its message so far."""
+    return db.execute(
+        """SELECT o.incident_id, o.chat_id, json_group_array(json_array(o.kind, o.seq)) AS entries,
+                  min(o.kind = 'repeat') AS repeats_only, m.message_id, m.shown_at
+           FROM notify_outbox AS o LEFT JOIN notify_messages AS m USING (incident_id, chat_id)
+           GROUP BY o.incident_id, o.chat_id ORDER BY min(o.queued_at), o.incident_id"""
+    ).fetchall()
+
+
+def seconds_until_due(row, repeat_interval):
+    """0 when the entry is due; repeats alone wait until the message is `repeat_interval` old."""
+    if not row["repeats_only"] or row["shown_at"] is None:
+        return 0
+    return max(0.0, repeat_interval - age_seconds(row["shown_at"]))
+
+
+def show_incident(call, row, text, markup):
+    """Send the message, or edit the one already shown; returns its message id."""
+    message = {"chat_id": row["chat_id"], "text": text, "parse_mode": "HTML", "reply_markup": markup}
+    if row["message_id"] is not None:
+        try:
+            call("editMessageText", {**message, "message_id": row["message_id"]})
+            return row["message_id"]
+        except BotApiError as error:
+            if "message is not modified" in str(error):
+                return row["message_id"]
+            if "message to edit not found" not in str(error) and "message can't be edited" not in str(error):
+                raise
+    return call("sendMessage", message)["message_id"]  # the first message, or the old one was deleted
+
+
+def chat_is_gone(error):
+    """Whether Telegram says the bot can no longer write to the chat (removed, blocked, no such chat)."""
+    return error.code == 403 or (error.code == 400 and "chat not found" in str(error))
+
+
+def mark_delivered(database, db, row, message_id):
+    """Remember the message and drop the entries shown; an entry changed meanwhile keeps its place."""
+    with database.write(db):
+        db.execute(
+            """INSERT INTO notify_messages (incident_id, chat_id, message_id, shown_at) VALUES (?, ?, ?, ?)
+               ON CONFLICT (incident_id, chat_id) DO UPDATE SET message_id = excluded.message_id,
+                                                               shown_at = excluded.shown_at""",
+            (row["incident_id"], row["chat_id"], message_id, now()),
+        )
+        for kind, seq in json.loads(row["entries"]):
+            db.execute("DELETE FROM notify_outbox WHERE incident_id = ? AND chat_id = ? AND kind = ? AND seq = ?",
+                       (row["incident_id"], row["chat_id"], kind, seq))
+
+
+def forget_chat(database, db, chat_id, error):
+    """The bot was removed from a chat: log it, drop its queue and queue nothing more for it."""
+    current_app.logger.error("Telegram chat %s no longer takes messages (%s); nothing more is queued for it",
+                             chat_id, error)
+    with database.write(db):
+        db.execute("INSERT OR REPLACE INTO notify_chats_gone (chat_id, reason, at) VALUES (?, ?, ?)",
+                   (chat_id, str(error)[:NOTE_MAX], now()))
+        db.execute("DELETE FROM notify_outbox WHERE chat_id = ?", (chat_id,))
+
+
+def deliver_notifications(database, db, call, repeat_interval):
+    """Bring every message the outbox names up to date; returns seconds until the next one is due.
+
+    A message shows the incident as it is when sent, so a burst of changes becomes one edit.
+    A 429 or a network error stops the pass (the caller waits); a chat that is gone is dropped.
+    """
+    wait = NOTIFY_POLL_S
+    for row in pending_notifications(db):
+        due_in = seconds_until_due(row, repeat_interval)
+        if due_in:
+            wait = min(wait, due_in)
+            continue
+        text, markup = incident_message(db, row["incident_id"])
+        try:
+            message_id = show_incident(call, row, text, markup)
+        except BotApiError as error:
+            if not chat_is_gone(error):
+                raise
+            forget_chat(database, db, row["chat_id"], error)
+            continue
+        mark_delivered(database, db, row, message_id)
+    return wait
+
+
+def send_notifications(database, db, call, repeat_interval, stop):
+    """Deliver the outbox until `stop` is set, waiting out 429s and outages."""
+    delay = 0
+    while not stop.wait(delay):
+        try:
+            delay = deliver_notifications(database, db, call, repeat_interval)
+        except BotApiError as error:
+            delay = retry_delay(error, delay)
+            current_app.logger.warning("notifications held (%s); trying again in %s s", error, delay)
+
+
+@contextmanager
+def sole_sender(database_path, bot_id):
+    """Hold the right to send for this bot, or refuse, naming the sender that holds it.
+
+    A kernel lock on a file beside the database: released when its process ends, however it ends.
+    """
+    turn = os.open(f"{database_path}-telegram-sender-{bot_id}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(turn, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(turn, 500, 0).decode(errors="replace").strip() or "another process"
+            raise click.ClickException(f"Another sender for this bot is running ({holder}); only one may send "
+                                       "per bot: stop it first, or let it send.") from None
+        os.ftruncate(turn, 0)
+        os.pwrite(turn, f"pid {os.getpid()}: {' '.join(os.path.basename(arg) for arg in sys.argv)}".encode(), 0)
+        yield
+    finally:
+        os.close(turn)
+
+
+@contextmanager
+def notifications_in_background(call):
+    """The sender in a thread beside the poller, whose getUpdates waits up to 30 s at a time."""
+    app, stop = current_app._get_current_object(), threading.Event()
+
+    def run():
+        with app.app_context():
+            try:
+                until_interrupted("Sending notifications.", lambda database, db: send_notifications(
+                    database, db, call, app.config["NOTIFY_REPEAT_INTERVAL"], stop))
+            except click.ClickException as error:
+                app.logger.error("notifications stopped: %s", error.message)
+
+    thread = threading.Thread(target=run, name="telegram-notify", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(TELEGRAM_POLL_TIMEOUT_S + 15)  # a call in flight ends within its timeout
+
+
+@click.command("telegram-notify")
+@with_appcontext
+def telegram_notify_command():
+    """Show incidents in TELEGRAM_NOTIFY_CHAT_IDS and keep them current (beside a webhook deployment)."""
+    call, bot_id = telegram_bot()
+    if not current_app.config["TELEGRAM_NOTIFY_CHAT_IDS"]:
+        raise click.UsageError("Set TELEGRAM_NOTIFY_CHAT_IDS to the chats to notify, ids separated by commas.")
+    with sole_sender(current_app.extensions["incidents"].path, bot_id):
+        until_interrupted("Sending notifications; press Ctrl-C to stop.", lambda database, db: send_notifications(
+            database, db, call, current_app.config["NOTIFY_REPEAT_INTERVAL"], threading.Event()))
+
+
+# ---------------------------------------------------------------------------
 # Metrics for Prometheus, and backups
 # ---------------------------------------------------------------------------
 
@@ -1335,6 +1661,7 @@ def metrics():
     db = get_db()
     counts = db.execute("SELECT status, source, current, created, folded FROM incident_counts").fetchall()
     oldest_new = db.execute(OLDEST_NEW_SQL, SOURCES).fetchone()[0]
+    pending, oldest_pending = db.execute("SELECT count(*), min(queued_at) FROM notify_outbox").fetchone()
     lines = [
         *metric_family("incidents_open", "gauge", "Open incidents (new or in_progress), by status and source.",
                        [({"status": row["status"], "source": row["source"]}, row["current"])
@@ -1347,6 +1674,11 @@ def metrics():
         *metric_family("incidents_oldest_new_age_seconds", "gauge",
                        "Age of the oldest incident nobody has taken (status new); 0 when there is none.",
                        [({}, age_seconds(oldest_new))]),
+        *metric_family("incidents_notifications_pending", "gauge",
+                       "Telegram messages (per incident and chat) waiting to be sent or brought up to date.",
+                       [({}, pending)]),
+        *metric_family("incidents_notifications_oldest_age_seconds", "gauge",
+                       "Age of the oldest of those; 0 when none waits.", [({}, age_seconds(oldest_pending))]),
     ]
     return Response("\n".join(lines) + "\n", content_type=METRICS_CONTENT_TYPE)
 
@@ -1403,6 +1735,16 @@ def env_seconds(name, default):
     return int(text)
 
 
+def env_chat_ids(name):
+    """Telegram chat ids from the environment, separated by commas, or a startup error."""
+    text = os.environ.get(name, "")
+    ids = [part.strip() for part in text.split(",") if part.strip()]
+    if not all(re.fullmatch(r"-?\d{1,19}", part) for part in ids):
+        stop_startup(f"{name} must be Telegram chat ids separated by commas, such as -1001234567890,123456789; "
+                     f"not {text!r}")
+    return tuple(int(part) for part in ids)
+
+
 def check_database_path(path):
     """Stop at startup, in one line, where SQLite could only fail later with an obscure error."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -1427,6 +1769,8 @@ def create_app(test_config=None):
         TELEGRAM_BOT_TOKEN=os.environ.get("TELEGRAM_BOT_TOKEN") or None,
         TELEGRAM_API_URL=os.environ.get("TELEGRAM_API_URL") or TELEGRAM_API_URL,
         REOPEN_WINDOW=env_seconds("INCIDENTS_REOPEN_WINDOW", REOPEN_WINDOW_S),
+        TELEGRAM_NOTIFY_CHAT_IDS=env_chat_ids("TELEGRAM_NOTIFY_CHAT_IDS"),
+        NOTIFY_REPEAT_INTERVAL=NOTIFY_REPEAT_INTERVAL_S,
         MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
     )
     if test_config:
@@ -1457,5 +1801,6 @@ def create_app(test_config=None):
     app.post("/integrations/alertmanager")(receive_alerts)
     app.get("/metrics")(metrics)
     app.cli.add_command(telegram_poll_command)
+    app.cli.add_command(telegram_notify_command)
     app.cli.add_command(backup_command)
     return app

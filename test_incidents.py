@@ -34,7 +34,7 @@ TIMESTAMP = r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z"
 def clean_environment(monkeypatch):
     """Tests and the servers they start see only the configuration each test sets."""
     for name in ("INCIDENTS_DB", "INCIDENTS_API_TOKEN", "TELEGRAM_WEBHOOK_SECRET", "TELEGRAM_BOT_TOKEN",
-                 "TELEGRAM_API_URL"):
+                 "TELEGRAM_API_URL", "TELEGRAM_NOTIFY_CHAT_IDS", "INCIDENTS_REOPEN_WINDOW"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -1260,14 +1260,23 @@ TOKEN = "123456:TEST-token"
 
 
 class FakeBotApi(http.server.ThreadingHTTPServer):
-    """Enough of the Bot API for telegram-poll: getUpdates from a list, sendMessage recorded."""
+    """Enough of the Bot API for the bot: getUpdates from a list; sendMessage, editMessageText and
+    answerCallbackQuery recorded, with the errors Telegram gives for floods, unchanged and deleted
+    messages and chats the bot was removed from."""
 
     def __init__(self):
         super().__init__(("127.0.0.1", 0), FakeBotApiHandler)
         self.updates, self.offsets, self.sent = [], [], []
+        self.edits, self.answers, self.calls = [], [], []  # calls: (method, time) of every send and edit shown
+        self.messages = {}  # message_id -> the message as the chat shows it now
         self.failures = 0  # getUpdates calls to answer 502 before working
         self.status = None  # an error code to answer every call with
-        threading.Thread(target=self.serve_forever, daemon=True).start()
+        self.floods = 0  # sends or edits to answer 429 (retry_after 1) before working
+        self.deleted, self.gone = set(), set()  # message ids deleted in the chat; chats that removed the bot
+        self.delay = 0  # seconds each send or edit takes
+        self.hold = 0  # seconds a getUpdates with nothing new waits (a long poll), at most its timeout
+        self.lock = threading.Lock()
+        threading.Thread(target=self.serve_forever, args=(0.02,), daemon=True).start()  # quick to shut down
 
     @property
     def url(self):
@@ -1276,8 +1285,39 @@ class FakeBotApi(http.server.ThreadingHTTPServer):
     def wait_for(self, condition, seconds=15):
         deadline = time.monotonic() + seconds
         while not condition():
-            assert time.monotonic() < deadline, f"timed out; sent so far: {self.sent}"
+            assert time.monotonic() < deadline, f"timed out; sent so far: {self.sent}, edits: {self.edits}"
             time.sleep(0.05)
+
+    def show(self, method, payload):
+        """sendMessage or editMessageText: (status, answer) as Telegram would give them."""
+        if payload["chat_id"] in self.gone:
+            return 403, {"ok": False, "error_code": 403,
+                         "description": "Forbidden: bot was kicked from the supergroup chat"}
+        if self.floods:
+            self.floods -= 1
+            self.calls.append(("429", time.monotonic()))
+            return 429, {"ok": False, "error_code": 429, "description": "Too Many Requests: retry after 1",
+                         "parameters": {"retry_after": 1}}
+        shown = {key: payload.get(key) for key in ("chat_id", "text", "parse_mode", "reply_markup")}
+        if method == "sendMessage":
+            self.sent.append(payload)
+            message_id = 1000 + len(self.sent)
+        else:
+            message_id = payload["message_id"]
+            if message_id in self.deleted or message_id not in self.messages:
+                return 400, {"ok": False, "error_code": 400, "description": "Bad Request: message to edit not found"}
+            if self.messages[message_id] == shown:
+                return 400, {"ok": False, "error_code": 400, "description": "Bad Request: message is not modified: "
+                             "specified new message content and reply markup are exactly the same"}
+            self.edits.append(payload)
+        self.calls.append((method, time.monotonic()))
+        self.messages[message_id] = shown
+        return 200, {"ok": True, "result": {"message_id": message_id, "chat": {"id": payload["chat_id"]}}}
+
+    def chat(self, chat_id):
+        """The messages a chat shows now, oldest first."""
+        return [message for message_id, message in sorted(self.messages.items())
+                if message["chat_id"] == chat_id and message_id not in self.deleted]
 
 
 class FakeBotApiHandler(http.server.BaseHTTPRequestHandler):
@@ -1302,16 +1342,20 @@ class FakeBotApiHandler(http.server.BaseHTTPRequestHandler):
         if token != TOKEN or fake.status:
             code = fake.status or 401
             return self.answer(code, {"ok": False, "error_code": code, "description": "Unauthorized"})
-        if method == "sendMessage":
-            fake.sent.append(payload)
-            return self.answer(200, {"ok": True, "result": {"message_id": 1000 + len(fake.sent)}})
+        if method in ("sendMessage", "editMessageText"):
+            time.sleep(fake.delay)
+            with fake.lock:
+                return self.answer(*fake.show(method, payload))
+        if method == "answerCallbackQuery":
+            fake.answers.append(payload)
+            return self.answer(200, {"ok": True, "result": True})
         if fake.failures:
             fake.failures -= 1
             return self.answer(502, {"ok": False, "error_code": 502, "description": "Bad Gateway"})
         fake.offsets.append(payload["offset"])
         pending = [u for u in fake.updates if u["update_id"] >= payload["offset"]]
         if not pending:
-            time.sleep(0.05)
+            time.sleep(min(fake.hold, payload["timeout"]) or 0.05)
         self.answer(200, {"ok": True, "result": pending})
 
 
@@ -1417,6 +1461,363 @@ def test_poll_backoff_doubles_to_a_limit_and_honours_retry_after(db_path, bot_ap
     with bot_app.app_context(), pytest.raises(KeyboardInterrupt):
         incidents.poll_telegram(database, database.acquire(), call, bot_id=1)
     assert sleeps == [0, 1, 2, 4, 8, 16, 32, 60, 60, 7, 0]
+
+
+# ---------------------------------------------------------------------------
+# Notifications: every incident in the duty chat, kept current, with buttons
+# ---------------------------------------------------------------------------
+
+DUTY, NIGHT = -100777, -100888
+
+
+def notify_config(db_path, bot_api, chats=(DUTY,), interval=1):
+    return {"DATABASE": str(db_path), "TESTING": True, "TELEGRAM_NOTIFY_CHAT_IDS": chats, "TELEGRAM_BOT_TOKEN": TOKEN,
+            "TELEGRAM_API_URL": bot_api.url, "TELEGRAM_WEBHOOK_SECRET": SECRET, "NOTIFY_REPEAT_INTERVAL": interval}
+
+
+@pytest.fixture
+def notify_app(db_path, bot_api):
+    return incidents.create_app(notify_config(db_path, bot_api))
+
+
+@contextmanager
+def sending(app):
+    """The sender as telegram-poll runs it, in a thread beside the app, against the fake Bot API."""
+    with app.app_context():
+        call, _ = incidents.telegram_bot()
+        with incidents.notifications_in_background(call):
+            yield
+
+
+def tap(client, data, callback_id="cb-1", sender=IVAN):
+    """A button tap as Telegram delivers it to the webhook; returns the webhook's answer."""
+    update = {"update_id": 900, "callback_query": {
+        "id": callback_id, "from": sender, "chat_instance": "42", "data": data,
+        "message": {"message_id": 1001, "chat": {"id": DUTY, "type": "supergroup"}, "date": 1795000000}}}
+    response = client.post("/telegram/webhook", json=update, headers={"X-Telegram-Bot-Api-Secret-Token": SECRET})
+    assert response.status_code == 200, response.get_data(as_text=True)
+    return response.json
+
+
+def buttons(message):
+    return [(button["text"], button["callback_data"]) for row in message["reply_markup"]["inline_keyboard"]
+            for button in row]
+
+
+def outbox(db_path):
+    return query(db_path, "SELECT incident_id, chat_id, kind FROM notify_outbox ORDER BY 1, 2, 3")
+
+
+def test_nothing_is_queued_without_notify_chats(client, db_path):
+    create(client)
+    report(client)
+    report(client)
+    client.patch("/incidents/1", json={"status": "resolved"})
+    assert outbox(db_path) == []
+
+
+@pytest.mark.parametrize("value", ["abc", "-100,", "1;2", "12.5"])
+def test_bad_notify_chat_ids_stop_startup_saying_what_to_set(db_path, monkeypatch, value):
+    monkeypatch.setenv("TELEGRAM_NOTIFY_CHAT_IDS", value)
+    if value == "-100,":  # a trailing comma is harmless
+        assert incidents.create_app({"DATABASE": str(db_path)}).config["TELEGRAM_NOTIFY_CHAT_IDS"] == (-100,)
+        return
+    with pytest.raises(SystemExit, match="TELEGRAM_NOTIFY_CHAT_IDS must be Telegram chat ids separated by commas"):
+        incidents.create_app({"DATABASE": str(db_path)})
+
+
+def test_change_is_queued_in_its_own_transaction_and_a_rolled_back_one_never(notify_app, db_path, monkeypatch):
+    client = notify_app.test_client()
+    create(client)
+    assert outbox(db_path) == [(1, DUTY, "change")]
+    monkeypatch.setattr(incidents, "add_event", lambda *args, **kwargs: 1 / 0)
+    notify_app.config["PROPAGATE_EXCEPTIONS"] = False
+    assert_problem(client.post("/incidents", json={"description": "x", "source": "operator"}), 500)
+    assert outbox(db_path) == [(1, DUTY, "change")]
+
+
+def test_new_incidents_from_every_path_appear_in_the_duty_chat(notify_app, bot_api, db_path):
+    client = notify_app.test_client()
+    with sending(notify_app):
+        create(client, "Самокат 12 не заряжается", source="operator")
+        tap_free = client.post("/telegram/webhook", json=telegram_update(5, "Точка на Ленина не отвечает"),
+                               headers={"X-Telegram-Bot-Api-Secret-Token": SECRET})
+        assert tap_free.status_code == 200
+        client.post("/integrations/alertmanager", json=am_payload(am_alert()))
+        bot_api.wait_for(lambda: len(bot_api.sent) == 3)
+    first, second, third = bot_api.sent
+    assert {message["chat_id"] for message in bot_api.sent} == {DUTY}
+    assert first["parse_mode"] == "HTML"
+    assert first["text"].startswith("<b>Incident #1</b> · new · operator\nСамокат 12 не заряжается\nReported 20")
+    assert "Incident #2</b> · new · operator\nТочка на Ленина не отвечает" in second["text"]
+    assert "Incident #3</b> · new · monitoring\nТочка 7 не отвечает\nNo ping for 5 minutes" in third["text"]
+    assert buttons(third) == [("Take", "take:3"), ("Resolve", "resolve:3")]
+    assert outbox(db_path) == []
+    assert query(db_path, "SELECT incident_id, chat_id, message_id FROM notify_messages ORDER BY 1") == [
+        (1, DUTY, 1001), (2, DUTY, 1002), (3, DUTY, 1003)]
+
+
+def test_message_is_edited_in_place_after_patch_command_button_and_alert(notify_app, bot_api):
+    client = notify_app.test_client()
+
+    def shows(*parts):
+        bot_api.wait_for(lambda: all(part in bot_api.messages[1001]["text"] for part in parts))
+        return bot_api.messages[1001]
+
+    with sending(notify_app):
+        client.post("/integrations/alertmanager", json=am_payload(am_alert()))
+        bot_api.wait_for(lambda: len(bot_api.sent) == 1)
+        client.patch("/incidents/1", json={"status": "in_progress", "actor": "ivan"})
+        assert buttons(shows("· in progress ·", "Now in progress: by ivan, 20")) == [("Resolve", "resolve:1")]
+        hook_update = telegram_update(7, "/resolve 1", chat=GROUP_CHAT, sender=OLGA)
+        client.post("/telegram/webhook", json=hook_update, headers={"X-Telegram-Bot-Api-Secret-Token": SECRET})
+        assert buttons(shows("· resolved ·", "by Ольга (Telegram user 333)")) == [("Reopen", "reopen:1")]
+        assert tap(client, "reopen:1")["text"] == "Incident #1 reopened by @ivan_ops"
+        assert buttons(shows("· new ·", "by @ivan_ops")) == [("Take", "take:1"), ("Resolve", "resolve:1")]
+        client.post("/integrations/alertmanager", json=am_payload(am_alert("resolved")))
+        shows("· resolved ·", "by alertmanager")
+    assert len(bot_api.sent) == 1 and len(bot_api.edits) == 4
+
+
+@pytest.mark.parametrize("status, expected", [
+    ("new", [("Take", "take:1"), ("Resolve", "resolve:1")]), ("in_progress", [("Resolve", "resolve:1")]),
+    ("resolved", [("Reopen", "reopen:1")]), ("closed", [("Reopen", "reopen:1")])])
+def test_buttons_fit_the_status(notify_app, status, expected):
+    create(notify_app.test_client(), status=status)
+    with notify_app.app_context():
+        text, markup = incidents.incident_message(incidents.get_db(), 1)
+    assert buttons({"reply_markup": markup}) == expected
+    assert f"· {status.replace('_', ' ')} ·" in text
+
+
+def test_description_is_escaped_and_shortened_to_fit_a_message(notify_app):
+    client = notify_app.test_client()
+    create(client, '<b>Жирный</b> & <a href="http://evil.example">click</a> *md* [x](http://evil.example) `code`')
+    create(client, "\n".join(f"строка {i} " + "я" * 500 for i in range(18)))
+    with notify_app.app_context():
+        markup_text, _ = incidents.incident_message(incidents.get_db(), 1)
+        long_text, _ = incidents.incident_message(incidents.get_db(), 2)
+    assert ("&lt;b&gt;Жирный&lt;/b&gt; &amp; &lt;a href=\"http://evil.example\"&gt;click&lt;/a&gt; "
+            "*md* [x](http://evil.example) `code`") in markup_text
+    assert "<a" not in markup_text and markup_text.count("<b>") == 1  # only the header's own tag
+    assert long_text.count("строка") == 6 and " …\nReported" in long_text  # 3000 characters at most
+    assert len(long_text) < 4096
+
+
+def test_folded_repeats_are_one_edit_per_interval_with_the_final_count(notify_app, bot_api, db_path):
+    client = notify_app.test_client()  # NOTIFY_REPEAT_INTERVAL is 1 s here
+    with sending(notify_app):
+        report(client, key="ping:7")
+        bot_api.wait_for(lambda: len(bot_api.sent) == 1)
+        started = time.monotonic()
+        for _ in range(100):
+            report(client, key="ping:7")
+        assert time.monotonic() - started < 1
+        bot_api.wait_for(lambda: "Repeated 101 times" in bot_api.messages[1001]["text"])
+        time.sleep(1.6)  # room for any further edit the interval would allow
+    assert len(bot_api.sent) == 1 and len(bot_api.edits) <= 2
+    assert outbox(db_path) == []
+
+
+def test_status_change_is_shown_at_once_while_repeats_wait(db_path, bot_api):
+    app = incidents.create_app(notify_config(db_path, bot_api, interval=60))
+    client = app.test_client()
+    with sending(app):
+        report(client, key="ping:7")
+        bot_api.wait_for(lambda: len(bot_api.sent) == 1)
+        report(client, key="ping:7")
+        time.sleep(1.2)
+        assert bot_api.edits == []  # a repeat alone waits for the interval
+        client.patch("/incidents/1", json={"status": "in_progress"})
+        bot_api.wait_for(lambda: len(bot_api.edits) == 1, seconds=3)
+    assert "· in progress ·" in bot_api.edits[0]["text"] and "Repeated 2 times" in bot_api.edits[0]["text"]
+
+
+def test_button_tap_takes_the_incident_as_the_person_who_tapped(notify_app, db_path):
+    client = notify_app.test_client()
+    create(client)
+    answer = tap(client, "take:1", callback_id="cb-77")
+    assert answer == {"method": "answerCallbackQuery", "callback_query_id": "cb-77",
+                      "text": "Incident #1 taken by @ivan_ops"}
+    assert query(db_path, "SELECT status FROM incidents") == [("in_progress",)]
+    last = events(client, 1)["items"][-1]
+    assert (last["to_status"], last["actor"]) == ("in_progress", "@ivan_ops (Telegram user 111)")
+
+
+def test_stale_tap_changes_nothing_wrong_and_refreshes_the_message(notify_app, db_path):
+    client = notify_app.test_client()
+    create(client)
+    client.patch("/incidents/1", json={"status": "resolved"})
+    query(db_path, "DELETE FROM notify_outbox")
+    before = query(db_path, "SELECT * FROM events")
+    assert tap(client, "take:1")["text"] == "Incident #1 is already resolved"
+    assert tap(client, "resolve:1")["text"] == "Incident #1 is already resolved"
+    assert query(db_path, "SELECT status FROM incidents") == [("resolved",)]
+    assert query(db_path, "SELECT * FROM events") == before
+    assert outbox(db_path) == [(1, DUTY, "change")]
+
+
+@pytest.mark.parametrize("data", ["delete:1", "take:abc", "take:", "", "take:1:2", "TAKE:1", "take:99999999999999999999",
+                                  12345, None])
+def test_button_data_the_bot_did_not_make_is_unknown_and_changes_nothing(notify_app, db_path, data):
+    client = notify_app.test_client()
+    create(client)
+    before = query(db_path, "SELECT * FROM events")
+    assert tap(client, data)["text"] == "Unknown action"
+    assert query(db_path, "SELECT * FROM events") == before
+
+
+def test_tap_on_incident_that_does_not_exist_says_so(notify_app):
+    assert tap(notify_app.test_client(), "take:42")["text"] == "There is no incident #42"
+
+
+def test_reopen_tap_that_conflicts_on_dedup_key_answers_with_the_409_explanation(notify_app, db_path):
+    client = notify_app.test_client()
+    report(client, key="ping:7")
+    client.patch("/incidents/1", json={"status": "resolved"})
+    report(client, key="ping:7")
+    answer = tap(client, "reopen:1")
+    assert answer["show_alert"] is True
+    assert answer["text"].startswith("Incident 2 is open with the same dedup_key 'ping:7'")
+    assert query(db_path, "SELECT id, status FROM incidents ORDER BY id") == [(1, "resolved"), (2, "new")]
+
+
+def test_sender_waits_out_429_retry_after(notify_app, bot_api):
+    bot_api.floods = 1
+    with sending(notify_app):
+        create(notify_app.test_client())
+        bot_api.wait_for(lambda: len(bot_api.sent) == 1)
+    (refused, first), (method, sent) = bot_api.calls
+    assert (refused, method) == ("429", "sendMessage") and sent - first >= 0.95
+
+
+def test_unchanged_message_counts_as_shown(notify_app, bot_api, db_path):
+    client = notify_app.test_client()
+    with sending(notify_app):
+        create(client)
+        bot_api.wait_for(lambda: len(bot_api.sent) == 1)
+        tap(client, "resolve:1")
+        bot_api.wait_for(lambda: len(bot_api.edits) == 1)
+        tap(client, "resolve:1")  # stale: the message is refreshed, and Telegram says it is the same
+        bot_api.wait_for(lambda: outbox(db_path) == [])
+    assert len(bot_api.sent) == 1 and len(bot_api.edits) == 1
+
+
+def test_deleted_message_is_sent_again_fresh(notify_app, bot_api, db_path):
+    client = notify_app.test_client()
+    with sending(notify_app):
+        create(client)
+        bot_api.wait_for(lambda: len(bot_api.sent) == 1)
+        bot_api.deleted.add(1001)
+        client.patch("/incidents/1", json={"status": "in_progress"})
+        bot_api.wait_for(lambda: len(bot_api.sent) == 2)
+    assert "· in progress ·" in bot_api.sent[1]["text"]
+    assert query(db_path, "SELECT message_id FROM notify_messages") == [(1002,)]
+
+
+def test_chat_that_removed_the_bot_is_dropped_without_holding_up_the_others(db_path, bot_api, caplog):
+    app = incidents.create_app(notify_config(db_path, bot_api, chats=(NIGHT, DUTY)))
+    client = app.test_client()
+    bot_api.gone.add(NIGHT)
+    with sending(app):
+        create(client, "first")
+        create(client, "second")
+        bot_api.wait_for(lambda: len(bot_api.chat(DUTY)) == 2)
+        bot_api.wait_for(lambda: outbox(db_path) == [])
+    assert bot_api.chat(NIGHT) == []
+    assert query(db_path, "SELECT chat_id FROM notify_chats_gone") == [(NIGHT,)]
+    assert any("-100888 no longer takes messages" in record.getMessage() for record in caplog.records)
+    create(client, "third")
+    assert outbox(db_path) == [(3, DUTY, "change")]
+
+
+def test_notification_metrics_count_what_waits(notify_app, bot_api):
+    client = notify_app.test_client()
+    create(client)
+    create(client)
+    families = scrape(client)
+    assert sample(families, "incidents_notifications_pending") == 2
+    assert 0 <= sample(families, "incidents_notifications_oldest_age_seconds") < 5
+    with sending(notify_app):
+        bot_api.wait_for(lambda: len(bot_api.sent) == 2)
+        bot_api.wait_for(lambda: sample(scrape(client), "incidents_notifications_pending") == 0)
+    assert sample(scrape(client), "incidents_notifications_oldest_age_seconds") == 0
+
+
+# The sender as its own process: telegram-notify, telegram-poll, one per bot, kill -9
+
+
+def bot_command(db_path, bot_api, command, chats=str(DUTY)):
+    return subprocess.Popen(
+        [sys.executable, "-m", "flask", "--app", "incidents", command], cwd=HERE,
+        env={**os.environ, "INCIDENTS_DB": str(db_path), "TELEGRAM_BOT_TOKEN": TOKEN, "TELEGRAM_API_URL": bot_api.url,
+             "TELEGRAM_NOTIFY_CHAT_IDS": chats},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def stop_command(process):
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=20)
+    return output
+
+
+def test_sender_killed_mid_burst_and_restarted_shows_every_incident_once_but_one(db_path, bot_api):
+    app = incidents.create_app(notify_config(db_path, bot_api))
+    client = app.test_client()
+    for i in range(50):
+        create(client, f"Burst {i}")
+    bot_api.delay = 0.02
+    sender = bot_command(db_path, bot_api, "telegram-notify")
+    bot_api.wait_for(lambda: len(bot_api.sent) >= 10)
+    sender.kill()
+    sender.communicate(timeout=10)
+    shown_before = len(bot_api.sent)
+    assert shown_before < 50
+    restarted = bot_command(db_path, bot_api, "telegram-notify")
+    try:
+        bot_api.wait_for(lambda: outbox(db_path) == [])
+    finally:
+        stop_command(restarted)
+    numbers = [int(re.match(r"<b>Incident #(\d+)</b>", message["text"])[1]) for message in bot_api.sent]
+    assert sorted(set(numbers)) == list(range(1, 51))
+    assert len(numbers) - len(set(numbers)) <= 1  # at most the one in flight when it was killed
+
+
+def test_second_sender_for_a_bot_is_refused_naming_the_running_one(db_path, bot_api):
+    incidents.create_app({"DATABASE": str(db_path)})
+    first = bot_command(db_path, bot_api, "telegram-notify")
+    try:
+        assert first.stdout.readline().startswith("Sending notifications")
+        for command in ("telegram-notify", "telegram-poll"):
+            second = bot_command(db_path, bot_api, command)
+            output = second.communicate(timeout=20)[0]
+            assert second.returncode == 1
+            assert f"Another sender for this bot is running (pid {first.pid}: " in output and "telegram-notify" in output
+    finally:
+        assert "Stopped." in stop_command(first)
+
+
+def test_telegram_notify_needs_notify_chats(db_path, bot_api):
+    process = bot_command(db_path, bot_api, "telegram-notify", chats="")
+    assert process.wait(20) == 2 and "TELEGRAM_NOTIFY_CHAT_IDS" in stop_command(process)
+
+
+def test_poller_shows_a_new_incident_within_two_seconds_while_its_long_poll_waits(db_path, bot_api):
+    incidents.create_app({"DATABASE": str(db_path)})
+    bot_api.hold = 20  # getUpdates with nothing new waits, as Telegram's long poll does
+    poller_process = bot_command(db_path, bot_api, "telegram-poll")
+    try:
+        bot_api.wait_for(lambda: bot_api.offsets)  # the long poll is waiting
+        time.sleep(0.3)
+        app = incidents.create_app(notify_config(db_path, bot_api))
+        committed = time.monotonic()
+        create(app.test_client())
+        bot_api.wait_for(lambda: bot_api.sent)
+        delay = bot_api.calls[0][1] - committed
+    finally:
+        stop_command(poller_process)
+    assert delay < 2.0, f"commit to sendMessage took {delay:.2f} s"
 
 
 # ---------------------------------------------------------------------------
@@ -1732,7 +2133,8 @@ def test_metrics_parse_and_every_family_has_help_and_type(client):
     families = scrape(client)
     assert {name: family["type"] for name, family in families.items()} == {
         "incidents_open": "gauge", "incidents_created_total": "counter", "incidents_folded_total": "counter",
-        "incidents_oldest_new_age_seconds": "gauge"}
+        "incidents_oldest_new_age_seconds": "gauge", "incidents_notifications_pending": "gauge",
+        "incidents_notifications_oldest_age_seconds": "gauge"}
 
 
 def test_metrics_label_values_are_escaped_as_the_format_says(client):
