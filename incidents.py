@@ -1507,15 +1507,16 @@ def chat_is_gone(error):
     return error.code == 403 or (error.code == 400 and "chat not found" in str(error))
 
 
-def mark_delivered(database, db, row, message_id):
+def mark_delivered(database, db, row, message_id=None):
     """Remember the message and drop the entries shown; an entry changed meanwhile keeps its place."""
     with database.write(db):
-        db.execute(
-            """INSERT INTO notify_messages (incident_id, chat_id, message_id, shown_at) VALUES (?, ?, ?, ?)
-               ON CONFLICT (incident_id, chat_id) DO UPDATE SET message_id = excluded.message_id,
-                                                               shown_at = excluded.shown_at""",
-            (row["incident_id"], row["chat_id"], message_id, now()),
-        )
+        if message_id is not None:
+            db.execute(
+                """INSERT INTO notify_messages (incident_id, chat_id, message_id, shown_at) VALUES (?, ?, ?, ?)
+                   ON CONFLICT (incident_id, chat_id) DO UPDATE SET message_id = excluded.message_id,
+                                                                   shown_at = excluded.shown_at""",
+                (row["incident_id"], row["chat_id"], message_id, now()),
+            )
         for kind, seq in json.loads(row["entries"]):
             db.execute("DELETE FROM notify_outbox WHERE incident_id = ? AND chat_id = ? AND kind = ? AND seq = ?",
                        (row["incident_id"], row["chat_id"], kind, seq))
@@ -1535,7 +1536,8 @@ def deliver_notifications(database, db, call, repeat_interval):
     """Bring every message the outbox names up to date; returns seconds until the next one is due.
 
     A message shows the incident as it is when sent, so a burst of changes becomes one edit.
-    A 429 or a network error stops the pass (the caller waits); a chat that is gone is dropped.
+    A 429 or a network error stops the pass (the caller waits); a chat that is gone is dropped, and
+    so is an update Telegram refuses as a bad request (logged).
     """
     wait = NOTIFY_POLL_S
     for row in pending_notifications(db):
@@ -1547,10 +1549,14 @@ def deliver_notifications(database, db, call, repeat_interval):
         try:
             message_id = show_incident(call, row, text, markup)
         except BotApiError as error:
-            if not chat_is_gone(error):
+            if chat_is_gone(error):
+                forget_chat(database, db, row["chat_id"], error)
+                continue
+            if error.code != 400:
                 raise
-            forget_chat(database, db, row["chat_id"], error)
-            continue
+            # Telegram refuses this very request: trying it again would hold up every message after it.
+            current_app.logger.error("incident %s not shown in chat %s: %s", row["incident_id"], row["chat_id"], error)
+            message_id = None
         mark_delivered(database, db, row, message_id)
     return wait
 

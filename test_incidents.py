@@ -1274,6 +1274,7 @@ class FakeBotApi(http.server.ThreadingHTTPServer):
         self.floods = 0  # sends or edits to answer 429 (retry_after 1) before working
         self.deleted, self.gone = set(), set()  # message ids deleted in the chat; chats that removed the bot
         self.delay = 0  # seconds each send or edit takes
+        self.rejects = 0  # sends or edits to refuse as a bad request
         self.hold = 0  # seconds a getUpdates with nothing new waits (a long poll), at most its timeout
         self.lock = threading.Lock()
         threading.Thread(target=self.serve_forever, args=(0.02,), daemon=True).start()  # quick to shut down
@@ -1293,6 +1294,9 @@ class FakeBotApi(http.server.ThreadingHTTPServer):
         if payload["chat_id"] in self.gone:
             return 403, {"ok": False, "error_code": 403,
                          "description": "Forbidden: bot was kicked from the supergroup chat"}
+        if self.rejects:
+            self.rejects -= 1
+            return 400, {"ok": False, "error_code": 400, "description": "Bad Request: can't parse entities"}
         if self.floods:
             self.floods -= 1
             self.calls.append(("429", time.monotonic()))
@@ -1729,6 +1733,18 @@ def test_chat_that_removed_the_bot_is_dropped_without_holding_up_the_others(db_p
     assert any("-100888 no longer takes messages" in record.getMessage() for record in caplog.records)
     create(client, "third")
     assert outbox(db_path) == [(3, DUTY, "change")]
+
+
+def test_update_telegram_refuses_is_logged_and_does_not_hold_up_the_rest(notify_app, bot_api, db_path, caplog):
+    client = notify_app.test_client()
+    bot_api.rejects = 1
+    create(client, "refused")
+    create(client, "shown")
+    with sending(notify_app):
+        bot_api.wait_for(lambda: outbox(db_path) == [])
+    assert [message["text"].split("\n")[1] for message in bot_api.sent] == ["shown"]
+    assert any("incident 1 not shown in chat -100777: sendMessage: 400 Bad Request: can't parse entities"
+               in record.getMessage() for record in caplog.records)
 
 
 def test_notification_metrics_count_what_waits(notify_app, bot_api):
