@@ -1765,10 +1765,9 @@ def check_database_path(path):
                      "write-ahead log beside the file, so the server's user must be able to write there")
 
 
-def create_app(test_config=None):
-    """Build the app, creating or migrating its database file."""
-    app = Flask(__name__)
-    app.config.from_mapping(
+def configuration():
+    """The app's settings from the environment, each checked (a bad one stops startup in one line)."""
+    return dict(
         DATABASE=os.environ.get("INCIDENTS_DB", "incidents.db"),
         API_TOKEN=os.environ.get("INCIDENTS_API_TOKEN") or None,
         TELEGRAM_WEBHOOK_SECRET=os.environ.get("TELEGRAM_WEBHOOK_SECRET") or None,
@@ -1779,6 +1778,12 @@ def create_app(test_config=None):
         NOTIFY_REPEAT_INTERVAL=NOTIFY_REPEAT_INTERVAL_S,
         MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
     )
+
+
+def create_app(test_config=None):
+    """Build the app, creating or migrating its database file."""
+    app = Flask(__name__)
+    app.config.from_mapping(configuration())
     if test_config:
         app.config.update(test_config)
     app.json.ensure_ascii = False
