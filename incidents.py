@@ -405,6 +405,13 @@ def now():
     return utc_timestamp(datetime.now(timezone.utc))
 
 
+def age_seconds(timestamp):
+    """Seconds since a stored timestamp, or 0 for None."""
+    if timestamp is None:
+        return 0
+    return round((datetime.now(timezone.utc) - datetime.fromisoformat(timestamp)).total_seconds(), 3)
+
+
 # ---------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------
@@ -1649,13 +1656,6 @@ def metric_family(name, kind, help_text, samples):
         label_text = ",".join(f'{label}="{escape_label(str(text))}"' for label, text in labels.items())
         lines.append(f"{name}{{{label_text}}} {value}" if labels else f"{name} {value}")
     return lines
-
-
-def age_seconds(timestamp):
-    """Seconds since a stored timestamp, or 0 for None."""
-    if timestamp is None:
-        return 0
-    return round((datetime.now(timezone.utc) - datetime.fromisoformat(timestamp)).total_seconds(), 3)
 
 
 def per_source(counts, column):
