@@ -269,7 +269,9 @@ STORAGE_PROBLEMS = {
     sqlite3.SQLITE_READONLY: "The database file is read-only for the server, so nothing can be written; "
                              "make it writable and retry. Reads still work.",
 }
-DATABASE_BUSY = dict.fromkeys((sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED), "The database is busy; retry shortly.")
+# Every write the database refuses for now, with what to tell the client.
+WRITE_REFUSALS = {**dict.fromkeys((sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED), "The database is busy; retry shortly."),
+                  **STORAGE_PROBLEMS}
 
 
 def sqlite_error_code(error):
@@ -457,7 +459,7 @@ def handle_http_exception(error):
 
 def handle_database_error(error):
     """A write the database could not take now (busy, disk full, read-only): 503, saying why."""
-    detail = STORAGE_PROBLEMS.get(sqlite_error_code(error)) or DATABASE_BUSY.get(sqlite_error_code(error))
+    detail = WRITE_REFUSALS.get(sqlite_error_code(error))
     if detail is None:
         return handle_unexpected(error)
     current_app.logger.warning("write refused: %s", error)
