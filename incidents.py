@@ -344,9 +344,8 @@ class Database:
                 raise
             self.write_problem = None
 
-    def announce_upgrade(self, db):
+    def announce_upgrade(self, db, current):
         """Say so before upgrading a file that holds incidents: a step may take a while on a large one."""
-        current = db.execute("PRAGMA user_version").fetchone()[0]
         if 0 < current < len(MIGRATIONS):
             count = db.execute("SELECT max(id) FROM incidents").fetchone()[0] or 0
             click.echo(f"Upgrading {self.path} from schema version {current} to {len(MIGRATIONS)} "
@@ -360,10 +359,11 @@ class Database:
         """
         db = self.acquire()
         try:
-            if db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS):
+            current = db.execute("PRAGMA user_version").fetchone()[0]
+            if current == len(MIGRATIONS):
                 return  # up to date: no write, so a start never waits for a writer
             db.execute("PRAGMA journal_mode = WAL")
-            self.announce_upgrade(db)
+            self.announce_upgrade(db, current)
             for version, statements in enumerate(MIGRATIONS, start=1):
                 with self.write(db):
                     current = db.execute("PRAGMA user_version").fetchone()[0]
