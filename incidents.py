@@ -1548,8 +1548,10 @@ def deliver_notifications(database, db, call, repeat_interval):
     A 429 or a network error stops the pass (the caller waits); a chat that is gone is dropped, and
     so is an update Telegram refuses as a bad request (logged).
     """
-    wait = NOTIFY_POLL_S
+    wait, gone = NOTIFY_POLL_S, set()
     for row in pending_notifications(db):
+        if row["chat_id"] in gone:  # its rows were dropped with it
+            continue
         due_in = seconds_until_due(row, repeat_interval)
         if due_in:
             wait = min(wait, due_in)
@@ -1560,6 +1562,7 @@ def deliver_notifications(database, db, call, repeat_interval):
         except BotApiError as error:
             if chat_is_gone(error):
                 forget_chat(database, db, row["chat_id"], error)
+                gone.add(row["chat_id"])
                 continue
             if error.code != 400:
                 raise

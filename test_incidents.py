@@ -1292,6 +1292,7 @@ class FakeBotApi(http.server.ThreadingHTTPServer):
     def show(self, method, payload):
         """sendMessage or editMessageText: (status, answer) as Telegram would give them."""
         if payload["chat_id"] in self.gone:
+            self.calls.append(("403", time.monotonic()))
             return 403, {"ok": False, "error_code": 403,
                          "description": "Forbidden: bot was kicked from the supergroup chat"}
         if self.rejects:
@@ -1723,12 +1724,13 @@ def test_chat_that_removed_the_bot_is_dropped_without_holding_up_the_others(db_p
     app = incidents.create_app(notify_config(db_path, bot_api, chats=(NIGHT, DUTY)))
     client = app.test_client()
     bot_api.gone.add(NIGHT)
+    create(client, "first")
+    create(client, "second")
     with sending(app):
-        create(client, "first")
-        create(client, "second")
         bot_api.wait_for(lambda: len(bot_api.chat(DUTY)) == 2)
         bot_api.wait_for(lambda: outbox(db_path) == [])
     assert bot_api.chat(NIGHT) == []
+    assert [method for method, _ in bot_api.calls].count("403") == 1  # asked once, not once per incident
     assert query(db_path, "SELECT chat_id FROM notify_chats_gone") == [(NIGHT,)]
     assert any("-100888 no longer takes messages" in record.getMessage() for record in caplog.records)
     create(client, "third")
