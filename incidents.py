@@ -33,6 +33,7 @@ Environment:
 """
 import base64
 import contextlib
+import copy
 import fcntl
 import hashlib
 import hmac
@@ -77,6 +78,7 @@ MAX_BODY_BYTES = 64 * 1024
 MAX_ID = 2**63 - 1  # SQLite's largest INTEGER; larger ids cannot exist
 BUSY_TIMEOUT_S = 5.0
 IDLE_CONNECTIONS = 16
+WRITE_BATCH_MAX = 16  # blocks that share one COMMIT, at most
 SERVER_FIELDS = ("id", "created_at", "updated_at", "occurrences", "last_seen_at")
 TELEGRAM_API_URL = "https://api.telegram.org"
 TELEGRAM_POLL_TIMEOUT_S = 30  # how long one getUpdates call waits for news
@@ -288,23 +290,46 @@ def connect(path):
     return db
 
 
+class WriteBatch:
+    """One transaction shared by the blocks of several threads, and how it ended."""
+
+    def __init__(self):
+        self.blocks = 0
+        self.error = None  # why the transaction was not committed
+        self.problem = None  # a storage problem a block or the COMMIT ran into
+        self.done = threading.Event()
+
+    def wait(self):
+        """Return once the transaction is committed, or raise why it was not (a copy per thread)."""
+        self.done.wait()
+        if self.error is not None:
+            raise copy.copy(self.error)
+
+
 class Database:
-    """The app's SQLite file: reusable connections and the writers' turns.
+    """The app's SQLite file: reusable connections for reads, and one for the process's writes.
 
     Opening a connection costs more than Flask's own work for a request, so connections are
-    kept and handed to one request at a time. Writers take turns before BEGIN IMMEDIATE: threads
-    on a Python lock, processes on a kernel lock on the file beside the database (flock). Both wake
-    the next writer the moment the last one is done, where SQLite's busy handler would put it to
-    sleep for up to 100 ms at a time; the kernel drops the turn of a process that dies holding it.
+    kept and handed to one request at a time. Writes are group-committed: each block runs alone on
+    the writer connection inside a SAVEPOINT, and a thread whose block is done hands the open
+    transaction to the next waiting writer instead of committing, up to WRITE_BATCH_MAX blocks; the
+    last commits for all. Every thread returns only after that COMMIT, so nothing is acknowledged
+    before it is on disk, and one fsync serves several requests. Processes take turns with a kernel
+    lock on a file beside the database (flock), which wakes the next one the moment the last is done
+    (SQLite's busy handler sleeps up to 100 ms) and is dropped for a process that dies holding it.
     """
 
     def __init__(self, path):
         self.path = path
         self.idle = queue.LifoQueue(IDLE_CONNECTIONS)
-        self.write_lock = threading.Lock()
         self.turns = os.open(f"{path}-writer.lock", os.O_RDWR | os.O_CREAT, 0o644)
         weakref.finalize(self, os.close, self.turns)
         self.write_problem = None  # why the last write failed, while writes fail for want of disk
+        self.writer = None  # opened on the first write
+        self.turn = threading.Condition()  # guards busy, waiting and batch
+        self.busy = False  # a thread is running its block on the writer
+        self.waiting = 0
+        self.batch = None  # the open transaction
 
     def acquire(self):
         try:
@@ -313,36 +338,91 @@ class Database:
             return connect(self.path)
 
     def release(self, db):
-        if db.in_transaction:
-            db.execute("ROLLBACK")
         try:
             self.idle.put_nowait(db)
         except queue.Full:
             db.close()
 
-    @contextmanager
-    def writer_turn(self):
-        """This process's turn among every process that writes the file."""
-        fcntl.flock(self.turns, fcntl.LOCK_EX)
+    def take_turn(self):
+        """Wait for the writer; join the open transaction, or begin one in this process's turn."""
+        with self.turn:
+            self.waiting += 1
+            self.turn.wait_for(lambda: not self.busy)
+            self.waiting -= 1
+            self.busy = True
         try:
-            yield
+            if self.batch is None:
+                self.writer = self.writer or connect(self.path)
+                fcntl.flock(self.turns, fcntl.LOCK_EX)
+                try:
+                    self.writer.execute("BEGIN IMMEDIATE")
+                except BaseException:
+                    fcntl.flock(self.turns, fcntl.LOCK_UN)
+                    raise
+                self.batch = WriteBatch()
+        except BaseException:
+            self.pass_turn()
+            raise
+        self.batch.blocks += 1
+        return self.batch
+
+    def pass_turn(self):
+        with self.turn:
+            self.busy = False
+            self.turn.notify()
+
+    def undo_block(self, batch, error):
+        """Roll back a failed block alone; if SQLite rolled back the whole transaction, it failed."""
+        batch.problem = STORAGE_PROBLEMS.get(sqlite_error_code(error), batch.problem)
+        if self.writer.in_transaction:
+            self.writer.execute("ROLLBACK TO block")
+            self.writer.execute("RELEASE block")
+        else:
+            batch.error = error
+
+    def finish_turn(self, batch):
+        """Hand the open transaction to a waiting writer, or end it for every block in it."""
+        with self.turn:
+            if self.waiting and batch.blocks < WRITE_BATCH_MAX and batch.error is None:
+                self.busy = False
+                self.turn.notify()
+                return
+        self.end_batch(batch)
+
+    def end_batch(self, batch):
+        """COMMIT (or roll back what SQLite left of a failed transaction), then let the next writer in."""
+        try:
+            if batch.error is None:
+                self.writer.execute("COMMIT")
+        except BaseException as error:
+            batch.error = error
+            batch.problem = STORAGE_PROBLEMS.get(sqlite_error_code(error), batch.problem)
+            if self.writer.in_transaction:
+                self.writer.execute("ROLLBACK")
         finally:
             fcntl.flock(self.turns, fcntl.LOCK_UN)
+            self.write_problem, self.batch = batch.problem, None
+            batch.done.set()
+            self.pass_turn()
 
     @contextmanager
-    def write(self, db):
-        """Run the block as one BEGIN IMMEDIATE transaction: committed, or rolled back on error."""
-        with self.write_lock, self.writer_turn():
-            db.execute("BEGIN IMMEDIATE")
+    def write(self):
+        """Run the block on the writer connection; return once its transaction is committed.
+
+        An error in the block rolls back the block alone and is raised here.
+        """
+        batch = self.take_turn()
+        try:
+            self.writer.execute("SAVEPOINT block")
             try:
-                yield db
-                db.execute("COMMIT")
+                yield self.writer
+                self.writer.execute("RELEASE block")
             except BaseException as error:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                self.write_problem = STORAGE_PROBLEMS.get(sqlite_error_code(error))
+                self.undo_block(batch, error)
                 raise
-            self.write_problem = None
+        finally:
+            self.finish_turn(batch)
+        batch.wait()
 
     def announce_upgrade(self, db, current):
         """Say so before upgrading a file that holds incidents: a step may take a while on a large one."""
@@ -365,16 +445,16 @@ class Database:
             db.execute("PRAGMA journal_mode = WAL")
             self.announce_upgrade(db, current)
             for version, statements in enumerate(MIGRATIONS, start=1):
-                with self.write(db):
-                    current = db.execute("PRAGMA user_version").fetchone()[0]
+                with self.write() as step:
+                    current = step.execute("PRAGMA user_version").fetchone()[0]
                     if current > len(MIGRATIONS):
                         stop_startup(f"{self.path} has schema version {current}, newer than this code's "
                                      f"{len(MIGRATIONS)}; upgrade the code")
                     if current >= version:
                         continue
                     for statement in statements:
-                        db.execute(statement)
-                    db.execute(f"PRAGMA user_version = {version:d}")  # PRAGMA takes no parameters
+                        step.execute(statement)
+                    step.execute(f"PRAGMA user_version = {version:d}")  # PRAGMA takes no parameters
         finally:
             self.release(db)
 
@@ -394,8 +474,8 @@ def close_db(exception=None):
 
 
 def write_transaction():
-    """A BEGIN IMMEDIATE transaction on the request's connection."""
-    return current_app.extensions["incidents"].write(get_db())
+    """A block of the app's shared write transaction; see Database.write."""
+    return current_app.extensions["incidents"].write()
 
 
 def utc_timestamp(moment):
@@ -1229,9 +1309,9 @@ def poll_telegram(database, db, call, bot_id):
             continue
         delay = 0
         for update in updates:
-            with database.write(db):
-                reply = handle_telegram_update(db, update)
-                db.execute(
+            with database.write() as writer:
+                reply = handle_telegram_update(writer, update)
+                writer.execute(
                     """INSERT INTO telegram_offsets (bot_id, next_update_id) VALUES (?, ?)
                        ON CONFLICT (bot_id) DO UPDATE SET next_update_id = excluded.next_update_id""",
                     (bot_id, update["update_id"] + 1),
@@ -1516,9 +1596,9 @@ def chat_is_gone(error):
     return error.code == 403 or (error.code == 400 and "chat not found" in str(error))
 
 
-def mark_delivered(database, db, row, message_id=None):
+def mark_delivered(database, row, message_id=None):
     """Remember the message and drop the entries shown; an entry changed meanwhile keeps its place."""
-    with database.write(db):
+    with database.write() as db:
         if message_id is not None:
             db.execute(
                 """INSERT INTO notify_messages (incident_id, chat_id, message_id, shown_at) VALUES (?, ?, ?, ?)
@@ -1531,11 +1611,11 @@ def mark_delivered(database, db, row, message_id=None):
                        (row["incident_id"], row["chat_id"], kind, seq))
 
 
-def forget_chat(database, db, chat_id, error):
+def forget_chat(database, chat_id, error):
     """The bot was removed from a chat: log it, drop its queue and queue nothing more for it."""
     current_app.logger.error("Telegram chat %s no longer takes messages (%s); nothing more is queued for it",
                              chat_id, error)
-    with database.write(db):
+    with database.write() as db:
         db.execute("INSERT OR REPLACE INTO notify_chats_gone (chat_id, reason, at) VALUES (?, ?, ?)",
                    (chat_id, str(error)[:NOTE_MAX], now()))
         db.execute("DELETE FROM notify_outbox WHERE chat_id = ?", (chat_id,))
@@ -1561,7 +1641,7 @@ def deliver_notifications(database, db, call, repeat_interval):
             message_id = show_incident(call, row, text, markup)
         except BotApiError as error:
             if chat_is_gone(error):
-                forget_chat(database, db, row["chat_id"], error)
+                forget_chat(database, row["chat_id"], error)
                 gone.add(row["chat_id"])
                 continue
             if error.code != 400:
@@ -1569,7 +1649,7 @@ def deliver_notifications(database, db, call, repeat_interval):
             # Telegram refuses this very request: trying it again would hold up every message after it.
             current_app.logger.error("incident %s not shown in chat %s: %s", row["incident_id"], row["chat_id"], error)
             message_id = None
-        mark_delivered(database, db, row, message_id)
+        mark_delivered(database, row, message_id)
     return wait
 
 

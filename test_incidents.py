@@ -2235,12 +2235,10 @@ def test_migration_counts_incidents_already_in_the_file(db_path):
 
 
 def limit_pages(app, pages):
-    """Stand in for a disk with room for `pages` pages: the connection the next request gets."""
-    database = app.extensions["incidents"]
-    db = database.acquire()
-    current = db.execute("PRAGMA page_count").fetchone()[0]
-    db.execute(f"PRAGMA max_page_count = {current + pages if pages is not None else 4294967294}")
-    database.release(db)
+    """Stand in for a disk with room for `pages` pages: the limit is set on the connection writes run on."""
+    with app.extensions["incidents"].write() as db:
+        current = db.execute("PRAGMA page_count").fetchone()[0]
+        db.execute(f"PRAGMA max_page_count = {current + pages if pages is not None else 4294967294}")
 
 
 def test_full_disk_answers_writes_503_keeps_reads_and_recovers_without_restart(app, client, db_path):
@@ -2293,8 +2291,8 @@ def test_read_only_file_at_write_time_is_503_saying_so(app, client, db_path, mon
     real = incidents.Database.write
 
     @contextmanager
-    def read_only_write(self, db):
-        with real(self, db):
+    def read_only_write(self):
+        with real(self) as db:
             db.execute("PRAGMA query_only = ON")  # SQLite answers SQLITE_READONLY, as for a read-only file
             try:
                 yield db
@@ -2313,6 +2311,158 @@ def test_writers_in_processes_take_turns_on_a_kernel_lock(app, client, monkeypat
     monkeypatch.setattr(incidents.fcntl, "flock", lambda fd, op: calls.append(op) or real(fd, op))
     create(client)
     assert calls == [incidents.fcntl.LOCK_EX, incidents.fcntl.LOCK_UN]
+
+
+class Writes:
+    """Write blocks queued behind one the test holds, each in a thread of its own, in a known order."""
+
+    def __init__(self, app):
+        self.app, self.database = app, app.extensions["incidents"]
+        self.threads, self.results = [], {}
+
+    def run(self, name, work):
+        """Run work() in a thread, keeping what it returns or raises under `name`."""
+        def run():
+            try:
+                self.results[name] = work()
+            except Exception as error:  # the test looks at what each block ended with
+                self.results[name] = error
+        thread = threading.Thread(target=run)
+        thread.start()
+        self.threads.append(thread)
+
+    def start(self, name, work):
+        """Run work() in a thread; return once it waits for the writer."""
+        waiting = self.database.waiting
+        self.run(name, work)
+        deadline = time.monotonic() + 10
+        while self.database.waiting == waiting and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    def post(self, name, description):
+        self.start(name, lambda: self.app.test_client().post(
+            "/incidents", json={"description": description, "source": "operator"}))
+
+    def block(self, name, hold=None, fail=False):
+        """A block that stores `name` as an incident, waits for `hold` inside, and fails if asked."""
+        taken = threading.Event()
+
+        def work():
+            with self.database.write() as db:
+                db.execute("""INSERT INTO incidents (description, status, source, created_at, updated_at, last_seen_at)
+                              VALUES (?, 'new', 'operator', ?, ?, ?)""", (name, *[incidents.now()] * 3))
+                taken.set()
+                if hold:
+                    hold.wait(10)
+                if fail:
+                    raise RuntimeError(f"{name} fails")
+            return "committed"
+        return work, taken
+
+    def hold(self, name):
+        """Take the writer now with a block of the test's; returns the event that lets it go."""
+        release = threading.Event()
+        work, taken = self.block(name, hold=release)
+        self.run(name, work)
+        assert taken.wait(10)
+        return release
+
+    def join(self):
+        for thread in self.threads:
+            thread.join(10)
+        return self.results
+
+
+def commits(database):
+    """COMMITs the writer connection runs from now on."""
+    statements = []
+    database.writer.set_trace_callback(statements.append)
+    return lambda: statements.count("COMMIT")
+
+
+@pytest.mark.parametrize("batch_max, expected_commits", [(16, 1), (2, 2)])
+def test_writes_waiting_for_the_writer_share_one_commit_up_to_the_batch_limit(
+        app, db_path, monkeypatch, batch_max, expected_commits):
+    monkeypatch.setattr(incidents, "WRITE_BATCH_MAX", batch_max)
+    writes = Writes(app)
+    release = writes.hold("held")
+    counted = commits(writes.database)
+    for name in ("a", "b", "c"):
+        writes.post(name, f"report {name}")
+    release.set()
+    results = writes.join()
+    assert [results[name].status_code for name in "abc"] == [201, 201, 201]
+    assert counted() == expected_commits
+    assert query(db_path, "SELECT description FROM incidents ORDER BY id") == [
+        ("held",), ("report a",), ("report b",), ("report c",)]
+
+
+def test_write_is_answered_only_after_the_commit_it_shares(app, db_path):
+    writes = Writes(app)
+    release_first, release_last = writes.hold("held"), threading.Event()
+    writes.post("a", "report a")
+    last, taken = writes.block("last", hold=release_last)
+    writes.start("last", last)
+    release_first.set()
+    assert taken.wait(10)  # a's block is done and "last" runs in the same transaction
+    assert "a" not in writes.results and writes.threads[1].is_alive()
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(0,)]
+    release_last.set()
+    results = writes.join()
+    assert results["a"].status_code == 201 and results["last"] == "committed"
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(3,)]
+
+
+def test_failed_block_in_a_shared_transaction_is_rolled_back_alone(app, db_path):
+    writes = Writes(app)
+    release = writes.hold("held")
+    counted = commits(writes.database)
+    writes.post("before", "report before")
+    writes.start("doomed", writes.block("doomed", fail=True)[0])
+    writes.post("after", "report after")
+    release.set()
+    results = writes.join()
+    assert str(results["doomed"]) == "doomed fails"
+    assert (results["before"].status_code, results["after"].status_code) == (201, 201)
+    assert counted() == 1
+    assert query(db_path, "SELECT description FROM incidents ORDER BY id") == [
+        ("held",), ("report before",), ("report after",)]
+
+
+class FailingCommit:
+    """The writer connection, but its COMMIT fails as on a disk that filled up meanwhile."""
+
+    def __init__(self, db):
+        self.db = db
+
+    def execute(self, sql, *args):
+        if sql == "COMMIT":
+            error = sqlite3.OperationalError("database or disk is full")
+            error.sqlite_errorcode = sqlite3.SQLITE_FULL
+            raise error
+        return self.db.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+
+
+def test_failed_commit_answers_every_write_in_it_503_and_stores_none(app, client, db_path):
+    kept = create(client, "Stored before")
+    writes = Writes(app)
+    release = writes.hold("held")
+    real, writes.database.writer = writes.database.writer, FailingCommit(writes.database.writer)
+    writes.post("a", "report a")
+    writes.post("b", "report b")
+    release.set()
+    results = writes.join()
+    for name in "ab":
+        assert "disk that holds the database is full" in assert_problem(results[name], 503)["detail"]
+    assert isinstance(results["held"], sqlite3.OperationalError)
+    assert query(db_path, "SELECT id FROM incidents") == [(kept["id"],)]
+    assert assert_problem(client.get("/health"), 503)["writes"] == "failing"
+    writes.database.writer = real
+    assert create(client, "Stored after")["id"] == kept["id"] + 1
+    assert client.get("/health").json == {"status": "ok"}
 
 
 def test_writer_killed_while_holding_its_turn_does_not_stall_the_others(db_path):
