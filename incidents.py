@@ -372,12 +372,12 @@ class Database:
             self.turn.notify()
 
     def undo_block(self, batch, error):
-        """Roll back a failed block alone; if SQLite rolled back the whole transaction, it failed."""
+        """Roll back a failed block: to its SAVEPOINT, or the whole transaction when it holds no other."""
         batch.problem = STORAGE_PROBLEMS.get(sqlite_error_code(error), batch.problem)
-        if self.writer.in_transaction:
+        if batch.blocks > 1 and self.writer.in_transaction:
             self.writer.execute("ROLLBACK TO block")
             self.writer.execute("RELEASE block")
-        else:
+        else:  # alone in it, or SQLite already rolled it back (disk full, I/O error)
             batch.error = error
 
     def finish_turn(self, batch):
@@ -390,33 +390,42 @@ class Database:
         self.end_batch(batch)
 
     def end_batch(self, batch):
-        """COMMIT (or roll back what SQLite left of a failed transaction), then let the next writer in."""
+        """Settle the transaction for every block in it, then let the next writer in."""
         try:
-            if batch.error is None:
-                self.writer.execute("COMMIT")
-        except BaseException as error:
-            batch.error = error
-            batch.problem = STORAGE_PROBLEMS.get(sqlite_error_code(error), batch.problem)
-            if self.writer.in_transaction:
-                self.writer.execute("ROLLBACK")
+            self.settle(batch)
         finally:
             fcntl.flock(self.turns, fcntl.LOCK_UN)
             self.write_problem, self.batch = batch.problem, None
             batch.done.set()
             self.pass_turn()
 
+    def settle(self, batch):
+        """COMMIT, or roll back what is left of a transaction that failed (a lone block, or the COMMIT)."""
+        try:
+            if batch.error is None:
+                self.writer.execute("COMMIT")
+        except BaseException as error:
+            batch.error = error
+            batch.problem = STORAGE_PROBLEMS.get(sqlite_error_code(error), batch.problem)
+        if self.writer.in_transaction:
+            self.writer.execute("ROLLBACK")
+
     @contextmanager
     def write(self):
         """Run the block on the writer connection; return once its transaction is committed.
 
-        An error in the block rolls back the block alone and is raised here.
+        An error in the block rolls back the block alone and is raised here. The first block of a
+        transaction needs no SAVEPOINT: undoing it is undoing the transaction.
         """
         batch = self.take_turn()
+        nested = batch.blocks > 1
         try:
-            self.writer.execute("SAVEPOINT block")
+            if nested:
+                self.writer.execute("SAVEPOINT block")
             try:
                 yield self.writer
-                self.writer.execute("RELEASE block")
+                if nested:
+                    self.writer.execute("RELEASE block")
             except BaseException as error:
                 self.undo_block(batch, error)
                 raise

@@ -2429,6 +2429,15 @@ def test_failed_block_in_a_shared_transaction_is_rolled_back_alone(app, db_path)
         ("held",), ("report before",), ("report after",)]
 
 
+def test_failed_block_alone_in_its_transaction_is_rolled_back_and_writes_go_on(app, client, db_path):
+    work, _ = Writes(app).block("doomed", fail=True)
+    with pytest.raises(RuntimeError):
+        work()
+    assert not app.extensions["incidents"].writer.in_transaction
+    create(client, "Stored after")
+    assert query(db_path, "SELECT description FROM incidents") == [("Stored after",)]
+
+
 class FailingCommit:
     """The writer connection, but its COMMIT fails as on a disk that filled up meanwhile."""
 
