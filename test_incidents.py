@@ -2214,6 +2214,26 @@ def test_metrics_read_counts_and_index_ends_not_the_table(app):
     assert sum("SEARCH incidents USING COVERING INDEX incidents_by_status_source" in d for d in plan) == 3
 
 
+def test_metrics_read_what_waits_in_the_outbox_from_its_count_and_index(app):
+    with app.app_context():
+        plan = [row["detail"] for row in incidents.get_db().execute("EXPLAIN QUERY PLAN " + incidents.NOTIFY_PENDING_SQL)]
+    assert not any("SCAN notify_outbox" in detail for detail in plan)
+    assert any("SEARCH notify_outbox USING COVERING INDEX notify_outbox_by_age" in detail for detail in plan)
+
+
+def test_migration_counts_what_already_waits_in_the_outbox(db_path):
+    file_at_version(db_path, 6, [("a", "new", "operator", "2025-05-01T08:00:00.000Z")])
+    query(db_path, """INSERT INTO notify_outbox (incident_id, chat_id, kind, seq, queued_at)
+                      VALUES (1, -100, 'change', 1, '2025-05-01T08:00:00.000Z'), (1, -200, 'change', 3, ?)""",
+          (incidents.now(),))
+    client = incidents.create_app({"DATABASE": str(db_path), "TESTING": True}).test_client()
+    assert sample(scrape(client), "incidents_notifications_pending") == 2
+    assert sample(scrape(client), "incidents_notifications_oldest_age_seconds") > 3600
+    query(db_path, "DELETE FROM notify_outbox WHERE chat_id = -100")
+    assert sample(scrape(client), "incidents_notifications_pending") == 1
+    assert sample(scrape(client), "incidents_notifications_oldest_age_seconds") < 60
+
+
 def test_metrics_need_the_api_token_when_set(token_client):
     assert_problem(token_client.get("/metrics"), 401)
     assert scrape(token_client, Authorization="Bearer s3cret")
