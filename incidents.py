@@ -324,9 +324,9 @@ class Database:
 
     Opening a connection costs more than Flask's own work for a request, so connections are
     kept and handed to one request at a time. Writes are group-committed: each block runs alone on
-    the writer connection inside a SAVEPOINT, and a thread whose block is done hands the open
-    transaction to the next waiting writer instead of committing, up to WRITE_BATCH_MAX blocks; the
-    last commits for all. Every thread returns only after that COMMIT, so nothing is acknowledged
+    the writer connection (after the first, inside a SAVEPOINT), and a thread whose block is done
+    hands the open transaction to the next waiting writer instead of committing, up to
+    WRITE_BATCH_MAX blocks; the last commits for all. Every thread returns only after that COMMIT, so nothing is acknowledged
     before it is on disk, and one fsync serves several requests. Processes take turns with a kernel
     lock on a file beside the database (flock), which wakes the next one the moment the last is done
     (SQLite's busy handler sleeps up to 100 ms) and is dropped for a process that dies holding it.
