@@ -312,6 +312,10 @@ class WriteBatch:
         self.problem = None  # a storage problem a block or the COMMIT ran into
         self.done = threading.Event()
 
+    def note_problem(self, error):
+        """Remember an error that says the storage refuses writes, for /health."""
+        self.problem = STORAGE_PROBLEMS.get(sqlite_error_code(error), self.problem)
+
     def wait(self):
         """Return once the transaction is committed, or raise why it was not (a copy per thread)."""
         self.done.wait()
@@ -326,10 +330,11 @@ class Database:
     kept and handed to one request at a time. Writes are group-committed: each block runs alone on
     the writer connection (after the first, inside a SAVEPOINT), and a thread whose block is done
     hands the open transaction to the next waiting writer instead of committing, up to
-    WRITE_BATCH_MAX blocks; the last commits for all. Every thread returns only after that COMMIT, so nothing is acknowledged
-    before it is on disk, and one fsync serves several requests. Processes take turns with a kernel
-    lock on a file beside the database (flock), which wakes the next one the moment the last is done
-    (SQLite's busy handler sleeps up to 100 ms) and is dropped for a process that dies holding it.
+    WRITE_BATCH_MAX blocks; the last commits for all. Every thread returns only after that COMMIT,
+    so nothing is acknowledged before it is on disk, and one fsync serves several requests.
+    Processes take turns with a kernel lock on a file beside the database (flock), which wakes the
+    next one the moment the last is done (SQLite's busy handler sleeps up to 100 ms) and is dropped
+    for a process that dies holding it.
     """
 
     def __init__(self, path):
@@ -386,7 +391,7 @@ class Database:
 
     def undo_block(self, batch, error):
         """Roll back a failed block: to its SAVEPOINT, or the whole transaction when it holds no other."""
-        batch.problem = STORAGE_PROBLEMS.get(sqlite_error_code(error), batch.problem)
+        batch.note_problem(error)
         if batch.blocks > 1 and self.writer.in_transaction:
             self.writer.execute("ROLLBACK TO block")
             self.writer.execute("RELEASE block")
@@ -419,7 +424,7 @@ class Database:
                 self.writer.execute("COMMIT")
         except BaseException as error:
             batch.error = error
-            batch.problem = STORAGE_PROBLEMS.get(sqlite_error_code(error), batch.problem)
+            batch.note_problem(error)
         if self.writer.in_transaction:
             self.writer.execute("ROLLBACK")
 
@@ -1810,9 +1815,9 @@ def backup_command(path, force):
     database = current_app.extensions["incidents"]
     source = database.acquire()
     try:
-        with contextlib.closing(sqlite3.connect(partial)) as copy:
-            source.backup(copy)  # one step: a snapshot of one moment, while writers go on in the WAL
-            summary = describe_backup(copy)
+        with contextlib.closing(sqlite3.connect(partial)) as replica:
+            source.backup(replica)  # one step: a snapshot of one moment, while writers go on in the WAL
+            summary = describe_backup(replica)
         os.replace(partial, path)
     except (sqlite3.Error, OSError, click.ClickException) as error:
         with contextlib.suppress(OSError):
@@ -1823,14 +1828,14 @@ def backup_command(path, force):
     click.echo(f"Backed up {database.path} to {path}: {summary}.")
 
 
-def describe_backup(copy):
+def describe_backup(replica):
     """What a copy holds, after SQLite has checked every page of it (ClickException if damaged)."""
-    check = copy.execute("PRAGMA integrity_check").fetchall()
+    check = replica.execute("PRAGMA integrity_check").fetchall()
     if check != [("ok",)]:
         raise click.ClickException(f"the copy failed its integrity check: {check[:5]}")
-    incidents, events = (copy.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in ("incidents", "events"))
-    pages, page_size = (copy.execute(f"PRAGMA {name}").fetchone()[0] for name in ("page_count", "page_size"))
-    version = copy.execute("PRAGMA user_version").fetchone()[0]
+    incidents, events = (replica.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in ("incidents", "events"))
+    pages, page_size = (replica.execute(f"PRAGMA {name}").fetchone()[0] for name in ("page_count", "page_size"))
+    version = replica.execute("PRAGMA user_version").fetchone()[0]
     return (f"{incidents} incidents, {events} events, {pages * page_size} bytes, schema version {version}, "
             "integrity check ok")
 

@@ -2569,7 +2569,7 @@ def test_failed_backup_says_why_in_one_line_and_leaves_nothing(db_path, tmp_path
 
 def test_backup_whose_copy_fails_its_check_removes_the_copy(app, client, tmp_path, monkeypatch):
     create(client)
-    monkeypatch.setattr(incidents, "describe_backup", lambda copy: (_ for _ in ()).throw(
+    monkeypatch.setattr(incidents, "describe_backup", lambda replica: (_ for _ in ()).throw(
         incidents.click.ClickException("the copy failed its integrity check: [('page 2 is never used',)]")))
     result = app.test_cli_runner().invoke(args=["backup", str(tmp_path / "backup.db")])
     assert result.exit_code == 1 and "integrity check" in result.output
