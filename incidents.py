@@ -33,6 +33,7 @@ Environment:
 """
 import base64
 import contextlib
+import contextvars
 import copy
 import fcntl
 import hashlib
@@ -47,6 +48,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import weakref
 from contextlib import contextmanager
@@ -54,7 +56,7 @@ from datetime import datetime, timedelta, timezone
 
 import click
 from flask import Flask, Response, current_app, g, jsonify, request
-from flask.cli import with_appcontext
+from flask.cli import FlaskGroup, with_appcontext
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 # ---------------------------------------------------------------------------
@@ -85,7 +87,9 @@ TELEGRAM_POLL_TIMEOUT_S = 30  # how long one getUpdates call waits for news
 TELEGRAM_BACKOFF_S = (1, 60)  # first and longest wait after a network error
 TELEGRAM_LIST_MAX = 10
 TELEGRAM_UPDATES = ["message", "edited_message", "callback_query"]  # what the bot asks Telegram for
-ALERT_BODY_MAX = 1024 * 1024  # Alertmanager batches alerts; every other route keeps MAX_BODY_BYTES
+ALERTS_MAX = 1000  # alerts in one payload (Alertmanager's max_alerts)
+ALERT_BODY_MAX = 4 * 1024 * 1024  # room for ALERTS_MAX alerts of 4 KiB; every other route keeps MAX_BODY_BYTES
+ALERT_CHUNK = 100  # alerts per transaction: no other write waits behind more than these
 ALERT_STATUSES = ("firing", "resolved")
 ALERT_KEY_PREFIX = "alertmanager:"
 REOPEN_WINDOW_S = 900  # a resolved alert that fires again this soon reopens its incident
@@ -94,7 +98,6 @@ NOTIFY_REPEAT_INTERVAL_S = 60
 NOTIFY_POLL_S = 0.5  # how often the sender looks for news in the outbox
 NOTIFY_DESCRIPTION_LINES = 10
 NOTIFY_DESCRIPTION_MAX = 3000  # a Telegram message holds 4096 characters
-TIMESTAMP_GLOB = "[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z"
 DATETIME_PATTERN = re.compile(
     r"\d{4}-\d{2}-\d{2}([Tt ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?([Zz]|[+-]\d{2}:\d{2})?)?"
 )
@@ -118,45 +121,43 @@ IS_OPEN = f"status IN ({sql_list(OPEN_STATUSES)})"
 # Schema and migrations
 # ---------------------------------------------------------------------------
 
-# What the search index holds of a text, as SQL: the trigram tokenizer folds case, not ё.
-SEARCH_FOLD = "replace(replace({}, 'ё', 'е'), 'Ё', 'Е')"
-
-# MIGRATIONS[n] takes a file from user_version n to n + 1. Append, never edit: files in the
-# field have already run the old steps.
+# MIGRATIONS[n] takes a file from user_version n to n + 1. Each step is frozen text, written out in
+# full (no constants): files in the field have run it as it is, and a new file must get the same
+# schema. Append a step, never edit one; a test pins the text of each.
 MIGRATIONS = (
     (
-        f"""CREATE TABLE incidents (
+        """CREATE TABLE incidents (
             id INTEGER PRIMARY KEY,
-            description TEXT NOT NULL CHECK (length(description) BETWEEN 1 AND {DESCRIPTION_MAX}),
-            status TEXT NOT NULL CHECK (status IN ({sql_list(STATUSES)})),
-            source TEXT NOT NULL CHECK (source IN ({sql_list(SOURCES)})),
-            created_at TEXT NOT NULL CHECK (created_at GLOB '{TIMESTAMP_GLOB}'),
-            updated_at TEXT NOT NULL CHECK (updated_at GLOB '{TIMESTAMP_GLOB}')
+            description TEXT NOT NULL CHECK (length(description) BETWEEN 1 AND 10000),
+            status TEXT NOT NULL CHECK (status IN ('new', 'in_progress', 'resolved', 'closed')),
+            source TEXT NOT NULL CHECK (source IN ('operator', 'monitoring', 'partner')),
+            created_at TEXT NOT NULL CHECK (created_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z'),
+            updated_at TEXT NOT NULL CHECK (updated_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z')
         ) STRICT""",
         # Every list query is a union of (status, source) streams read newest first from here.
         "CREATE INDEX incidents_by_status_source ON incidents (status, source, created_at)",
     ),
     (
         # Repeated reports fold into one open incident per dedup_key, counted.
-        f"ALTER TABLE incidents ADD COLUMN dedup_key TEXT CHECK (length(dedup_key) BETWEEN 1 AND {DEDUP_KEY_MAX})",
+        "ALTER TABLE incidents ADD COLUMN dedup_key TEXT CHECK (length(dedup_key) BETWEEN 1 AND 255)",
         "ALTER TABLE incidents ADD COLUMN occurrences INTEGER NOT NULL DEFAULT 1 CHECK (occurrences >= 1)",
         # ADD COLUMN ... NOT NULL needs a default; every existing row gets its created_at at once.
-        f"""ALTER TABLE incidents ADD COLUMN last_seen_at TEXT NOT NULL DEFAULT '1970-01-01T00:00:00.000Z'
-            CHECK (last_seen_at GLOB '{TIMESTAMP_GLOB}')""",
+        """ALTER TABLE incidents ADD COLUMN last_seen_at TEXT NOT NULL DEFAULT '1970-01-01T00:00:00.000Z'
+            CHECK (last_seen_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z')""",
         "UPDATE incidents SET last_seen_at = created_at",
-        f"CREATE UNIQUE INDEX incidents_open_dedup_key ON incidents (dedup_key) WHERE dedup_key IS NOT NULL AND {IS_OPEN}",
+        "CREATE UNIQUE INDEX incidents_open_dedup_key ON incidents (dedup_key) WHERE dedup_key IS NOT NULL AND status IN ('new', 'in_progress')",
         "CREATE INDEX incidents_by_dedup_key ON incidents (dedup_key, created_at) WHERE dedup_key IS NOT NULL",
-        f"""CREATE TABLE events (
+        """CREATE TABLE events (
             id INTEGER PRIMARY KEY,
             incident_id INTEGER NOT NULL REFERENCES incidents (id),
-            at TEXT NOT NULL CHECK (at GLOB '{TIMESTAMP_GLOB}'),
-            type TEXT NOT NULL CHECK (type IN ({sql_list(EVENT_TYPES)})),
-            from_status TEXT CHECK (from_status IN ({sql_list(STATUSES)})),
-            to_status TEXT CHECK (to_status IN ({sql_list(STATUSES)})),
-            note TEXT CHECK (length(note) BETWEEN 1 AND {NOTE_MAX}),
-            actor TEXT CHECK (length(actor) BETWEEN 1 AND {ACTOR_MAX}),
+            at TEXT NOT NULL CHECK (at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z'),
+            type TEXT NOT NULL CHECK (type IN ('created', 'status_changed', 'description_changed', 'repeated', 'note')),
+            from_status TEXT CHECK (from_status IN ('new', 'in_progress', 'resolved', 'closed')),
+            to_status TEXT CHECK (to_status IN ('new', 'in_progress', 'resolved', 'closed')),
+            note TEXT CHECK (length(note) BETWEEN 1 AND 2000),
+            actor TEXT CHECK (length(actor) BETWEEN 1 AND 255),
             count INTEGER CHECK (count >= 1),
-            last_at TEXT CHECK (last_at GLOB '{TIMESTAMP_GLOB}')
+            last_at TEXT CHECK (last_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z')
         ) STRICT""",
         "CREATE INDEX events_by_incident ON events (incident_id)",
         # Incidents from before the timeline get their creation; their first status is unknown.
@@ -176,35 +177,35 @@ MIGRATIONS = (
         """CREATE VIRTUAL TABLE incidents_search USING fts5(
             body, content='', tokenize='trigram case_sensitive 0', detail=full, columnsize=0)""",
         # Triggers keep the index in the transaction of every write of a description, whatever the path.
-        f"""CREATE TRIGGER incidents_search_insert AFTER INSERT ON incidents BEGIN
-            INSERT INTO incidents_search (rowid, body) VALUES (-new.id, {SEARCH_FOLD.format("new.description")});
+        """CREATE TRIGGER incidents_search_insert AFTER INSERT ON incidents BEGIN
+            INSERT INTO incidents_search (rowid, body) VALUES (-new.id, replace(replace(new.description, 'ё', 'е'), 'Ё', 'Е'));
         END""",
-        f"""CREATE TRIGGER incidents_search_update AFTER UPDATE OF description ON incidents BEGIN
+        """CREATE TRIGGER incidents_search_update AFTER UPDATE OF description ON incidents BEGIN
             INSERT INTO incidents_search (incidents_search, rowid, body)
-                VALUES ('delete', -old.id, {SEARCH_FOLD.format("old.description")});
-            INSERT INTO incidents_search (rowid, body) VALUES (-new.id, {SEARCH_FOLD.format("new.description")});
+                VALUES ('delete', -old.id, replace(replace(old.description, 'ё', 'е'), 'Ё', 'Е'));
+            INSERT INTO incidents_search (rowid, body) VALUES (-new.id, replace(replace(new.description, 'ё', 'е'), 'Ё', 'Е'));
         END""",
-        f"""CREATE TRIGGER incidents_search_delete AFTER DELETE ON incidents BEGIN
+        """CREATE TRIGGER incidents_search_delete AFTER DELETE ON incidents BEGIN
             INSERT INTO incidents_search (incidents_search, rowid, body)
-                VALUES ('delete', -old.id, {SEARCH_FOLD.format("old.description")});
+                VALUES ('delete', -old.id, replace(replace(old.description, 'ё', 'е'), 'Ё', 'Е'));
         END""",
-        f"INSERT INTO incidents_search (rowid, body) SELECT -id, {SEARCH_FOLD.format('description')} FROM incidents",
+        "INSERT INTO incidents_search (rowid, body) SELECT -id, replace(replace(description, 'ё', 'е'), 'Ё', 'Е') FROM incidents",
     ),
     (
         # Counts for /metrics, kept by triggers so that a scrape reads a dozen rows, not the table:
         # incidents per (status, source) now, and ever created and folded (summed per source).
-        f"""CREATE TABLE incident_counts (
-            status TEXT NOT NULL CHECK (status IN ({sql_list(STATUSES)})),
-            source TEXT NOT NULL CHECK (source IN ({sql_list(SOURCES)})),
+        """CREATE TABLE incident_counts (
+            status TEXT NOT NULL CHECK (status IN ('new', 'in_progress', 'resolved', 'closed')),
+            source TEXT NOT NULL CHECK (source IN ('operator', 'monitoring', 'partner')),
             current INTEGER NOT NULL CHECK (current >= 0),
             created INTEGER NOT NULL CHECK (created >= 0),
             folded INTEGER NOT NULL CHECK (folded >= 0),
             PRIMARY KEY (status, source)
         ) STRICT, WITHOUT ROWID""",
-        f"""INSERT INTO incident_counts (status, source, current, created, folded)
+        """INSERT INTO incident_counts (status, source, current, created, folded)
             SELECT statuses.value, sources.value, count(incidents.id), count(incidents.id),
                    coalesce(sum(incidents.occurrences - 1), 0)
-            FROM json_each('{json.dumps(STATUSES)}') AS statuses, json_each('{json.dumps(SOURCES)}') AS sources
+            FROM json_each('["new", "in_progress", "resolved", "closed"]') AS statuses, json_each('["operator", "monitoring", "partner"]') AS sources
             LEFT JOIN incidents ON incidents.status = statuses.value AND incidents.source = sources.value
             GROUP BY statuses.value, sources.value""",
         """CREATE TRIGGER incident_counts_insert AFTER INSERT ON incidents BEGIN
@@ -224,27 +225,27 @@ MIGRATIONS = (
         # Notifications: what each notify chat's message of an incident must catch up with, written in
         # the transaction of the change. One row per (incident, chat, kind); a later change bumps seq,
         # so the sender removes only what it has shown. queued_at is when the row was first queued.
-        f"""CREATE TABLE notify_outbox (
+        """CREATE TABLE notify_outbox (
             incident_id INTEGER NOT NULL REFERENCES incidents (id),
             chat_id INTEGER NOT NULL,
-            kind TEXT NOT NULL CHECK (kind IN ({sql_list(NOTIFY_KINDS)})),
+            kind TEXT NOT NULL CHECK (kind IN ('change', 'repeat')),
             seq INTEGER NOT NULL CHECK (seq >= 1),
-            queued_at TEXT NOT NULL CHECK (queued_at GLOB '{TIMESTAMP_GLOB}'),
+            queued_at TEXT NOT NULL CHECK (queued_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z'),
             PRIMARY KEY (incident_id, chat_id, kind)
         ) STRICT, WITHOUT ROWID""",
         # The message that later edits go to, and when it was last brought up to date.
-        f"""CREATE TABLE notify_messages (
+        """CREATE TABLE notify_messages (
             incident_id INTEGER NOT NULL REFERENCES incidents (id),
             chat_id INTEGER NOT NULL,
             message_id INTEGER NOT NULL,
-            shown_at TEXT NOT NULL CHECK (shown_at GLOB '{TIMESTAMP_GLOB}'),
+            shown_at TEXT NOT NULL CHECK (shown_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z'),
             PRIMARY KEY (incident_id, chat_id)
         ) STRICT, WITHOUT ROWID""",
         # Chats the bot was removed from: nothing more is queued for them.
-        f"""CREATE TABLE notify_chats_gone (
+        """CREATE TABLE notify_chats_gone (
             chat_id INTEGER PRIMARY KEY,
             reason TEXT NOT NULL,
-            at TEXT NOT NULL CHECK (at GLOB '{TIMESTAMP_GLOB}')
+            at TEXT NOT NULL CHECK (at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z')
         ) STRICT""",
     ),
     (
@@ -294,66 +295,207 @@ def sqlite_error_code(error):
     return (getattr(error, "sqlite_errorcode", None) or 0) & 0xFF
 
 
-def connect(path):
+def busy_error(detail):
+    """The error of a write whose turn did not come in time: a busy database, answered 503."""
+    error = sqlite3.OperationalError(detail)
+    error.sqlite_errorcode = sqlite3.SQLITE_BUSY
+    return error
+
+
+def open_private(path, flags=os.O_RDWR | os.O_CREAT):
+    """A file descriptor; a file it creates is readable and writable by its owner only."""
+    return os.open(path, flags, 0o600)
+
+
+def connect(path, timeout):
     """Open a connection in autocommit mode; transactions are begun explicitly."""
-    db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+    db = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA synchronous = FULL")  # a COMMIT returns once the WAL is on disk
     db.execute("PRAGMA foreign_keys = ON")
     db.row_factory = sqlite3.Row
     return db
 
 
-class WriteBatch:
-    """One transaction shared by the blocks of several threads, and how it ended."""
+class WriteJob:
+    """A function handed to the writer, and what became of it."""
 
-    def __init__(self):
-        self.blocks = 0
-        self.error = None  # why the transaction was not committed
-        self.problem = None  # a storage problem a block or the COMMIT ran into
+    def __init__(self, work):
+        self.work = work
+        self.context = contextvars.copy_context()  # the caller's, so that work sees current_app
+        self.state = "queued"  # then "running" (the writer took it) or "dropped" (its caller gave up)
+        self.result = self.error = None
+        self.wrote = False
         self.done = threading.Event()
 
-    def note_problem(self, error):
-        """Remember an error that says the storage refuses writes, for /health."""
-        self.problem = STORAGE_PROBLEMS.get(sqlite_error_code(error), self.problem)
+    def finish(self, error=None):
+        self.error = error
+        self.done.set()
 
-    def wait(self):
-        """Return once the transaction is committed, or raise why it was not (a copy per thread)."""
-        self.done.wait()
-        if self.error is not None:
-            raise copy.copy(self.error)
+
+class Writer:
+    """The one thread of a process that writes, and the connection it owns.
+
+    Request threads queue a function (a job) and wait. The writer runs what is queued (up to
+    WRITE_BATCH_MAX functions) in one BEGIN IMMEDIATE transaction, each function in a SAVEPOINT so
+    that a failing one is rolled back alone, COMMITs once, and then wakes each caller with its result
+    or its exception: nothing is acknowledged before it is on disk, and one fsync serves many
+    jobs. Processes take turns with a kernel lock (flock) on a file beside the database, taken
+    here only, around each transaction; the kernel drops it for a process that dies holding it.
+    A caller whose function has not started within `timeout` takes it back and gets a busy error.
+    """
+
+    def __init__(self, path, timeout):
+        self.path, self.timeout = path, timeout
+        self.turns = open_private(f"{path}-writer.lock")
+        self.queue = queue.SimpleQueue()
+        self.states = threading.Lock()  # guards the state of every job
+        self.db = None  # opened by the writer thread, used by it alone
+        self.problem = None  # why writes fail for want of storage, until a write commits again
+        threading.Thread(target=Writer.serve, args=(weakref.ref(self),), name="incidents-writer", daemon=True).start()
+
+    def submit(self, work):
+        """work(db)'s result once its transaction is committed, or its exception."""
+        job = WriteJob(work)
+        self.queue.put(job)
+        try:
+            if not job.done.wait(self.timeout) and self.move(job, "dropped"):
+                raise busy_error(f"No turn to write came within {self.timeout:g} s.")
+            job.done.wait()  # the writer runs it: its transaction ends soon
+        except BaseException:
+            self.move(job, "dropped")  # interrupted while waiting (Ctrl-C): the writer skips it
+            raise
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def move(self, job, state):
+        """Move a queued job to `state`; False when it has left the queue already."""
+        with self.states:
+            if job.state != "queued":
+                return False
+            job.state = state
+            return True
+
+    @staticmethod
+    def serve(ref):
+        """The writer thread, for as long as its Writer is in use (a weak reference lets it go)."""
+        while (writer := ref()) is not None:
+            writer.serve_once()
+            del writer
+
+    def serve_once(self):
+        """One transaction, in this process's turn, of what is queued; or an idle second."""
+        try:
+            first = self.queue.get(timeout=1)
+        except queue.Empty:
+            return
+        fcntl.flock(self.turns, fcntl.LOCK_EX)
+        try:
+            self.transact(first)
+        finally:
+            fcntl.flock(self.turns, fcntl.LOCK_UN)
+
+    def queued(self, first):
+        """The first job, then each job queued until the transaction takes it."""
+        yield first
+        with contextlib.suppress(queue.Empty):
+            while True:
+                yield self.queue.get_nowait()
+
+    def transact(self, first):
+        """BEGIN, each job in a SAVEPOINT (up to WRITE_BATCH_MAX of them), COMMIT; then wake the callers."""
+        try:
+            self.db = self.db or connect(self.path, self.timeout)
+            self.db.execute("BEGIN IMMEDIATE")  # waits up to the timeout for a writer outside the app
+        except Exception as error:
+            self.fail([job for job in self.queued(first) if self.move(job, "running")], error)
+            return
+        ran = []
+        try:
+            for job in self.queued(first):
+                if self.move(job, "running"):
+                    ran.append(job)
+                    self.run(job)
+                if len(ran) == WRITE_BATCH_MAX:
+                    break
+            self.db.execute("COMMIT")
+        except BaseException as error:
+            self.abort([job for job in ran if not job.done.is_set()], error)
+            return
+        if any(job.wrote for job in ran):
+            self.problem = None
+        for job in ran:
+            job.done.set()
+
+    def run(self, job):
+        """Run one job in a SAVEPOINT; a failing one is rolled back alone and answered at once."""
+        changes = self.db.total_changes
+        self.db.execute("SAVEPOINT job")
+        try:
+            job.result = job.context.run(job.work, self.db)
+            self.db.execute("RELEASE job")
+        except BaseException as error:
+            self.fail([job], error)
+            try:
+                self.db.execute("ROLLBACK TO job")
+                self.db.execute("RELEASE job")
+            except sqlite3.Error:
+                raise error from None  # SQLite ended the transaction (disk full), or cannot undo the job
+            return
+        job.wrote = self.db.total_changes > changes
+
+    def abort(self, jobs, error):
+        """Undo a transaction that failed as a whole: its jobs fail with the storage problem, else as busy."""
+        try:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+        except sqlite3.Error:
+            self.db, db = None, self.db
+            db.close()  # closing rolls back; the next transaction opens a new connection
+        if sqlite_error_code(error) not in WRITE_REFUSALS:
+            error = busy_error("The write was undone with its transaction, which another write broke; retry.")
+        self.fail(jobs, error)
+
+    def fail(self, jobs, error):
+        """Answer each job with its own copy of `error`, and note a storage problem for /health."""
+        self.problem = STORAGE_PROBLEMS.get(sqlite_error_code(error), self.problem)
+        for job in jobs:
+            job.finish(copy.copy(error) if len(jobs) > 1 else error)
 
 
 class Database:
-    """The app's SQLite file: reusable connections for reads, and one for the process's writes.
+    """The app's SQLite file: reusable connections for reads, and this process's writer.
 
-    Opening a connection costs more than Flask's own work for a request, so connections are
-    kept and handed to one request at a time. Writes are group-committed: each block runs alone on
-    the writer connection (after the first, inside a SAVEPOINT), and a thread whose block is done
-    hands the open transaction to the next waiting writer instead of committing, up to
-    WRITE_BATCH_MAX blocks; the last commits for all. Every thread returns only after that COMMIT,
-    so nothing is acknowledged before it is on disk, and one fsync serves several requests.
-    Processes take turns with a kernel lock on a file beside the database (flock), which wakes the
-    next one the moment the last is done (SQLite's busy handler sleeps up to 100 ms) and is dropped
-    for a process that dies holding it.
+    Opening a connection costs more than Flask's own work for a request, so connections are kept
+    and handed to one request at a time. Nothing is opened until first used, and a forked child
+    opens its own: SQLite forbids using a connection across fork(), and a lock file shared with the
+    parent would let both hold the writers' lock at once.
     """
 
-    def __init__(self, path):
-        self.path = path
+    def __init__(self, path, timeout=BUSY_TIMEOUT_S):
+        self.path, self.timeout = path, timeout
+        self.inherited = []  # what a parent process opened: never used here, nor closed (closing is a use)
+        self.start_afresh()
+        database = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: database() and database().forked())
+
+    def start_afresh(self):
         self.idle = queue.LifoQueue(IDLE_CONNECTIONS)
-        self.turns = os.open(f"{path}-writer.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        weakref.finalize(self, os.close, self.turns)
-        self.write_problem = None  # why the last write failed, while writes fail for want of disk
-        self.writer = None  # opened on the first write
-        self.turn = threading.Condition()  # guards busy, waiting and batch
-        self.busy = False  # a thread is running its block on the writer
-        self.waiting = 0
-        self.batch = None  # the open transaction
+        self.writer = None
+        self.opening = threading.Lock()
+
+    def forked(self):
+        """In a forked child: set aside what the parent opened, to open anew on first use."""
+        if self.writer is not None:
+            os.close(self.writer.turns)  # the parent's lock stays the parent's: unlocking here would drop it
+        self.inherited.append((self.idle, self.writer))
+        self.start_afresh()
 
     def acquire(self):
         try:
             return self.idle.get_nowait()
         except queue.Empty:
-            return connect(self.path)
+            return connect(self.path, self.timeout)
 
     def release(self, db):
         try:
@@ -361,95 +503,17 @@ class Database:
         except queue.Full:
             db.close()
 
-    def take_turn(self):
-        """Wait for the writer; join the open transaction, or begin one in this process's turn."""
-        with self.turn:
-            self.waiting += 1
-            self.turn.wait_for(lambda: not self.busy)
-            self.waiting -= 1
-            self.busy = True
-        try:
-            if self.batch is None:
-                self.writer = self.writer or connect(self.path)
-                fcntl.flock(self.turns, fcntl.LOCK_EX)
-                try:
-                    self.writer.execute("BEGIN IMMEDIATE")
-                except BaseException:
-                    fcntl.flock(self.turns, fcntl.LOCK_UN)
-                    raise
-                self.batch = WriteBatch()
-        except BaseException:
-            self.pass_turn()
-            raise
-        self.batch.blocks += 1
-        return self.batch
+    def write(self, work):
+        """work(db) run by this process's writer in a transaction: its result once committed, or its error."""
+        if self.writer is None:
+            with self.opening:
+                self.writer = self.writer or Writer(self.path, self.timeout)
+        return self.writer.submit(work)
 
-    def pass_turn(self):
-        with self.turn:
-            self.busy = False
-            self.turn.notify()
-
-    def undo_block(self, batch, error):
-        """Roll back a failed block: to its SAVEPOINT, or the whole transaction when it holds no other."""
-        batch.note_problem(error)
-        if batch.blocks > 1 and self.writer.in_transaction:
-            self.writer.execute("ROLLBACK TO block")
-            self.writer.execute("RELEASE block")
-        else:  # alone in it, or SQLite already rolled it back (disk full, I/O error)
-            batch.error = error
-
-    def finish_turn(self, batch):
-        """Hand the open transaction to a waiting writer, or end it for every block in it."""
-        with self.turn:
-            if self.waiting and batch.blocks < WRITE_BATCH_MAX and batch.error is None:
-                self.busy = False
-                self.turn.notify()
-                return
-        self.end_batch(batch)
-
-    def end_batch(self, batch):
-        """Settle the transaction for every block in it, then let the next writer in."""
-        try:
-            self.settle(batch)
-        finally:
-            fcntl.flock(self.turns, fcntl.LOCK_UN)
-            self.write_problem, self.batch = batch.problem, None
-            batch.done.set()
-            self.pass_turn()
-
-    def settle(self, batch):
-        """COMMIT, or roll back what is left of a transaction that failed (a lone block, or the COMMIT)."""
-        try:
-            if batch.error is None:
-                self.writer.execute("COMMIT")
-        except BaseException as error:
-            batch.error = error
-            batch.note_problem(error)
-        if self.writer.in_transaction:
-            self.writer.execute("ROLLBACK")
-
-    @contextmanager
-    def write(self):
-        """Run the block on the writer connection; return once its transaction is committed.
-
-        An error in the block rolls back the block alone and is raised here. The first block of a
-        transaction needs no SAVEPOINT: undoing it is undoing the transaction.
-        """
-        batch = self.take_turn()
-        nested = batch.blocks > 1
-        try:
-            if nested:
-                self.writer.execute("SAVEPOINT block")
-            try:
-                yield self.writer
-                if nested:
-                    self.writer.execute("RELEASE block")
-            except BaseException as error:
-                self.undo_block(batch, error)
-                raise
-        finally:
-            self.finish_turn(batch)
-        batch.wait()
+    @property
+    def write_problem(self):
+        """Why writes fail for want of storage, since the last one that did; None while they work."""
+        return self.writer and self.writer.problem
 
     def announce_upgrade(self, db, current):
         """Say so before upgrading a file that holds incidents: a step may take a while on a large one."""
@@ -459,11 +523,12 @@ class Database:
                        f"(about {count} incidents; building an index takes up to a minute a million)...", err=True)
 
     def migrate(self):
-        """Bring the file to the newest schema, one transaction per step.
+        """Create the file (for its owner only) or bring it to the newest schema, one transaction per step.
 
         The version is read inside each step's transaction, so servers starting together
         on one file apply every step exactly once.
         """
+        os.close(open_private(self.path))
         db = self.acquire()
         try:
             current = db.execute("PRAGMA user_version").fetchone()[0]
@@ -472,18 +537,20 @@ class Database:
             db.execute("PRAGMA journal_mode = WAL")
             self.announce_upgrade(db, current)
             for version, statements in enumerate(MIGRATIONS, start=1):
-                with self.write() as step:
-                    current = step.execute("PRAGMA user_version").fetchone()[0]
-                    if current > len(MIGRATIONS):
-                        stop_startup(f"{self.path} has schema version {current}, newer than this code's "
-                                     f"{len(MIGRATIONS)}; upgrade the code")
-                    if current >= version:
-                        continue
-                    for statement in statements:
-                        step.execute(statement)
-                    step.execute(f"PRAGMA user_version = {version:d}")  # PRAGMA takes no parameters
+                self.write(lambda step: self.upgrade(step, version, statements))
         finally:
             self.release(db)
+
+    def upgrade(self, db, version, statements):
+        """Take the file to `version`, unless another process has already."""
+        current = db.execute("PRAGMA user_version").fetchone()[0]
+        if current > len(MIGRATIONS):
+            stop_startup(f"{self.path} has schema version {current}, newer than this code's "
+                         f"{len(MIGRATIONS)}; upgrade the code")
+        if current < version:
+            for statement in statements:
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {version:d}")  # PRAGMA takes no parameters
 
 
 def get_db():
@@ -500,9 +567,9 @@ def close_db(exception=None):
         current_app.extensions["incidents"].release(db)
 
 
-def write_transaction():
-    """A block of the app's shared write transaction; see Database.write."""
-    return current_app.extensions["incidents"].write()
+def write(work):
+    """work(db) in the app's shared write transaction; see Writer."""
+    return current_app.extensions["incidents"].write(work)
 
 
 def utc_timestamp(moment):
@@ -559,9 +626,9 @@ def handle_api_error(error):
 
 
 def handle_http_exception(error):
-    """Every HTTP error Flask or Werkzeug raises (404, 405, 413, ...) as a problem."""
+    """Every HTTP error Flask or Werkzeug raises (404, 405, 413, ...) as a problem, titled as ours are."""
     headers = [(name, value) for name, value in error.get_headers() if name != "Content-Type"]  # Allow on 405
-    return problem(error.code, error.name, error.description, headers)
+    return problem(error.code, HTTP_TITLES.get(error.code, error.name), error.description, headers)
 
 
 def handle_database_error(error):
@@ -570,7 +637,7 @@ def handle_database_error(error):
     if detail is None:
         return handle_unexpected(error)
     current_app.logger.warning("write refused: %s", error)
-    return problem(503, "Service Unavailable", detail, {"Retry-After": "1"})
+    return problem(503, HTTP_TITLES[503], detail, {"Retry-After": "1"})
 
 
 def handle_unexpected(error):
@@ -587,6 +654,7 @@ HTTP_TITLES = {
     413: "Content Too Large",
     415: "Unsupported Media Type",
     422: "Unprocessable Content",
+    503: "Service Unavailable",
 }
 
 # ---------------------------------------------------------------------------
@@ -631,8 +699,21 @@ FIELD_RULES = {
 }
 
 
-def read_json_object():
-    """The request body as a dict: 415 unless it is declared JSON, 400 unless it is an object."""
+def read_body(limit, too_large):
+    """The raw body, or 413 when it is over `limit` bytes, with a Content-Length or chunked alike."""
+    request.max_content_length = limit + 1  # a chunked body is cut off there: a byte more means too large
+    try:
+        data = request.get_data()
+    except RequestEntityTooLarge:  # its Content-Length says so
+        data = None
+    if data is None or len(data) > limit:
+        raise ApiError(413, too_large or f"The body is over {limit} bytes; send less (a description holds up "
+                                          f"to {DESCRIPTION_MAX} characters).")
+    return data
+
+
+def read_json_object(limit=MAX_BODY_BYTES, too_large=None):
+    """The request body as a dict: 415 unless it is declared JSON, 413 when too large, 400 unless an object."""
     if not request.is_json:
         raise ApiError(
             415,
@@ -640,7 +721,7 @@ def read_json_object():
             "curl -H 'Content-Type: application/json' -d '{\"description\": \"...\", \"source\": \"operator\"}'.",
         )
     try:
-        body = json.loads(request.get_data())
+        body = json.loads(read_body(limit, too_large))
     except (ValueError, RecursionError) as error:
         raise ApiError(400, f"The body is not valid JSON: {error}.") from None
     if not isinstance(body, dict):
@@ -982,8 +1063,7 @@ def health():
 def create_incident():
     """Record a report: 201 and Location for a new incident, 200 when it folds into an open one."""
     values = validate_fields(read_json_object(), ["description", "source"], ["status", "dedup_key"])
-    with write_transaction() as db:
-        incident_id, body, created = report_incident(db, values)
+    incident_id, body, created = write(lambda db: report_incident(db, values))
     if created:
         return json_response(body, 201, {"Location": f"/incidents/{incident_id}"})
     return json_response(body, 200, {"Content-Location": f"/incidents/{incident_id}"})
@@ -1087,9 +1167,7 @@ def update_incident(incident_id):
     note, actor = values.pop("note", None), values.pop("actor", None)
     if not values and note is None:
         raise invalid("fields", [{"field": "status", "message": "send status, description and/or note"}])
-    with write_transaction() as db:
-        body = change_incident(db, incident_id, values, note, actor)
-    return json_response(body)
+    return json_response(write(lambda db: change_incident(db, incident_id, values, note, actor)))
 
 
 def list_events(incident_id):
@@ -1263,8 +1341,7 @@ def telegram_webhook():
     if not hmac.compare_digest(given.encode(), secret.encode()):
         raise ApiError(401, "X-Telegram-Bot-Api-Secret-Token does not match TELEGRAM_WEBHOOK_SECRET.")
     update = read_json_object()
-    with write_transaction() as db:
-        reply = handle_telegram_update(db, update)
+    reply = write(lambda db: handle_telegram_update(db, update))
     return jsonify(reply or {})
 
 
@@ -1318,6 +1395,17 @@ def load_offset(db, bot_id):
     return row[0] if row else 0
 
 
+def take_update(db, update, bot_id):
+    """Act on an update and store the offset after it, in one transaction; the reply to send."""
+    reply = handle_telegram_update(db, update)
+    db.execute(
+        """INSERT INTO telegram_offsets (bot_id, next_update_id) VALUES (?, ?)
+           ON CONFLICT (bot_id) DO UPDATE SET next_update_id = excluded.next_update_id""",
+        (bot_id, update["update_id"] + 1),
+    )
+    return reply
+
+
 def poll_telegram(database, db, call, bot_id):
     """Long-poll getUpdates until interrupted, backing off while Telegram is unreachable.
 
@@ -1336,13 +1424,7 @@ def poll_telegram(database, db, call, bot_id):
             continue
         delay = 0
         for update in updates:
-            with database.write() as writer:
-                reply = handle_telegram_update(writer, update)
-                writer.execute(
-                    """INSERT INTO telegram_offsets (bot_id, next_update_id) VALUES (?, ?)
-                       ON CONFLICT (bot_id) DO UPDATE SET next_update_id = excluded.next_update_id""",
-                    (bot_id, update["update_id"] + 1),
-                )
+            reply = database.write(lambda db: take_update(db, update, bot_id))
             if reply:
                 try:
                     call(reply.pop("method"), reply)
@@ -1383,6 +1465,7 @@ def telegram_poll_command():
 
     With TELEGRAM_NOTIFY_CHAT_IDS set, it also sends the notifications, from a thread of its own.
     """
+    open_database()
     call, bot_id = telegram_bot()
     with contextlib.ExitStack() as stack:
         if current_app.config["TELEGRAM_NOTIFY_CHAT_IDS"]:
@@ -1422,17 +1505,17 @@ def clean_string_map(value):
 
 def alert_identity(alert):
     """The fingerprint, else a hash of the sorted labels that every Python version computes alike."""
-    fingerprint = alert.get("fingerprint")
-    if fingerprint:
-        return clean_text(fingerprint, DEDUP_KEY_MAX - len(ALERT_KEY_PREFIX))
+    if "fingerprint" in alert:
+        return clean_text(alert["fingerprint"], DEDUP_KEY_MAX - len(ALERT_KEY_PREFIX))
     canonical = json.dumps(sorted(alert["labels"].items()), ensure_ascii=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def alert_description(labels, annotations):
     """What the person on duty reads first: summary, description, then every label."""
-    lines = [annotations.get("summary") or labels.get("alertname") or "Alert",
-             annotations.get("description", ""),
+    title = (annotations.get("summary", "").strip() or labels.get("alertname", "").strip()
+             or "Alert without a name")
+    lines = [title, annotations.get("description", ""),
              " ".join(f"{name}={value}" for name, value in sorted(labels.items()))]
     return "\n".join(line.strip() for line in lines if line.strip())[:DESCRIPTION_MAX].strip()
 
@@ -1470,6 +1553,9 @@ def clean_alerts(body):
     alerts = body.get("alerts")
     if not isinstance(alerts, list):
         raise invalid("fields", [{"field": "alerts", "message": "must be a list of alerts"}])
+    if len(alerts) > ALERTS_MAX:
+        raise ApiError(413, f"The payload holds {len(alerts)} alerts, more than {ALERTS_MAX}; set max_alerts: "
+                            f"{ALERTS_MAX} or less in the receiver's webhook_configs.")
     errors = []
     if "status" in body and body["status"] not in ALERT_STATUSES:
         errors.append({"field": "status", "message": f"must be one of: {', '.join(ALERT_STATUSES)}"})
@@ -1515,28 +1601,37 @@ def resolve_alert(db, alert, dedup_key, sender):
     return latest["id"], "resolved"
 
 
+def handle_alerts(db, alerts, sender):
+    """Open, fold, reopen or resolve an incident for each alert: [{"id", "action"}] in their order."""
+    window = current_app.config["REOPEN_WINDOW"]
+    at = now()
+    reopen_after = window and utc_timestamp(datetime.now(timezone.utc) - timedelta(seconds=window))
+    results = []
+    for alert in alerts:
+        dedup_key = ALERT_KEY_PREFIX + alert["identity"]
+        if alert["status"] == "firing":
+            incident_id, action = fire_alert(db, alert, dedup_key, sender, at, reopen_after)
+        else:
+            incident_id, action = resolve_alert(db, alert, dedup_key, sender)
+        results.append({"id": incident_id, "action": action})
+    return results
+
+
 def receive_alerts():
-    """Alertmanager's or Grafana's webhook: each alert opens, folds, reopens or resolves an incident."""
-    request.max_content_length = ALERT_BODY_MAX
-    try:
-        body = read_json_object()
-    except RequestEntityTooLarge:
-        raise ApiError(413, f"The payload is over {ALERT_BODY_MAX} bytes; lower max_alerts in the "
-                            "receiver's webhook_configs so that Alertmanager sends fewer alerts at once.") from None
+    """Alertmanager's or Grafana's webhook: each alert opens, folds, reopens or resolves an incident.
+
+    The payload is checked whole first, then written ALERT_CHUNK alerts a transaction, so that no
+    other write waits behind a large one. A failure halfway answers 503 with the earlier alerts
+    stored: Alertmanager sends the payload again, and those fold.
+    """
+    body = read_json_object(ALERT_BODY_MAX, f"The payload is over {ALERT_BODY_MAX} bytes; set max_alerts lower in "
+                                            "the receiver's webhook_configs so that Alertmanager sends fewer at once.")
     alerts = clean_alerts(body)
     sender = "grafana" if "orgId" in body else "alertmanager"
-    window = current_app.config["REOPEN_WINDOW"]
     results = []
-    with write_transaction() as db:
-        at = now()
-        reopen_after = window and utc_timestamp(datetime.now(timezone.utc) - timedelta(seconds=window))
-        for alert in alerts:
-            dedup_key = ALERT_KEY_PREFIX + alert["identity"]
-            if alert["status"] == "firing":
-                incident_id, action = fire_alert(db, alert, dedup_key, sender, at, reopen_after)
-            else:
-                incident_id, action = resolve_alert(db, alert, dedup_key, sender)
-            results.append({"id": incident_id, "action": action})
+    for start in range(0, len(alerts), ALERT_CHUNK):
+        chunk = alerts[start:start + ALERT_CHUNK]
+        results += write(lambda db: handle_alerts(db, chunk, sender))
     return json_response(json.dumps({"incidents": results}))
 
 
@@ -1625,7 +1720,7 @@ def chat_is_gone(error):
 
 def mark_delivered(database, row, message_id=None):
     """Remember the message and drop the entries shown; an entry changed meanwhile keeps its place."""
-    with database.write() as db:
+    def record(db):
         if message_id is not None:
             db.execute(
                 """INSERT INTO notify_messages (incident_id, chat_id, message_id, shown_at) VALUES (?, ?, ?, ?)
@@ -1636,16 +1731,18 @@ def mark_delivered(database, row, message_id=None):
         for kind, seq in json.loads(row["entries"]):
             db.execute("DELETE FROM notify_outbox WHERE incident_id = ? AND chat_id = ? AND kind = ? AND seq = ?",
                        (row["incident_id"], row["chat_id"], kind, seq))
+    database.write(record)
 
 
 def forget_chat(database, chat_id, error):
     """The bot was removed from a chat: log it, drop its queue and queue nothing more for it."""
     current_app.logger.error("Telegram chat %s no longer takes messages (%s); nothing more is queued for it",
                              chat_id, error)
-    with database.write() as db:
+    def drop(db):
         db.execute("INSERT OR REPLACE INTO notify_chats_gone (chat_id, reason, at) VALUES (?, ?, ?)",
                    (chat_id, str(error)[:NOTE_MAX], now()))
         db.execute("DELETE FROM notify_outbox WHERE chat_id = ?", (chat_id,))
+    database.write(drop)
 
 
 def deliver_notifications(database, db, call, repeat_interval):
@@ -1738,6 +1835,7 @@ def notifications_in_background(call):
 @with_appcontext
 def telegram_notify_command():
     """Show incidents in TELEGRAM_NOTIFY_CHAT_IDS and keep them current (beside a webhook deployment)."""
+    open_database()
     call, bot_id = telegram_bot()
     if not current_app.config["TELEGRAM_NOTIFY_CHAT_IDS"]:
         raise click.UsageError("Set TELEGRAM_NOTIFY_CHAT_IDS to the chats to notify, ids separated by commas.")
@@ -1803,29 +1901,47 @@ def metrics():
     return Response("\n".join(lines) + "\n", content_type=METRICS_CONTENT_TYPE)
 
 
+def check_backup_target(database_path, path):
+    """Refuse a PATH that names the live database or a file kept beside it (-wal, -shm, locks), however named."""
+    live = {os.path.realpath(database_path), os.path.abspath(database_path)}
+    beside = [database_path + suffix for suffix in ("", "-wal", "-shm", "-journal")]
+    for target in (path, f"{path}.partial"):
+        named = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(target))), os.path.basename(target))
+        if any(named == name or named.startswith(f"{name}-") for name in live) or any(
+                os.path.exists(target) and os.path.exists(other) and os.path.samefile(target, other)
+                for other in beside):
+            raise click.ClickException(f"{path} is the live database {database_path} or a file SQLite keeps beside "
+                                       "it; back up to another path")
+
+
 @click.command("backup")
 @click.argument("path", type=click.Path(dir_okay=False))
 @click.option("--force", is_flag=True, help="Replace PATH if it exists.")
 @with_appcontext
 def backup_command(path, force):
-    """Copy the live database to PATH, check the copy and say what it holds."""
-    if os.path.exists(path) and not force:
+    """Copy the live database to PATH, check the copy and say what it holds; the database is only read."""
+    database_path = current_app.config["DATABASE"]
+    if not os.path.isfile(database_path):
+        raise click.ClickException(f"there is no database {database_path}; set INCIDENTS_DB to the server's")
+    check_backup_target(database_path, path)
+    if os.path.lexists(path) and not force:
         raise click.ClickException(f"{path} exists; pass --force to replace it.")
     partial = f"{path}.partial"
-    database = current_app.extensions["incidents"]
-    source = database.acquire()
     try:
-        with contextlib.closing(sqlite3.connect(partial)) as replica:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)  # left by a failed run, or a link planted there: removed, never followed
+        os.close(open_private(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW))
+        source = sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(database_path))}?mode=ro", uri=True)
+        with contextlib.closing(source), contextlib.closing(sqlite3.connect(partial)) as replica:
             source.backup(replica)  # one step: a snapshot of one moment, while writers go on in the WAL
+            replica.execute("PRAGMA journal_mode = DELETE")  # the copy is one file, complete by itself
             summary = describe_backup(replica)
         os.replace(partial, path)
     except (sqlite3.Error, OSError, click.ClickException) as error:
         with contextlib.suppress(OSError):
             os.remove(partial)  # only a checked copy ever takes the name PATH
         raise click.ClickException(f"the backup failed, nothing was written to {path}: {error}") from None
-    finally:
-        database.release(source)
-    click.echo(f"Backed up {database.path} to {path}: {summary}.")
+    click.echo(f"Backed up {database_path} to {path}: {summary}.")
 
 
 def describe_backup(replica):
@@ -1845,13 +1961,13 @@ def describe_backup(replica):
 # ---------------------------------------------------------------------------
 
 
-def env_seconds(name, default):
+def env_seconds(name, default, least=0):
     """A whole number of seconds from the environment, or a startup error that says what to set."""
     text = os.environ.get(name, "").strip()
     if not text:
         return default
-    if not (text.isascii() and text.isdigit()):
-        stop_startup(f"{name} must be a whole number of seconds (0 or more), not {text!r}")
+    if not (text.isascii() and text.isdigit() and int(text) >= least):
+        stop_startup(f"{name} must be a whole number of seconds ({least} or more), not {text!r}")
     return int(text)
 
 
@@ -1883,6 +1999,7 @@ def configuration():
     """The app's settings from the environment, each checked (a bad one stops startup in one line)."""
     return dict(
         DATABASE=os.environ.get("INCIDENTS_DB", "incidents.db"),
+        BUSY_TIMEOUT=env_seconds("INCIDENTS_BUSY_TIMEOUT", BUSY_TIMEOUT_S, least=1),
         API_TOKEN=os.environ.get("INCIDENTS_API_TOKEN") or None,
         TELEGRAM_WEBHOOK_SECRET=os.environ.get("TELEGRAM_WEBHOOK_SECRET") or None,
         TELEGRAM_BOT_TOKEN=os.environ.get("TELEGRAM_BOT_TOKEN") or None,
@@ -1894,6 +2011,37 @@ def configuration():
     )
 
 
+def open_database():
+    """Check the database's path, then create or migrate the file: the app's start."""
+    check_database_path(current_app.config["DATABASE"])
+    current_app.extensions["incidents"].migrate()
+
+
+def finding_a_command():
+    """Whether the flask command loads the app to find one of the app's own commands.
+
+    Those open the database themselves where they need it: backup only reads it, and must not
+    create or migrate it.
+    """
+    context = click.get_current_context(silent=True)
+    return context is not None and isinstance(context.command, FlaskGroup)
+
+
+def raw_utf8_query(wsgi_app):
+    """Undo the second decoding Werkzeug's development server gives a query string sent as raw UTF-8.
+
+    It reads the request line as Latin-1, then encodes the query as UTF-8 and decodes it as Latin-1
+    once more; percent-encoded queries are ASCII and pass through both unchanged.
+    """
+    def app(environ, start_response):
+        query = environ.get("QUERY_STRING", "")
+        if not query.isascii() and environ.get("SERVER_SOFTWARE", "").startswith("Werkzeug/"):
+            with contextlib.suppress(UnicodeError):
+                environ["QUERY_STRING"] = query.encode("latin-1").decode("utf-8")
+        return wsgi_app(environ, start_response)
+    return app
+
+
 def create_app(test_config=None):
     """Build the app, creating or migrating its database file."""
     app = Flask(__name__)
@@ -1902,11 +2050,12 @@ def create_app(test_config=None):
         app.config.update(test_config)
     app.json.ensure_ascii = False
     app.json.sort_keys = False
+    app.wsgi_app = raw_utf8_query(app.wsgi_app)
 
-    check_database_path(app.config["DATABASE"])
-    database = Database(app.config["DATABASE"])
-    database.migrate()
-    app.extensions["incidents"] = database
+    app.extensions["incidents"] = Database(app.config["DATABASE"], app.config["BUSY_TIMEOUT"])
+    if not finding_a_command():
+        with app.app_context():
+            open_database()
     app.teardown_appcontext(close_db)
     app.before_request(check_token)
     app.before_request(check_incident_id)

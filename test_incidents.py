@@ -2256,9 +2256,10 @@ def test_migration_counts_incidents_already_in_the_file(db_path):
 
 def limit_pages(app, pages):
     """Stand in for a disk with room for `pages` pages: the limit is set on the connection writes run on."""
-    with app.extensions["incidents"].write() as db:
+    def limit(db):
         current = db.execute("PRAGMA page_count").fetchone()[0]
         db.execute(f"PRAGMA max_page_count = {current + pages if pages is not None else 4294967294}")
+    app.extensions["incidents"].write(limit)
 
 
 def test_full_disk_answers_writes_503_keeps_reads_and_recovers_without_restart(app, client, db_path):
@@ -2310,31 +2311,30 @@ def test_read_only_file_at_write_time_is_503_saying_so(app, client, db_path, mon
     create(client)
     real = incidents.Database.write
 
-    @contextmanager
-    def read_only_write(self):
-        with real(self) as db:
-            db.execute("PRAGMA query_only = ON")  # SQLite answers SQLITE_READONLY, as for a read-only file
-            try:
-                yield db
-            finally:
-                db.execute("PRAGMA query_only = OFF")
+    def read_only(db, work):
+        db.execute("PRAGMA query_only = ON")  # SQLite answers SQLITE_READONLY, as for a read-only file
+        try:
+            return work(db)
+        finally:
+            db.execute("PRAGMA query_only = OFF")
 
-    monkeypatch.setattr(incidents.Database, "write", read_only_write)
+    monkeypatch.setattr(incidents.Database, "write", lambda self, work: real(self, lambda db: read_only(db, work)))
     response = client.post("/incidents", json={"description": "x", "source": "operator"})
     assert "read-only" in assert_problem(response, 503)["detail"]
     assert client.get("/incidents/1").status_code == 200
 
 
-def test_writers_in_processes_take_turns_on_a_kernel_lock(app, client, monkeypatch):
+def test_writers_in_processes_take_turns_on_a_kernel_lock_taken_by_the_writer_thread_alone(app, client, monkeypatch):
     calls = []
     real = incidents.fcntl.flock
-    monkeypatch.setattr(incidents.fcntl, "flock", lambda fd, op: calls.append(op) or real(fd, op))
+    monkeypatch.setattr(incidents.fcntl, "flock", lambda fd, op: calls.append(
+        (op, threading.current_thread().name)) or real(fd, op))
     create(client)
-    assert calls == [incidents.fcntl.LOCK_EX, incidents.fcntl.LOCK_UN]
+    assert calls == [(incidents.fcntl.LOCK_EX, "incidents-writer"), (incidents.fcntl.LOCK_UN, "incidents-writer")]
 
 
 class Writes:
-    """Write blocks queued behind one the test holds, each in a thread of its own, in a known order."""
+    """Writes queued behind one the test holds, each in a thread of its own, in a known order."""
 
     def __init__(self, app):
         self.app, self.database = app, app.extensions["incidents"]
@@ -2345,44 +2345,43 @@ class Writes:
         def run():
             try:
                 self.results[name] = work()
-            except Exception as error:  # the test looks at what each block ended with
+            except BaseException as error:  # the test looks at what each write ended with
                 self.results[name] = error
         thread = threading.Thread(target=run)
         thread.start()
         self.threads.append(thread)
 
     def start(self, name, work):
-        """Run work() in a thread; return once it waits for the writer."""
-        waiting = self.database.waiting
+        """Run work() in a thread; return once its job waits in the writer's queue."""
+        queued = self.database.writer.queue.qsize()
         self.run(name, work)
         deadline = time.monotonic() + 10
-        while self.database.waiting == waiting and time.monotonic() < deadline:
+        while self.database.writer.queue.qsize() == queued and time.monotonic() < deadline:
             time.sleep(0.001)
 
     def post(self, name, description):
         self.start(name, lambda: self.app.test_client().post(
             "/incidents", json={"description": description, "source": "operator"}))
 
-    def block(self, name, hold=None, fail=False):
-        """A block that stores `name` as an incident, waits for `hold` inside, and fails if asked."""
+    def job(self, name, hold=None, fail=False):
+        """A write that stores `name` as an incident, waits for `hold` inside, and fails if asked."""
         taken = threading.Event()
 
-        def work():
-            with self.database.write() as db:
-                db.execute("""INSERT INTO incidents (description, status, source, created_at, updated_at, last_seen_at)
-                              VALUES (?, 'new', 'operator', ?, ?, ?)""", (name, *[incidents.now()] * 3))
-                taken.set()
-                if hold:
-                    hold.wait(10)
-                if fail:
-                    raise RuntimeError(f"{name} fails")
+        def work(db):
+            db.execute("""INSERT INTO incidents (description, status, source, created_at, updated_at, last_seen_at)
+                          VALUES (?, 'new', 'operator', ?, ?, ?)""", (name, *[incidents.now()] * 3))
+            taken.set()
+            if hold:
+                hold.wait(10)
+            if fail:
+                raise RuntimeError(f"{name} fails")
             return "committed"
-        return work, taken
+        return (lambda: self.database.write(work)), taken
 
     def hold(self, name):
-        """Take the writer now with a block of the test's; returns the event that lets it go."""
+        """Take the writer now with a write of the test's; returns the event that lets it go."""
         release = threading.Event()
-        work, taken = self.block(name, hold=release)
+        work, taken = self.job(name, hold=release)
         self.run(name, work)
         assert taken.wait(10)
         return release
@@ -2396,7 +2395,7 @@ class Writes:
 def commits(database):
     """COMMITs the writer connection runs from now on."""
     statements = []
-    database.writer.set_trace_callback(statements.append)
+    database.writer.db.set_trace_callback(statements.append)
     return lambda: statements.count("COMMIT")
 
 
@@ -2421,10 +2420,10 @@ def test_write_is_answered_only_after_the_commit_it_shares(app, db_path):
     writes = Writes(app)
     release_first, release_last = writes.hold("held"), threading.Event()
     writes.post("a", "report a")
-    last, taken = writes.block("last", hold=release_last)
+    last, taken = writes.job("last", hold=release_last)
     writes.start("last", last)
     release_first.set()
-    assert taken.wait(10)  # a's block is done and "last" runs in the same transaction
+    assert taken.wait(10)  # a's job is done and "last" runs in the same transaction
     assert "a" not in writes.results and writes.threads[1].is_alive()
     assert query(db_path, "SELECT count(*) FROM incidents") == [(0,)]
     release_last.set()
@@ -2433,12 +2432,12 @@ def test_write_is_answered_only_after_the_commit_it_shares(app, db_path):
     assert query(db_path, "SELECT count(*) FROM incidents") == [(3,)]
 
 
-def test_failed_block_in_a_shared_transaction_is_rolled_back_alone(app, db_path):
+def test_failed_job_in_a_shared_transaction_is_rolled_back_alone(app, db_path):
     writes = Writes(app)
     release = writes.hold("held")
     counted = commits(writes.database)
     writes.post("before", "report before")
-    writes.start("doomed", writes.block("doomed", fail=True)[0])
+    writes.start("doomed", writes.job("doomed", fail=True)[0])
     writes.post("after", "report after")
     release.set()
     results = writes.join()
@@ -2449,11 +2448,10 @@ def test_failed_block_in_a_shared_transaction_is_rolled_back_alone(app, db_path)
         ("held",), ("report before",), ("report after",)]
 
 
-def test_failed_block_alone_in_its_transaction_is_rolled_back_and_writes_go_on(app, client, db_path):
-    work, _ = Writes(app).block("doomed", fail=True)
+def test_failed_job_alone_in_its_transaction_is_rolled_back_and_writes_go_on(app, client, db_path):
+    work, _ = Writes(app).job("doomed", fail=True)
     with pytest.raises(RuntimeError):
         work()
-    assert not app.extensions["incidents"].writer.in_transaction
     create(client, "Stored after")
     assert query(db_path, "SELECT description FROM incidents") == [("Stored after",)]
 
@@ -2479,7 +2477,7 @@ def test_failed_commit_answers_every_write_in_it_503_and_stores_none(app, client
     kept = create(client, "Stored before")
     writes = Writes(app)
     release = writes.hold("held")
-    real, writes.database.writer = writes.database.writer, FailingCommit(writes.database.writer)
+    real, writes.database.writer.db = writes.database.writer.db, FailingCommit(writes.database.writer.db)
     writes.post("a", "report a")
     writes.post("b", "report b")
     release.set()
@@ -2489,8 +2487,143 @@ def test_failed_commit_answers_every_write_in_it_503_and_stores_none(app, client
     assert isinstance(results["held"], sqlite3.OperationalError)
     assert query(db_path, "SELECT id FROM incidents") == [(kept["id"],)]
     assert assert_problem(client.get("/health"), 503)["writes"] == "failing"
-    writes.database.writer = real
+    writes.database.writer.db = real
     assert create(client, "Stored after")["id"] == kept["id"] + 1
+    assert client.get("/health").json == {"status": "ok"}
+
+
+def test_job_whose_rollback_fails_takes_its_transaction_down_and_nothing_of_it_stays(app, client, db_path):
+    writes = Writes(app)
+    release = writes.hold("held")
+    writer = writes.database.writer.db
+    deny = incidents.sqlite3.SQLITE_DENY
+    writer.set_authorizer(lambda action, arg1, *rest: deny if action == incidents.sqlite3.SQLITE_SAVEPOINT
+                          and arg1 == "ROLLBACK" else incidents.sqlite3.SQLITE_OK)
+    writes.post("before", "report before")
+    writes.start("doomed", writes.job("doomed", fail=True)[0])
+    writes.post("after", "report after")
+    release.set()
+    results = writes.join()
+    writer.set_authorizer(None)
+    assert str(results["doomed"]) == "doomed fails"
+    assert isinstance(results["held"], sqlite3.OperationalError) and "retry" in str(results["held"])
+    assert "retry" in assert_problem(results["before"], 503)["detail"]
+    assert results["after"].status_code == 201  # the next transaction
+    assert query(db_path, "SELECT description FROM incidents ORDER BY id") == [("report after",)]
+    assert create(client, "Stored later")["id"] == 2
+
+
+def test_write_interrupted_while_waiting_is_never_run_and_writes_go_on(app, client, db_path):
+    writes = Writes(app)
+    release = writes.hold("held")
+    threading.Timer(0.3, release.set).start()
+    previous = signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.1)  # Ctrl-C while this thread waits for its turn
+        with pytest.raises(KeyboardInterrupt):
+            writes.database.write(lambda db: db.execute(
+                "INSERT INTO incidents (description, status, source, created_at, updated_at) VALUES "
+                "('never', 'new', 'operator', ?, ?)", [incidents.now()] * 2))
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    assert writes.join()["held"] == "committed"
+    started = time.monotonic()
+    assert create(client, "Stored after")["id"] == 2
+    assert time.monotonic() - started < 1
+    assert query(db_path, "SELECT description FROM incidents ORDER BY id") == [("held",), ("Stored after",)]
+
+
+def hold_lock_then_stop(path):
+    """A process that takes the writers' lock, then is frozen (as by SIGSTOP) while it holds it."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, signal, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('holding', flush=True); "
+                               "os.kill(os.getpid(), signal.SIGSTOP)", path], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "holding\n"
+    return holder
+
+
+def timed(work):
+    started = time.monotonic()
+    return work(), time.monotonic() - started
+
+
+def test_writes_that_get_no_turn_answer_503_within_the_busy_timeout_and_waits_do_not_stack(db_path):
+    with server(db_path, INCIDENTS_BUSY_TIMEOUT="1") as (url, _):
+        outside = sqlite3.connect(db_path, isolation_level=None)
+        outside.execute("BEGIN IMMEDIATE")  # a sqlite3 shell holding the write lock
+        answers = []
+        threads = [threading.Thread(target=lambda: answers.append(timed(lambda: send(
+            url, "/incidents", {"description": "waits", "source": "operator"})))) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        outside.rollback()
+        outside.close()
+        assert len(answers) == 4
+        for (status, headers, body), seconds in answers:
+            assert (status, headers["Retry-After"]) == (503, "1") and "busy" in body["detail"]
+            assert 0.9 < seconds < 2.0
+        assert send(url, "/incidents", {"description": "after", "source": "operator"})[0] == 201
+
+        holder = hold_lock_then_stop(f"{db_path}-writer.lock")  # another process frozen in its write
+        try:
+            (status, headers, _), seconds = timed(lambda: send(url, "/incidents", {"description": "x", "source": "operator"}))
+            assert (status, headers["Retry-After"]) == (503, "1") and 0.9 < seconds < 2.0
+        finally:
+            holder.kill()
+            holder.wait()
+            holder.stdout.close()
+        assert send(url, "/incidents", {"description": "after", "source": "operator"})[0] == 201
+    assert query(db_path, "SELECT description FROM incidents") == [("after",), ("after",)]
+
+
+FORKING_SERVER = """
+import os, sys, threading
+import incidents
+app = incidents.create_app({"DATABASE": sys.argv[1], "BUSY_TIMEOUT": 2})  # the parent opens its writer first,
+client = app.test_client()                                                # as under gunicorn --preload
+assert client.post("/incidents", json={"description": "parent", "source": "operator"}).status_code == 201
+failed = []
+
+def write_many(name):
+    for i in range(25):
+        status = app.test_client().post("/incidents", json={"description": f"{name} {i}", "source": "operator"}).status_code
+        if status != 201:
+            failed.append(status)
+
+children = []
+for number in range(4):
+    pid = os.fork()
+    if pid == 0:
+        threads = [threading.Thread(target=write_many, args=(f"child {number}.{t}",)) for t in range(2)]
+        for thread in threads: thread.start()
+        for thread in threads: thread.join()
+        os._exit(1 if failed else 0)
+    children.append(pid)
+write_many("parent")
+print(failed, [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children])
+"""
+
+
+def test_forked_workers_open_their_own_writer_and_lock_and_lose_nothing(db_path):
+    result = subprocess.run([sys.executable, "-c", FORKING_SERVER, str(db_path)], cwd=HERE, capture_output=True,
+                            text=True, timeout=60)
+    assert (result.returncode, result.stdout) == (0, "[] [0, 0, 0, 0]\n"), result.stderr
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(1 + 25 + 4 * 2 * 25,)]
+    assert query(db_path, "PRAGMA integrity_check") == [("ok",)]
+
+
+def test_health_says_writes_work_only_after_a_write_commits_again(app, client, db_path):
+    create(client)
+    limit_pages(app, 0)
+    assert_problem(client.post("/incidents", json={"description": "x" * 9000, "source": "operator"}), 503)
+    limit_pages(app, None)
+    assert client.patch("/incidents/1", json={"status": "new"}).status_code == 200  # changes nothing
+    assert_problem(client.patch("/incidents/99", json={"status": "closed"}), 404)
+    assert assert_problem(client.get("/health"), 503)["writes"] == "failing"
+    create(client)
     assert client.get("/health").json == {"status": "ok"}
 
 
@@ -2564,7 +2697,8 @@ def test_failed_backup_says_why_in_one_line_and_leaves_nothing(db_path, tmp_path
     result = run_flask(db_path, "backup", str(tmp_path / "missing" / "backup.db"))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
-        f"Error: the backup failed, nothing was written to {tmp_path}/missing/backup.db: unable to open database file"]
+        f"Error: the backup failed, nothing was written to {tmp_path}/missing/backup.db: [Errno 2] No such file or "
+        f"directory: '{tmp_path}/missing/backup.db.partial'"]
 
 
 def test_backup_whose_copy_fails_its_check_removes_the_copy(app, client, tmp_path, monkeypatch):
@@ -2600,13 +2734,13 @@ def free_port():
 
 
 @contextmanager
-def server(db_path, log_path=None):
+def server(db_path, log_path=None, **env):
     """`flask --app incidents run` on a free port, as a user would start it; yields (url, process)."""
     port = free_port()
     log = open(log_path or f"{db_path}.{port}.log", "w")
     process = subprocess.Popen(
         [sys.executable, "-m", "flask", "--app", "incidents", "run", "--port", str(port), "--no-reload"],
-        cwd=HERE, env={**os.environ, "INCIDENTS_DB": str(db_path)}, stdout=log, stderr=log,
+        cwd=HERE, env={**os.environ, "INCIDENTS_DB": str(db_path), **env}, stdout=log, stderr=log,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -2625,6 +2759,19 @@ def server(db_path, log_path=None):
             process.terminate()
         process.wait(10)
         log.close()
+
+
+def send(url, path, body=None, method=None):
+    """(status, headers, JSON body) of one request, whatever the status."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"} if data else {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.headers, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, error.headers, json.loads(error.read())
 
 
 def post(url, description):
