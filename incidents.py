@@ -36,6 +36,7 @@ import contextlib
 import contextvars
 import copy
 import fcntl
+import functools
 import hashlib
 import hmac
 import html
@@ -89,7 +90,7 @@ TELEGRAM_LIST_MAX = 10
 TELEGRAM_UPDATES = ["message", "edited_message", "callback_query"]  # what the bot asks Telegram for
 ALERTS_MAX = 1000  # alerts in one payload (Alertmanager's max_alerts)
 ALERT_BODY_MAX = 4 * 1024 * 1024  # room for ALERTS_MAX alerts of 4 KiB; every other route keeps MAX_BODY_BYTES
-ALERT_CHUNK = 100  # alerts per transaction: no other write waits behind more than these
+ALERT_CHUNK = 25  # alerts per transaction: no other write waits behind more than these
 ALERT_STATUSES = ("firing", "resolved")
 ALERT_KEY_PREFIX = "alertmanager:"
 REOPEN_WINDOW_S = 900  # a resolved alert that fires again this soon reopens its incident
@@ -98,6 +99,7 @@ NOTIFY_REPEAT_INTERVAL_S = 60
 NOTIFY_POLL_S = 0.5  # how often the sender looks for news in the outbox
 NOTIFY_DESCRIPTION_LINES = 10
 NOTIFY_DESCRIPTION_MAX = 3000  # a Telegram message holds 4096 characters
+STORED_TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
 DATETIME_PATTERN = re.compile(
     r"\d{4}-\d{2}-\d{2}([Tt ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?([Zz]|[+-]\d{2}:\d{2})?)?"
 )
@@ -319,8 +321,8 @@ def connect(path, timeout):
 class WriteJob:
     """A function handed to the writer, and what became of it."""
 
-    def __init__(self, work):
-        self.work = work
+    def __init__(self, work, bulk):
+        self.work, self.bulk = work, bulk
         self.context = contextvars.copy_context()  # the caller's, so that work sees current_app
         self.state = "queued"  # then "running" (the writer took it) or "dropped" (its caller gave up)
         self.result = self.error = None
@@ -342,6 +344,8 @@ class Writer:
     jobs. Processes take turns with a kernel lock (flock) on a file beside the database, taken
     here only, around each transaction; the kernel drops it for a process that dies holding it.
     A caller whose function has not started within `timeout` takes it back and gets a busy error.
+    A bulk job (a slice of a large payload) only ever starts a transaction, never joins one: a write
+    waits behind one slice at most, and is never held back from its COMMIT by one.
     """
 
     def __init__(self, path, timeout):
@@ -351,11 +355,12 @@ class Writer:
         self.states = threading.Lock()  # guards the state of every job
         self.db = None  # opened by the writer thread, used by it alone
         self.problem = None  # why writes fail for want of storage, until a write commits again
+        self.bulk = None  # a bulk job taken from the queue, to start the next transaction
         threading.Thread(target=Writer.serve, args=(weakref.ref(self),), name="incidents-writer", daemon=True).start()
 
-    def submit(self, work):
+    def submit(self, work, bulk=False):
         """work(db)'s result once its transaction is committed, or its exception."""
-        job = WriteJob(work)
+        job = WriteJob(work, bulk)
         self.queue.put(job)
         try:
             if not job.done.wait(self.timeout) and self.move(job, "dropped"):
@@ -386,7 +391,7 @@ class Writer:
     def serve_once(self):
         """One transaction, in this process's turn, of what is queued; or an idle second."""
         try:
-            first = self.queue.get(timeout=1)
+            first, self.bulk = self.bulk or self.queue.get(timeout=1), None
         except queue.Empty:
             return
         fcntl.flock(self.turns, fcntl.LOCK_EX)
@@ -413,6 +418,9 @@ class Writer:
         ran = []
         try:
             for job in self.queued(first):
+                if job.bulk and ran:
+                    self.bulk = job  # it starts the next transaction
+                    break
                 if self.move(job, "running"):
                     ran.append(job)
                     self.run(job)
@@ -503,12 +511,12 @@ class Database:
         except queue.Full:
             db.close()
 
-    def write(self, work):
+    def write(self, work, bulk=False):
         """work(db) run by this process's writer in a transaction: its result once committed, or its error."""
         if self.writer is None:
             with self.opening:
                 self.writer = self.writer or Writer(self.path, self.timeout)
-        return self.writer.submit(work)
+        return self.writer.submit(work, bulk)
 
     @property
     def write_problem(self):
@@ -567,9 +575,9 @@ def close_db(exception=None):
         current_app.extensions["incidents"].release(db)
 
 
-def write(work):
+def write(work, bulk=False):
     """work(db) in the app's shared write transaction; see Writer."""
-    return current_app.extensions["incidents"].write(work)
+    return current_app.extensions["incidents"].write(work, bulk)
 
 
 def utc_timestamp(moment):
@@ -785,16 +793,22 @@ def encode_cursor(position):
 
 
 def decode_cursor(text, types):
-    """The keyset position a cursor stands for, checked against `types`, or ValueError."""
+    """The keyset position a cursor stands for, or ValueError for any text this server would not issue.
+
+    A position is a list of `types`: ids in SQLite's range, timestamps in the stored format; and
+    the text must be exactly what encode_cursor makes of it.
+    """
     message = "is not a cursor this server returned; start again without it"
     try:
         position = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ValueError(message) from None
     if not (
         isinstance(position, list)
         and [type(value) for value in position] == list(types)
-        and all(0 < value <= MAX_ID for value in position if type(value) is int)
+        and all(0 < value <= MAX_ID if type(value) is int else STORED_TIMESTAMP.fullmatch(value)
+                for value in position)
+        and encode_cursor(position) == text
     ):
         raise ValueError(message)
     return position
@@ -1484,7 +1498,15 @@ ALERT_TIME_PATTERN = re.compile(r"(\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2})(\.\d
 
 def parse_alert_time(value):
     """An RFC 3339 time as the senders write it (nanoseconds, any offset) in the stored format."""
-    match = ALERT_TIME_PATTERN.fullmatch(value) if isinstance(value, str) else None
+    if not isinstance(value, str):
+        raise ValueError("must be an RFC 3339 date-time such as 2026-11-23T07:00:00.123Z")
+    return parse_alert_text_time(value)
+
+
+@functools.lru_cache(maxsize=256)
+def parse_alert_text_time(value):
+    """parse_alert_time for text, remembered: the alerts of one group mostly share their times."""
+    match = ALERT_TIME_PATTERN.fullmatch(value)
     if match is None:
         raise ValueError("must be an RFC 3339 date-time such as 2026-11-23T07:00:00.123Z")
     seconds, fraction, offset = match.groups()
@@ -1631,7 +1653,7 @@ def receive_alerts():
     results = []
     for start in range(0, len(alerts), ALERT_CHUNK):
         chunk = alerts[start:start + ALERT_CHUNK]
-        results += write(lambda db: handle_alerts(db, chunk, sender))
+        results += write(lambda db: handle_alerts(db, chunk, sender), bulk=True)
     return json_response(json.dumps({"incidents": results}))
 
 

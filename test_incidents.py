@@ -1,6 +1,9 @@
 """Tests for incidents.py: the spec of the HTTP API, its storage and its behaviour under load."""
+import base64
+import hashlib
 import http.client
 import http.server
+import io
 import json
 import os
 import re
@@ -23,6 +26,7 @@ import incidents
 
 HERE = Path(__file__).resolve().parent
 TIMESTAMP = r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z"
+DEEP_CURSOR = base64.urlsafe_b64encode(b"[" * 3000).decode()
 
 
 # ---------------------------------------------------------------------------
@@ -362,11 +366,23 @@ def test_list_filters_combine(client, db_path, params, expected):
         ("cursor=WyJ4IiwgIjEiXQ", "cursor"),
         ("cursor=WzFd", "cursor"),
         ("cursor=%FF%FE", "cursor"),
+        ("cursor=WyJcdWQ4MDAiLCAxXQ", "cursor"),  # ["\ud800", 1]: a lone surrogate
+        (f"cursor={DEEP_CURSOR}", "cursor"),  # 3,000 nested [
+        ("cursor=WyIyMDI2LTExLTIzVDA3OjAwOjAwLjAwMFoiLDFd", "cursor"),  # a position, but not as the server writes it
+        ("cursor=WyIyMDI2LTExLTIzVDA3OjAwOjAwLjAwMFoiLCAxXQ==", "cursor"),  # the server's, with padding added
+        ("cursor=WyIyMDI2LTExLTIzIiwgMV0", "cursor"),  # ["2026-11-23", 1]: not a stored timestamp
     ],
 )
 def test_list_rejects_bad_query_parameters_with_422(client, params, field):
     create(client)
     assert field in error_fields(client.get(f"/incidents?{params}"))
+
+
+def test_list_accepts_the_cursor_it_issued(client):
+    for _ in range(3):
+        create(client)
+    page = client.get("/incidents?limit=2").json
+    assert [item["id"] for item in client.get(f"/incidents?cursor={page['next_cursor']}").json["items"]] == [1]
 
 
 def test_list_limit_of_200_is_accepted(client, db_path):
@@ -848,7 +864,8 @@ def test_events_of_unknown_incident_is_404(client):
     assert_problem(client.get("/incidents/42/events"), 404)
 
 
-@pytest.mark.parametrize("params", ["limit=0", "limit=x", "cursor=bad", "cursor=WyJhIl0", "status=new"])
+@pytest.mark.parametrize("params", ["limit=0", "limit=x", "cursor=bad", "cursor=WyJhIl0", "status=new",
+                                    f"cursor={DEEP_CURSOR}", "cursor=WzFd=", "cursor=WyAxXQ", "cursor=WzBd"])
 def test_events_reject_bad_query_parameters_with_422(client, params):
     incident = create(client)
     assert_problem(client.get(f"/incidents/{incident['id']}/events?{params}"), 422)
@@ -970,6 +987,30 @@ def test_database_file_is_created_with_schema_on_startup(app, db_path):
     assert query(db_path, "PRAGMA journal_mode") == [("wal",)]
     columns = [row[1] for row in query(db_path, "PRAGMA table_info(incidents)")]
     assert columns[:6] == ["id", "description", "status", "source", "created_at", "updated_at"]
+
+
+def test_database_and_the_files_beside_it_are_for_their_owner_only(client, db_path):
+    create(client)
+    for name in ("", "-wal", "-shm", "-writer.lock"):
+        assert os.stat(f"{db_path}{name}").st_mode & 0o777 == 0o600, name
+
+
+def test_existing_database_keeps_its_mode(db_path):
+    db_path.touch(mode=0o640)
+    db_path.chmod(0o640)
+    incidents.create_app({"DATABASE": str(db_path)})
+    assert db_path.stat().st_mode & 0o777 == 0o640
+
+
+# Each migration's text as released: files in the field ran exactly this; a new file must get the same.
+MIGRATION_PINS = ["1824ad64a8d090a8", "2568b4ef34d03c25", "03652428789037dc", "37ea07775b9a208c",
+                  "142188eb6d97c5d4", "8fd34c596f0a7476", "c9660475526e049d"]
+
+
+def test_migrations_are_frozen_text():
+    digests = [hashlib.sha256("\n".join(step).encode()).hexdigest()[:16] for step in incidents.MIGRATIONS]
+    assert digests[:len(MIGRATION_PINS)] == MIGRATION_PINS
+    assert len(digests) == len(MIGRATION_PINS), "a new step: pin its text here"
 
 
 def test_database_path_comes_from_environment(tmp_path, monkeypatch):
@@ -2037,6 +2078,8 @@ def test_grafana_payload_is_understood_and_its_actor_named(alert, client):
         (am_payload(am_alert(endsAt=1795000000)), ["alerts[0].endsAt"]),
         (am_payload(am_alert(fingerprint=["x"])), ["alerts[0].fingerprint"]),
         (am_payload(am_alert(fingerprint="f" * 300)), ["alerts[0].fingerprint"]),
+        *[(am_payload({**am_alert(), "fingerprint": bad}), ["alerts[0].fingerprint"])
+          for bad in ({}, [], 0, False, None, "", "  ", 17)],
         (am_payload(am_alert(), am_alert(fingerprint="f2", status="x", labels=5)),
          ["alerts[1].labels", "alerts[1].status"]),
     ],
@@ -2045,6 +2088,11 @@ def test_malformed_alert_payload_is_422_naming_alert_and_field_and_writes_nothin
     answer = alert(payload, status=422)
     assert sorted(error["field"] for error in answer["errors"]) == fields
     assert query(db_path, "SELECT count(*) FROM incidents") == [(0,)]
+
+
+def test_alert_without_labels_or_summary_becomes_an_incident_that_says_so(alert, client):
+    answer = alert(am_payload(am_alert(labels={}, annotations={"summary": " "})))
+    assert client.get(f"/incidents/{answer['incidents'][0]['id']}").json["description"] == "Alert without a name"
 
 
 def test_lone_surrogate_in_labels_is_422(client, db_path):
@@ -2084,6 +2132,70 @@ def test_alert_payload_of_one_mib_is_accepted_and_larger_refused_naming_max_aler
     assert "max_alerts" in assert_problem(response, 413)["detail"]
     assert query(db_path, "SELECT count(*) FROM incidents") == [(1,)]
     assert_problem(client.post("/incidents", json={"description": "x" * 70_000, "source": "operator"}), 413)
+
+
+def many_alerts(count, run="r"):
+    return am_payload(*[am_alert(fingerprint=f"{run}-{n}", point=str(n)) for n in range(count)])
+
+
+def test_alert_payload_of_1000_alerts_is_accepted_and_1001_refused_naming_max_alerts(alert, client, db_path):
+    assert_problem_detail = assert_problem(client.post("/integrations/alertmanager", json=many_alerts(1001)), 413)
+    assert "max_alerts" in assert_problem_detail["detail"] and "1000" in assert_problem_detail["detail"]
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(0,)]
+    assert len(alert(many_alerts(1000))["incidents"]) == 1000
+
+
+def test_large_alert_payload_is_written_in_transactions_of_a_few_alerts(app, alert):
+    assert incidents.ALERT_CHUNK <= 100
+    counted = commits(app.extensions["incidents"])
+    answer = alert(many_alerts(250))
+    assert [item["action"] for item in answer["incidents"]] == ["created"] * 250
+    assert [item["id"] for item in answer["incidents"]] == list(range(1, 251))
+    assert counted() == -(-250 // incidents.ALERT_CHUNK)
+
+
+def test_alert_payload_failing_halfway_keeps_what_was_written_and_its_retry_folds(app, client, db_path, monkeypatch):
+    real, calls = incidents.fire_alert, []
+
+    def failing_at_150(*args):
+        calls.append(1)
+        if len(calls) == 150:
+            raise incidents.busy_error("database is locked")
+        return real(*args)
+
+    monkeypatch.setattr(incidents, "fire_alert", failing_at_150)
+    assert_problem(client.post("/integrations/alertmanager", json=many_alerts(250)), 503)
+    stored = 149 // incidents.ALERT_CHUNK * incidents.ALERT_CHUNK  # the slices before the one that failed
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(stored,)]
+    answer = client.post("/integrations/alertmanager", json=many_alerts(250)).json
+    assert [item["action"] for item in answer["incidents"]] == ["folded"] * stored + ["created"] * (250 - stored)
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/incidents", {"description": "x" * 70_000, "source": "operator"}),
+    ("/incidents/1", {"note": "x" * 70_000}),
+    ("/telegram/webhook", {"update_id": 1, "padding": "x" * 70_000}),
+    ("/integrations/alertmanager", {"alerts": [], "padding": "x" * (4 * 1024 * 1024)}),
+    ("/integrations/alertmanager", many_alerts(1001)),
+])
+def test_every_413_has_one_title(bot_app, path, body):
+    client = bot_app.test_client()
+    create(client)
+    method = client.patch if path == "/incidents/1" else client.post
+    response = method(path, json=body, headers={"X-Telegram-Bot-Api-Secret-Token": SECRET})
+    assert assert_problem(response, 413)["title"] == "Content Too Large"
+
+
+@pytest.mark.parametrize("path, limit", [("/incidents", incidents.MAX_BODY_BYTES),
+                                         ("/integrations/alertmanager", incidents.ALERT_BODY_MAX)])
+def test_chunked_body_over_the_limit_is_413_like_any_other(client, db_path, path, limit):
+    body = json.dumps({"description": "x" * limit, "source": "operator", "alerts": []}).encode()
+    response = client.post(path, input_stream=io.BytesIO(body), content_type="application/json",
+                           environ_overrides={"wsgi.input_terminated": True})  # as servers pass a chunked body
+    assert assert_problem(response, 413)["title"] == "Content Too Large"
+    small = json.dumps({"description": "x", "source": "operator"}).encode()
+    assert client.post("/incidents", input_stream=io.BytesIO(small), content_type="application/json",
+                       environ_overrides={"wsgi.input_terminated": True}).status_code == 201
 
 
 def test_alert_route_needs_the_api_token_when_set(token_client, db_path):
@@ -2318,7 +2430,7 @@ def test_read_only_file_at_write_time_is_503_saying_so(app, client, db_path, mon
         finally:
             db.execute("PRAGMA query_only = OFF")
 
-    monkeypatch.setattr(incidents.Database, "write", lambda self, work: real(self, lambda db: read_only(db, work)))
+    monkeypatch.setattr(incidents.Database, "write", lambda self, work, bulk=False: real(self, lambda db: read_only(db, work)))
     response = client.post("/incidents", json={"description": "x", "source": "operator"})
     assert "read-only" in assert_problem(response, 503)["detail"]
     assert client.get("/incidents/1").status_code == 200
@@ -2490,6 +2602,32 @@ def test_failed_commit_answers_every_write_in_it_503_and_stores_none(app, client
     writes.database.writer.db = real
     assert create(client, "Stored after")["id"] == kept["id"] + 1
     assert client.get("/health").json == {"status": "ok"}
+
+
+def test_bulk_job_never_holds_back_the_commit_of_writes_before_it(app, db_path):
+    writes = Writes(app)
+    release_first, release_bulk = writes.hold("held"), threading.Event()
+    counted = commits(writes.database)
+    writes.post("a", "report a")
+    bulk_taken = threading.Event()
+
+    def bulk(db):
+        bulk_taken.set()
+        release_bulk.wait(10)
+        return "bulk"
+    writes.start("bulk", lambda: writes.database.write(bulk, bulk=True))
+    writes.post("c", "report c")
+    release_first.set()
+    assert bulk_taken.wait(10)
+    deadline = time.monotonic() + 5
+    while "a" not in writes.results and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert writes.results["a"].status_code == 201 and "c" not in writes.results  # a committed before the bulk job
+    release_bulk.set()
+    results = writes.join()
+    assert (results["bulk"], results["c"].status_code) == ("bulk", 201)
+    assert counted() == 2
+    assert query(db_path, "SELECT description FROM incidents ORDER BY id") == [("held",), ("report a",), ("report c",)]
 
 
 def test_job_whose_rollback_fails_takes_its_transaction_down_and_nothing_of_it_stays(app, client, db_path):
@@ -2722,6 +2860,58 @@ def test_backup_refuses_to_overwrite_unless_forced(db_path, tmp_path, client):
     assert query(target, "SELECT count(*) FROM incidents") == [(1,)]
 
 
+def backup(app, *args):
+    return app.test_cli_runner().invoke(args=["backup", *map(str, args)])
+
+
+@pytest.mark.parametrize("target", [
+    lambda db: db,
+    lambda db: db.parent / ".." / db.parent.name / db.name,
+    lambda db: Path(f"{db}-wal"),
+    lambda db: Path(f"{db}-shm"),
+    lambda db: Path(f"{db}-writer.lock"),
+    lambda db: (db.parent / "link.db").symlink_to(db) or db.parent / "link.db",
+    lambda db: os.link(db, db.parent / "hard.db") or db.parent / "hard.db",
+])
+def test_backup_refuses_the_live_database_however_named(app, client, db_path, target):
+    create(client)
+    result = backup(app, target(db_path), "--force")
+    assert result.exit_code == 1 and "is the live database" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert client.get("/incidents/1").status_code == 200
+    assert query(db_path, "PRAGMA wal_checkpoint(TRUNCATE)")[0][0] == 0  # what was acknowledged is in the file
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(1,)]
+
+
+def test_backup_of_a_missing_database_refuses_and_creates_nothing(tmp_path):
+    result = run_flask(tmp_path / "typo.db", "backup", str(tmp_path / "copy.db"))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"Error: there is no database {tmp_path}/typo.db; set INCIDENTS_DB to the server's"]
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_backup_only_reads_its_source_and_never_migrates_it(db_path, tmp_path):
+    file_at_version(db_path, 3, [("Старый отчёт", "closed", "operator", "2026-01-01T00:00:00.000Z")])
+    result = run_flask(db_path, "backup", str(tmp_path / "copy.db"))
+    assert result.returncode == 0, result.stderr
+    assert "1 incidents" in result.stdout and "schema version 3" in result.stdout
+    assert query(db_path, "PRAGMA user_version") == [(3,)]
+    assert query(tmp_path / "copy.db", "PRAGMA journal_mode") == [("delete",)]
+    assert (tmp_path / "copy.db").stat().st_mode & 0o777 == 0o600
+
+
+def test_backup_never_follows_a_link_planted_at_its_partial_file(app, client, tmp_path):
+    create(client)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "copy.db.partial").symlink_to(victim)
+    result = backup(app, tmp_path / "copy.db")
+    assert result.exit_code == 0, result.output
+    assert victim.read_text() == "precious"
+    assert query(tmp_path / "copy.db", "SELECT count(*) FROM incidents") == [(1,)]
+
+
 # ---------------------------------------------------------------------------
 # Real server processes: restarts, concurrency, kill -9
 # ---------------------------------------------------------------------------
@@ -2781,6 +2971,39 @@ def post(url, description):
     )
     with urllib.request.urlopen(request, timeout=10) as response:
         return response.status, json.loads(response.read())
+
+
+def raw_request(url, head, body=b""):
+    """Send bytes as they are (no client quoting them) and return (status, JSON body)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(head + b"\r\nHost: " + host.encode() + b"\r\nConnection: close\r\n\r\n" + body)
+        answer = b"".join(iter(lambda: connection.recv(65536), b""))
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), json.loads(rest.partition(b"\r\n\r\n")[2])
+
+
+def chunked(data, size=8192):
+    return b"".join(b"%x\r\n%s\r\n" % (len(data[i:i + size]), data[i:i + size])
+                    for i in range(0, len(data), size)) + b"0\r\n\r\n"
+
+
+def test_real_server_reads_raw_utf8_queries_and_refuses_large_chunked_bodies(db_path):
+    with server(db_path) as (url, _):
+        post(url, "Нет связи с точкой 7")
+        status, page = raw_request(url, "GET /incidents?q=связи HTTP/1.1".encode())
+        assert (status, [item["description"] for item in page["items"]]) == (200, ["Нет связи с точкой 7"])
+        status, problem = raw_request(url, "GET /incidents?q=св HTTP/1.1".encode())
+        assert status == 422 and "'св'" in problem["errors"][0]["message"]
+        for path, limit in (("/incidents", incidents.MAX_BODY_BYTES),
+                            ("/integrations/alertmanager", incidents.ALERT_BODY_MAX)):
+            body = json.dumps({"description": "x" * limit, "source": "operator", "alerts": []}).encode()
+            status, problem = raw_request(url, f"POST {path} HTTP/1.1\r\nContent-Type: application/json\r\n"
+                                               "Transfer-Encoding: chunked".encode(), chunked(body))
+            assert (status, problem["title"]) == (413, "Content Too Large")
+        small = json.dumps({"description": "x", "source": "operator"}).encode()
+        assert raw_request(url, b"POST /incidents HTTP/1.1\r\nContent-Type: application/json\r\n"
+                                b"Transfer-Encoding: chunked", chunked(small))[0] == 201
 
 
 def test_incidents_survive_a_server_restart(db_path):
