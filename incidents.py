@@ -48,6 +48,7 @@ import sqlite3
 import sys
 import threading
 import time
+import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -85,6 +86,7 @@ WRITE_BATCH_MAX = 16  # blocks that share one COMMIT, at most
 SERVER_FIELDS = ("id", "created_at", "updated_at", "occurrences", "last_seen_at")
 TELEGRAM_API_URL = "https://api.telegram.org"
 TELEGRAM_POLL_TIMEOUT_S = 30  # how long one getUpdates call waits for news
+TELEGRAM_CALL_TIMEOUT_S = TELEGRAM_POLL_TIMEOUT_S + 10  # how long any Bot API call may take
 TELEGRAM_BACKOFF_S = (1, 60)  # first and longest wait after a network error
 TELEGRAM_LIST_MAX = 10
 TELEGRAM_UPDATES = ["message", "edited_message", "callback_query"]  # what the bot asks Telegram for
@@ -98,7 +100,7 @@ NOTIFY_KINDS = ("change", "repeat")  # a change is shown at once; repeats alone 
 NOTIFY_REPEAT_INTERVAL_S = 60
 NOTIFY_POLL_S = 0.5  # how often the sender looks for news in the outbox
 NOTIFY_DESCRIPTION_LINES = 10
-NOTIFY_DESCRIPTION_MAX = 3000  # a Telegram message holds 4096 characters
+TELEGRAM_TEXT_MAX = 4096  # a message's length, in UTF-16 code units as Telegram counts them
 STORED_TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
 DATETIME_PATTERN = re.compile(
     r"\d{4}-\d{2}-\d{2}([Tt ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?([Zz]|[+-]\d{2}:\d{2})?)?"
@@ -263,6 +265,10 @@ MIGRATIONS = (
             UPDATE notify_counts SET pending = pending - 1;
         END""",
     ),
+    (
+        # A group that became a supergroup is gone under its old id: notifications go to moved_to.
+        "ALTER TABLE notify_chats_gone ADD COLUMN moved_to INTEGER",
+    ),
 )
 
 INCIDENT_JSON = """json_object(
@@ -364,7 +370,7 @@ class Writer:
         self.queue.put(job)
         try:
             if not job.done.wait(self.timeout) and self.move(job, "dropped"):
-                raise busy_error(f"No turn to write came within {self.timeout:g} s.")
+                raise busy_error(f"database is locked: no turn to write came within {self.timeout:g} s")
             job.done.wait()  # the writer runs it: its transaction ends soon
         except BaseException:
             self.move(job, "dropped")  # interrupted while waiting (Ctrl-C): the writer skips it
@@ -677,6 +683,8 @@ def clean_text(value, limit):
     value = value.strip()
     if not 1 <= len(value) <= limit:
         raise ValueError(f"must be 1 to {limit} characters after trimming spaces")
+    if not has_visible_text(value):
+        raise ValueError("must contain visible characters, not only control characters")
     return check_storable(value)
 
 
@@ -689,6 +697,11 @@ def check_storable(value):
     except UnicodeEncodeError:
         raise ValueError("must be valid Unicode (no lone surrogates)") from None
     return value
+
+
+def has_visible_text(value):
+    """Whether a text holds something besides control characters (which show as nothing)."""
+    return any(unicodedata.category(char) != "Cc" for char in value)
 
 
 def clean_choice(value, choices):
@@ -923,16 +936,21 @@ def add_repeat_event(db, incident_id, at):
         add_event(db, incident_id, at, "repeated", count=1, last_at=at)
 
 
+# Each chat's entry in the outbox: a chat that became a supergroup is reached at its new id, one
+# the bot was removed from is not reached at all.
+QUEUE_NOTIFICATION_SQL = """
+    INSERT INTO notify_outbox (incident_id, chat_id, kind, seq, queued_at)
+    SELECT ?, coalesce(gone.moved_to, chats.value), ?, 1, ?
+    FROM json_each(?) AS chats LEFT JOIN notify_chats_gone AS gone ON gone.chat_id = chats.value
+    WHERE gone.chat_id IS NULL OR gone.moved_to NOT IN (SELECT chat_id FROM notify_chats_gone)
+    ON CONFLICT (incident_id, chat_id, kind) DO UPDATE SET seq = seq + 1"""
+
+
 def queue_notification(db, incident_id, kind):
     """Record, in the transaction of a change, that each notify chat's message must catch up."""
     chats = current_app.config["TELEGRAM_NOTIFY_CHAT_IDS"]
     if chats:
-        db.execute(
-            """INSERT INTO notify_outbox (incident_id, chat_id, kind, seq, queued_at)
-               SELECT ?, value, ?, 1, ? FROM json_each(?) WHERE value NOT IN (SELECT chat_id FROM notify_chats_gone)
-               ON CONFLICT (incident_id, chat_id, kind) DO UPDATE SET seq = seq + 1""",
-            (incident_id, kind, now(), json.dumps(chats)),
-        )
+        db.execute(QUEUE_NOTIFICATION_SQL, (incident_id, kind, now(), json.dumps(chats)))
 
 
 def fold_report(db, dedup_key, at):
@@ -1200,7 +1218,7 @@ def list_events(incident_id):
 
 
 # ---------------------------------------------------------------------------
-# Telegram: one handler for updates, two ways in (webhook and polling)
+# Telegram: the Bot API, one handler for updates, two ways in (webhook and polling)
 # ---------------------------------------------------------------------------
 
 TELEGRAM_HELP = """Send me a problem and I register it as an incident.
@@ -1208,6 +1226,120 @@ In a private chat, any text is a report. In a group: /incident <text>.
 /incidents - the newest unresolved incidents
 /take <id> - take an incident (in_progress)
 /resolve <id> - resolve an incident"""
+NO_PREVIEWS = {"link_preview_options": {"is_disabled": True}}  # a URL in a message does not unfurl
+
+
+class BotApiError(Exception):
+    """A Bot API call that failed; `retry` says whether trying again later can help."""
+
+    def __init__(self, description, retry, code=None, parameters=None):
+        super().__init__(description)
+        self.retry, self.code = retry, code
+        parameters = parameters if isinstance(parameters, dict) else {}
+        self.retry_after = parameters.get("retry_after")
+        self.migrate_to = parameters.get("migrate_to_chat_id")  # a group became this supergroup
+
+
+class Bot:
+    """The configured bot: its Bot API calls, its id, and its @username once getMe has told it.
+
+    The token is part of every call's URL, so nothing said about a call names the URL, and the
+    token is cut out of any error text before it is said.
+    """
+
+    def __init__(self, token, base_url):
+        self.token, self.base_url = token, base_url.rstrip("/")
+        self.id = int(token.partition(":")[0])
+        self.username = None
+
+    def call(self, method, payload):
+        """POST one Bot API method and return its result, or raise BotApiError."""
+        request = urllib.request.Request(f"{self.base_url}/bot{self.token}/{method}", json.dumps(payload).encode(),
+                                         {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=TELEGRAM_CALL_TIMEOUT_S) as response:
+                answer = json.load(response)
+        except urllib.error.HTTPError as error:
+            answer = self.error_answer(error)
+        except Exception as error:  # no connection, a timeout, a garbled answer
+            raise BotApiError(f"{method}: {self.without_token(error)}", retry=True) from None
+        if isinstance(answer, dict) and answer.get("ok"):
+            return answer.get("result")
+        answer = answer if isinstance(answer, dict) else {}
+        code = answer.get("error_code")
+        # 401 and 404: a wrong token; 409: a webhook is set or another poller runs. Waiting won't help.
+        raise BotApiError(self.without_token(f"{method}: {code} {answer.get('description', '')}".strip()),
+                          retry=code not in (401, 404, 409), code=code, parameters=answer.get("parameters"))
+
+    def error_answer(self, error):
+        """The JSON Telegram sent with an HTTP error, or its status where the body is something else."""
+        try:
+            return json.load(error)
+        except Exception:  # an HTML error page, a cut-off body
+            return {"error_code": error.code, "description": self.without_token(error.reason)}
+
+    def without_token(self, text):
+        return str(text).replace(self.token, "<token>")
+
+    def learn_username(self):
+        """Ask getMe once for the bot's @username, so that commands addressed to other bots are ignored."""
+        try:
+            self.username = self.call("getMe", {})["username"]
+        except (BotApiError, KeyError, TypeError) as error:
+            current_app.logger.warning("getMe told no username (%s); commands addressed to any bot count as ours",
+                                       error)
+
+
+def telegram_bot():
+    """The configured bot, or a usage error that says what to set."""
+    token = current_app.config["TELEGRAM_BOT_TOKEN"]
+    if not token:
+        raise click.UsageError("Set TELEGRAM_BOT_TOKEN to the token BotFather gave you (123456:ABC...).")
+    return Bot(token, current_app.config["TELEGRAM_API_URL"])
+
+
+def retry_delay(error, delay):
+    """How long to wait after a failed Bot API call: what Telegram asks, else doubling up to a limit."""
+    if not error.retry:
+        raise click.ClickException(f"Telegram refused: {error}") from None
+    return error.retry_after or min(max(delay * 2, TELEGRAM_BACKOFF_S[0]), TELEGRAM_BACKOFF_S[1])
+
+
+def keep_trying(work, what):
+    """work(), again after a pause for as long as the database refuses it, each refusal logged in one line."""
+    while True:
+        try:
+            return work()
+        except sqlite3.Error as error:
+            current_app.logger.warning("%s: %s; trying again in %s s", what, error, TELEGRAM_BACKOFF_S[0])
+            time.sleep(TELEGRAM_BACKOFF_S[0])
+
+
+def allowed_chats():
+    """The chats the bot acts for: the allowed ones, and every chat it notifies (so that their buttons work)."""
+    config = current_app.config
+    return {*config["TELEGRAM_ALLOWED_CHAT_IDS"], *config["TELEGRAM_NOTIFY_CHAT_IDS"],
+            *config["TELEGRAM_ESCALATE_CHAT_IDS"]}
+
+
+def chat_allowed(db, chat_id):
+    """Whether the bot acts on messages and taps from a chat: one of allowed_chats(), or a supergroup one became."""
+    allowed = allowed_chats()
+    return chat_id in allowed or db.execute(
+        "SELECT 1 FROM notify_chats_gone WHERE moved_to = ? AND chat_id IN (SELECT value FROM json_each(?))",
+        (chat_id, json.dumps(sorted(allowed)))).fetchone() is not None
+
+
+def warn_if_no_chat_allowed(say):
+    """Say once, at startup, that the bot acts nowhere: no chat is allowed."""
+    if not allowed_chats():
+        say("Telegram: no chat may use the bot, so it acts nowhere; set TELEGRAM_ALLOWED_CHAT_IDS (or "
+            "TELEGRAM_NOTIFY_CHAT_IDS) to the chats whose messages it should act on.")
+
+
+def clean_name(text):
+    """A name from Telegram as text to store: lone surrogates and control characters left out."""
+    return "".join(char for char in str(text) if unicodedata.category(char) not in ("Cc", "Cs")).strip()
 
 
 def telegram_user(update_part):
@@ -1218,13 +1350,15 @@ def telegram_user(update_part):
 def telegram_name(update_part):
     """@username, else the name of who sent a message or tapped a button."""
     user = telegram_user(update_part)
-    return f"@{user['username']}" if user.get("username") else " ".join(
-        str(user[part]) for part in ("first_name", "last_name") if user.get(part)) or "someone"
+    username = clean_name(user.get("username") or "")
+    return f"@{username}" if username else " ".join(
+        clean_name(user[part]) for part in ("first_name", "last_name") if user.get(part)).strip() or "someone"
 
 
 def telegram_sender(update_part):
     """Who did it, as shown on the timeline: the name with the Telegram user id."""
-    return f"{telegram_name(update_part)} (Telegram user {telegram_user(update_part).get('id', '?')})"[:ACTOR_MAX]
+    user_id = telegram_user(update_part).get("id")
+    return f"{telegram_name(update_part)} (Telegram user {user_id if type(user_id) is int else '?'})"[:ACTOR_MAX]
 
 
 def telegram_report(db, message, text):
@@ -1233,7 +1367,8 @@ def telegram_report(db, message, text):
     known = db.execute("SELECT id FROM incidents WHERE dedup_key = ?", (dedup_key,)).fetchone()
     if known is None:
         chat = message["chat"]
-        where = "a private chat" if chat.get("type") == "private" else f"chat {chat.get('title', '')!r}"
+        title = clean_name(chat.get("title", ""))
+        where = "a private chat" if chat.get("type") == "private" else f"chat {title!r}"
         actor = telegram_sender(message)
         values = {"description": clean_text(text, DESCRIPTION_MAX), "source": "operator", "dedup_key": dedup_key}
         note = f"Reported in Telegram by {actor} in {where} (chat {chat['id']}, message {message['message_id']})"
@@ -1260,22 +1395,60 @@ def telegram_set_status(db, message, argument, status):
     return f"Incident #{int(number)} is {status.replace('_', ' ')}, by {actor}"
 
 
-def telegram_command(db, message, text):
-    """The reply to a message: a command, or in a private chat a report; None to stay silent."""
-    private = message["chat"].get("type") == "private"
+def parse_command(text, me):
+    """(command, argument) of a message; ("", text) for plain text; None for a command to another bot."""
     if not text.startswith("/"):
-        return telegram_report(db, message, text) if private else None
-    command, argument = (text.split(maxsplit=1) + [""])[:2]  # the text may start on the next line
-    command = command.split("@")[0].lower()
+        return "", text
+    word, argument = (text.split(maxsplit=1) + [""])[:2]  # the argument may start on the next line
+    command, _, addressee = word.partition("@")
+    if addressee and me and addressee.lower() != me.lower():
+        return None
+    return command.lower(), argument
+
+
+def telegram_command(db, message, command, argument):
+    """The reply to a message from a chat that may use the bot; None to stay silent."""
+    private = message["chat"].get("type") == "private"
+    if not command:
+        return telegram_report(db, message, argument) if private else None
     if command == "/incident":
         return telegram_report(db, message, argument) if argument else "Describe the problem: /incident <text>"
     if command == "/incidents":
         return telegram_open_incidents(db)
     if command in ("/take", "/resolve"):
         return telegram_set_status(db, message, argument, "in_progress" if command == "/take" else "resolved")
-    if command in ("/start", "/help") or private:
-        return TELEGRAM_HELP
-    return None  # a group's command for another bot
+    return TELEGRAM_HELP if private else None
+
+
+def telegram_help(db, chat_id):
+    """/start and /help, in any chat: what the bot does, and this chat's id for whoever sets it up."""
+    if chat_allowed(db, chat_id):
+        return f"{TELEGRAM_HELP}\n\nThis chat's id is {chat_id}; the bot acts here."
+    return (f"{TELEGRAM_HELP}\n\nThis chat's id is {chat_id}; the bot does not act here. "
+            f"To allow it, add {chat_id} to TELEGRAM_ALLOWED_CHAT_IDS.")
+
+
+def telegram_reply(db, message, me):
+    """The text that answers a message, or None: a command, a report, or a word on why nothing was done."""
+    chat_id, private = message["chat"]["id"], message["chat"].get("type") == "private"
+    text = message.get("text") or message.get("caption")
+    parsed = parse_command(text.strip() if isinstance(text, str) else "", me)
+    if parsed is None:
+        return None  # a command for another bot in the group
+    command, argument = parsed
+    if command in ("/start", "/help"):
+        return telegram_help(db, chat_id)
+    if not chat_allowed(db, chat_id):
+        return (f"This chat ({chat_id}) may not use this bot. To allow it, add {chat_id} to "
+                "TELEGRAM_ALLOWED_CHAT_IDS.") if private else None
+    if not (command or argument):
+        return "I only understand text. /help" if private else None
+    try:
+        return telegram_command(db, message, command, argument)
+    except ApiError as error:
+        return error.detail
+    except ValueError as error:  # text that cannot be stored as it is
+        return f"Nothing was registered: the text {error}."
 
 
 # What a button does: action -> (the status it sets, the statuses it is meant for, the verb it is told by).
@@ -1290,9 +1463,13 @@ BUTTON_DATA = re.compile(r"(take|resolve|reopen):([0-9]{1,19})")
 def telegram_button(db, callback):
     """A tap on a notification's button: the change it names, answered with what happened.
 
-    A tap on a button the incident has moved past changes nothing and refreshes the message.
+    A tap on a button the incident has moved past changes nothing and refreshes the message; a tap
+    in a chat that may not use the bot changes nothing at all.
     """
     answer = {"method": "answerCallbackQuery", "callback_query_id": callback["id"]}
+    chat = (callback.get("message") or {}).get("chat") if isinstance(callback.get("message"), dict) else None
+    if not (isinstance(chat, dict) and type(chat.get("id")) is int and chat_allowed(db, chat["id"])):
+        return {**answer, "text": "Not allowed in this chat"}
     data = callback.get("data")
     match = BUTTON_DATA.fullmatch(data) if isinstance(data, str) else None
     if not match or int(match[2]) > MAX_ID:
@@ -1312,12 +1489,12 @@ def telegram_button(db, callback):
     return {**answer, "text": f"Incident #{incident_id} {verb} by {telegram_name(callback)}"}
 
 
-def handle_telegram_update(db, update):
-    """Act on one Telegram Update inside the caller's write transaction.
+def handle_telegram_update(db, update, me=None):
+    """Act on one Telegram Update inside the caller's write transaction: all of it is stored, or none.
 
-    Returns the Bot API call that answers it (sendMessage, or answerCallbackQuery for a button),
-    or None when it is ignored (edits, joins, channel posts, a group's chatter). A problem the
-    user can fix becomes the reply.
+    `me` is the bot's @username where known. Returns the Bot API call that answers the update
+    (sendMessage, or answerCallbackQuery for a button), or None when it is ignored (edits, joins,
+    channel posts, a group's chatter, a group that may not use the bot).
     """
     callback = update.get("callback_query")
     if isinstance(callback, dict) and isinstance(callback.get("id"), str):
@@ -1330,20 +1507,20 @@ def handle_telegram_update(db, update):
         and type(message.get("message_id")) is int
     ):
         return None
-    text = message.get("text") or message.get("caption")
-    if not isinstance(text, str) or not text.strip():
-        reply = "I only understand text. /help" if message["chat"].get("type") == "private" else None
-    else:
-        try:
-            reply = telegram_command(db, message, text.strip())
-        except ApiError as error:
-            reply = error.detail
-        except ValueError as error:
-            reply = f"The text {error}."
+    reply = telegram_reply(db, message, me)
     if reply is None:
         return None
     return {"method": "sendMessage", "chat_id": message["chat"]["id"],
-            "reply_to_message_id": message["message_id"], "text": reply}
+            "reply_to_message_id": message["message_id"], "text": reply, **NO_PREVIEWS}
+
+
+def webhook_username():
+    """The bot's @username for the webhook: asked of getMe once, where TELEGRAM_BOT_TOKEN is set."""
+    bot = current_app.extensions.get("telegram_bot")
+    if bot is None and current_app.config["TELEGRAM_BOT_TOKEN"]:
+        bot = current_app.extensions["telegram_bot"] = telegram_bot()
+        bot.learn_username()
+    return bot and bot.username
 
 
 def telegram_webhook():
@@ -1355,53 +1532,8 @@ def telegram_webhook():
     if not hmac.compare_digest(given.encode(), secret.encode()):
         raise ApiError(401, "X-Telegram-Bot-Api-Secret-Token does not match TELEGRAM_WEBHOOK_SECRET.")
     update = read_json_object()
-    reply = write(lambda db: handle_telegram_update(db, update))
-    return jsonify(reply or {})
-
-
-class BotApiError(Exception):
-    """A Bot API call that failed; `retry` says whether trying again later can help."""
-
-    def __init__(self, description, retry, retry_after=None, code=None):
-        super().__init__(description)
-        self.retry = retry
-        self.retry_after = retry_after
-        self.code = code
-
-
-def call_bot_api(base_url, token, method, payload, timeout):
-    """POST one Bot API method and return its result, or raise BotApiError."""
-    request = urllib.request.Request(
-        f"{base_url}/bot{token}/{method}", json.dumps(payload).encode(), {"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            answer = json.load(response)
-    except urllib.error.HTTPError as error:
-        try:
-            answer = json.load(error)
-        except ValueError:
-            answer = {"error_code": error.code, "description": error.reason}
-    except (OSError, ValueError) as error:  # no connection, timeout, a garbled answer
-        raise BotApiError(f"{method}: {error}", retry=True) from None
-    if isinstance(answer, dict) and answer.get("ok"):
-        return answer.get("result")
-    answer = answer if isinstance(answer, dict) else {}
-    code = answer.get("error_code")
-    # 401 and 404: a wrong token; 409: a webhook is set or another poller runs. Waiting won't help.
-    raise BotApiError(
-        f"{method}: {code} {answer.get('description', '')}".strip(),
-        retry=code not in (401, 404, 409),
-        retry_after=(answer.get("parameters") or {}).get("retry_after"),
-        code=code,
-    )
-
-
-def retry_delay(error, delay):
-    """How long to wait after a failed Bot API call: what Telegram asks, else doubling up to a limit."""
-    if not error.retry:
-        raise click.ClickException(f"Telegram refused: {error}") from None
-    return error.retry_after or min(max(delay * 2, TELEGRAM_BACKOFF_S[0]), TELEGRAM_BACKOFF_S[1])
+    me = webhook_username()
+    return jsonify(write(lambda db: handle_telegram_update(db, update, me)) or {})
 
 
 def load_offset(db, bot_id):
@@ -1409,54 +1541,50 @@ def load_offset(db, bot_id):
     return row[0] if row else 0
 
 
-def take_update(db, update, bot_id):
+def take_update(db, update, bot):
     """Act on an update and store the offset after it, in one transaction; the reply to send."""
-    reply = handle_telegram_update(db, update)
+    reply = handle_telegram_update(db, update, bot.username)
     db.execute(
         """INSERT INTO telegram_offsets (bot_id, next_update_id) VALUES (?, ?)
            ON CONFLICT (bot_id) DO UPDATE SET next_update_id = excluded.next_update_id""",
-        (bot_id, update["update_id"] + 1),
+        (bot.id, update["update_id"] + 1),
     )
     return reply
 
 
-def poll_telegram(database, db, call, bot_id):
-    """Long-poll getUpdates until interrupted, backing off while Telegram is unreachable.
+def poll_once(database, db, bot, delay):
+    """One getUpdates and what it brought; returns how long to wait before the next, backing off on errors.
 
-    Each update is acted on and the next offset stored in one transaction, so a restart neither
-    loses nor repeats an update; the reply is sent after the commit.
+    Each update is acted on and the next offset stored in one transaction, tried again (never
+    skipped) while the database refuses it, so a restart neither loses nor repeats an update; the
+    reply is sent after the commit.
     """
+    try:
+        updates = bot.call("getUpdates", {"offset": load_offset(db, bot.id), "timeout": TELEGRAM_POLL_TIMEOUT_S,
+                                          "allowed_updates": TELEGRAM_UPDATES})
+    except BotApiError as error:
+        delay = retry_delay(error, delay)
+        current_app.logger.warning("Telegram unreachable (%s); trying again in %s s", error, delay)
+        return delay
+    for update in updates if isinstance(updates, list) else []:
+        if not (isinstance(update, dict) and type(update.get("update_id")) is int):
+            continue
+        reply = keep_trying(lambda: database.write(lambda writer: take_update(writer, update, bot)),
+                            f"update {update['update_id']} not stored")
+        if reply:
+            try:
+                bot.call(reply.pop("method"), reply)
+            except BotApiError as error:
+                current_app.logger.warning("reply to update %s not sent: %s", update["update_id"], error)
+    return 0
+
+
+def poll_telegram(database, db, bot):
+    """Long-poll getUpdates until interrupted."""
     delay = 0
     while True:
         time.sleep(delay)
-        try:
-            updates = call("getUpdates", {"offset": load_offset(db, bot_id), "timeout": TELEGRAM_POLL_TIMEOUT_S,
-                                          "allowed_updates": TELEGRAM_UPDATES})
-        except BotApiError as error:
-            delay = retry_delay(error, delay)
-            current_app.logger.warning("Telegram unreachable (%s); trying again in %s s", error, delay)
-            continue
-        delay = 0
-        for update in updates:
-            reply = database.write(lambda db: take_update(db, update, bot_id))
-            if reply:
-                try:
-                    call(reply.pop("method"), reply)
-                except BotApiError as error:
-                    current_app.logger.warning("reply to update %s not sent: %s", update["update_id"], error)
-
-
-def telegram_bot():
-    """The configured bot's Bot API caller and id, or a usage error that says what to set."""
-    token = current_app.config["TELEGRAM_BOT_TOKEN"]
-    if not token or not token.partition(":")[0].isdigit():
-        raise click.UsageError("Set TELEGRAM_BOT_TOKEN to the token BotFather gave you (123456:ABC...).")
-    base_url = current_app.config["TELEGRAM_API_URL"].rstrip("/")
-
-    def call(method, payload):
-        return call_bot_api(base_url, token, method, payload, TELEGRAM_POLL_TIMEOUT_S + 10)
-
-    return call, int(token.partition(":")[0])
+        delay = poll_once(database, db, bot, delay)
 
 
 def until_interrupted(banner, work):
@@ -1480,13 +1608,15 @@ def telegram_poll_command():
     With TELEGRAM_NOTIFY_CHAT_IDS set, it also sends the notifications, from a thread of its own.
     """
     open_database()
-    call, bot_id = telegram_bot()
+    bot = telegram_bot()
+    warn_if_no_chat_allowed(lambda line: click.echo(line, err=True))
+    bot.learn_username()
     with contextlib.ExitStack() as stack:
         if current_app.config["TELEGRAM_NOTIFY_CHAT_IDS"]:
-            stack.enter_context(sole_sender(current_app.extensions["incidents"].path, bot_id))
-            stack.enter_context(notifications_in_background(call))
+            stack.enter_context(sole_sender(current_app.extensions["incidents"].path, bot.id))
+            stack.enter_context(notifications_in_background(bot))
         until_interrupted("Polling Telegram for reports; press Ctrl-C to stop.",
-                          lambda database, db: poll_telegram(database, db, call, bot_id))
+                          lambda database, db: poll_telegram(database, db, bot))
 
 
 # ---------------------------------------------------------------------------
@@ -1675,11 +1805,25 @@ def short_time(timestamp):
     return f"{timestamp[:10]} {timestamp[11:16]} UTC"
 
 
-def shorten(text):
-    """The first lines of a description, cut to fit a Telegram message with room to spare."""
-    lines = text.splitlines()
-    short = "\n".join(lines[:NOTIFY_DESCRIPTION_LINES])[:NOTIFY_DESCRIPTION_MAX]
-    return short if short == text else short.rstrip() + " …"
+def utf16_length(text):
+    """The length of a text as Telegram counts it: in UTF-16 code units."""
+    return len(text.encode("utf-16-le")) // 2
+
+
+def fit_description(text, room):
+    """The first lines of a description, HTML-escaped and cut to `room` UTF-16 units, " …" marking a cut."""
+    short = "\n".join(text.splitlines()[:NOTIFY_DESCRIPTION_LINES])
+    escaped = html.escape(short, quote=False)
+    if short == text and utf16_length(escaped) <= room:
+        return escaped
+    shortest, longest = 0, len(short)  # the longest prefix that fits with " …" after it
+    while shortest < longest:
+        middle = (shortest + longest + 1) // 2
+        if utf16_length(html.escape(short[:middle], quote=False)) <= room - 2:
+            shortest = middle
+        else:
+            longest = middle - 1
+    return html.escape(short[:shortest], quote=False).rstrip() + " …"
 
 
 def incident_message(db, incident_id):
@@ -1690,17 +1834,17 @@ def incident_message(db, incident_id):
         (incident_id,),
     ).fetchone()
     status = incident["status"].replace("_", " ")
-    lines = [f"<b>Incident #{incident_id}</b> · {status} · {incident['source']}",
-             html.escape(shorten(incident["description"]), quote=False),
-             f"Reported {short_time(incident['created_at'])}"]
+    header = f"<b>Incident #{incident_id}</b> · {status} · {incident['source']}"
+    lines = [f"Reported {short_time(incident['created_at'])}"]
     if incident["occurrences"] > 1:
         lines.append(f"Repeated {incident['occurrences']} times, last {short_time(incident['last_seen_at'])}")
     if change:
         lines.append(f"Now {status}: by {html.escape(change['actor'] or 'someone', quote=False)}, "
                      f"{short_time(change['at'])}")
+    room = TELEGRAM_TEXT_MAX - utf16_length("\n".join([header, *lines])) - 1
     buttons = [{"text": label, "callback_data": f"{action}:{incident_id}"}
                for action, label in NOTIFY_BUTTONS[incident["status"]]]
-    return "\n".join(lines), {"inline_keyboard": [buttons]}
+    return "\n".join([header, fit_description(incident["description"], room), *lines]), {"inline_keyboard": [buttons]}
 
 
 def pending_notifications(db):
@@ -1720,19 +1864,20 @@ def seconds_until_due(row, repeat_interval):
     return max(0.0, repeat_interval - age_seconds(row["shown_at"]))
 
 
-def show_incident(call, row, text, markup):
+def show_incident(bot, row, text, markup):
     """Send the message, or edit the one already shown; returns its message id."""
-    message = {"chat_id": row["chat_id"], "text": text, "parse_mode": "HTML", "reply_markup": markup}
+    message = {"chat_id": row["chat_id"], "text": text, "parse_mode": "HTML", "reply_markup": markup, **NO_PREVIEWS}
     if row["message_id"] is not None:
         try:
-            call("editMessageText", {**message, "message_id": row["message_id"]})
+            bot.call("editMessageText", {**message, "message_id": row["message_id"]})
             return row["message_id"]
         except BotApiError as error:
             if "message is not modified" in str(error):
                 return row["message_id"]
-            if "message to edit not found" not in str(error) and "message can't be edited" not in str(error):
+            if error.code != 400 or error.migrate_to or chat_is_gone(error):
                 raise
-    return call("sendMessage", message)["message_id"]  # the first message, or the old one was deleted
+            # Any other refusal is about the message (deleted, too old, MESSAGE_ID_INVALID): show it afresh.
+    return bot.call("sendMessage", message)["message_id"]
 
 
 def chat_is_gone(error):
@@ -1756,27 +1901,58 @@ def mark_delivered(database, row, message_id=None):
     database.write(record)
 
 
-def forget_chat(database, chat_id, error):
-    """The bot was removed from a chat: log it, drop its queue and queue nothing more for it."""
-    current_app.logger.error("Telegram chat %s no longer takes messages (%s); nothing more is queued for it",
-                             chat_id, error)
-    def drop(db):
-        db.execute("INSERT OR REPLACE INTO notify_chats_gone (chat_id, reason, at) VALUES (?, ?, ?)",
-                   (chat_id, str(error)[:NOTE_MAX], now()))
-        db.execute("DELETE FROM notify_outbox WHERE chat_id = ?", (chat_id,))
-    database.write(drop)
+def forget_chat(db, chat_id, error):
+    """The bot was removed from a chat: drop its queue and queue nothing more for it."""
+    db.execute("INSERT OR REPLACE INTO notify_chats_gone (chat_id, reason, at) VALUES (?, ?, ?)",
+               (chat_id, str(error)[:NOTE_MAX], now()))
+    db.execute("DELETE FROM notify_outbox WHERE chat_id = ?", (chat_id,))
 
 
-def deliver_notifications(database, db, call, repeat_interval):
+def move_chat(db, chat_id, error):
+    """A group became a supergroup: what was queued for it, and each open incident shown there, go to the new id.
+
+    The old messages cannot be edited in the new chat, so the open incidents are shown there afresh.
+    """
+    at, new_id = now(), error.migrate_to
+    db.execute("INSERT OR REPLACE INTO notify_chats_gone (chat_id, reason, at, moved_to) VALUES (?, ?, ?, ?)",
+               (chat_id, str(error)[:NOTE_MAX], at, new_id))
+    db.execute(f"""INSERT INTO notify_outbox (incident_id, chat_id, kind, seq, queued_at)
+                   SELECT incident_id, ?, 'change', 1, ? FROM notify_messages
+                   WHERE chat_id = ? AND EXISTS (SELECT 1 FROM incidents WHERE id = incident_id AND {IS_OPEN})
+                   UNION SELECT incident_id, ?, kind, 1, queued_at FROM notify_outbox WHERE chat_id = ?
+                   ON CONFLICT (incident_id, chat_id, kind) DO UPDATE SET seq = seq + 1""",
+               (new_id, at, chat_id, new_id, chat_id))
+    db.execute("DELETE FROM notify_outbox WHERE chat_id = ?", (chat_id,))
+    db.execute("DELETE FROM notify_messages WHERE chat_id = ?", (chat_id,))
+
+
+def chat_refused(database, chat_id, error):
+    """Handle a refusal that is about the chat, not one message: True for a chat moved or gone (logged)."""
+    if error.migrate_to:
+        current_app.logger.error("Telegram chat %s is now the supergroup %s, where notifications go from now on; "
+                                 "put %s in place of %s in TELEGRAM_NOTIFY_CHAT_IDS", chat_id, error.migrate_to,
+                                 error.migrate_to, chat_id)
+        database.write(lambda db: move_chat(db, chat_id, error))
+        return True
+    if chat_is_gone(error):
+        current_app.logger.error("Telegram chat %s no longer takes messages (%s); nothing more is queued for it",
+                                 chat_id, error)
+        database.write(lambda db: forget_chat(db, chat_id, error))
+        return True
+    return False
+
+
+def deliver_notifications(database, db, bot, repeat_interval):
     """Bring every message the outbox names up to date; returns seconds until the next one is due.
 
-    A message shows the incident as it is when sent, so a burst of changes becomes one edit.
-    A 429 or a network error stops the pass (the caller waits); a chat that is gone is dropped, and
-    so is an update Telegram refuses as a bad request (logged).
+    A message shows the incident as it is when sent, so a burst of changes becomes one edit. What
+    Telegram accepted is recorded before anything else is sent, tried again while the database
+    refuses it. A 429 or a network error stops the pass (the caller waits); a chat that moved or is
+    gone is dealt with, and an update Telegram refuses as a bad request is dropped (logged).
     """
-    wait, gone = NOTIFY_POLL_S, set()
+    wait, dealt_with = NOTIFY_POLL_S, set()
     for row in pending_notifications(db):
-        if row["chat_id"] in gone:  # its rows were dropped with it
+        if row["chat_id"] in dealt_with:  # its rows were moved or dropped with it
             continue
         due_in = seconds_until_due(row, repeat_interval)
         if due_in:
@@ -1784,30 +1960,39 @@ def deliver_notifications(database, db, call, repeat_interval):
             continue
         text, markup = incident_message(db, row["incident_id"])
         try:
-            message_id = show_incident(call, row, text, markup)
+            message_id = show_incident(bot, row, text, markup)
         except BotApiError as error:
-            if chat_is_gone(error):
-                forget_chat(database, row["chat_id"], error)
-                gone.add(row["chat_id"])
+            if chat_refused(database, row["chat_id"], error):
+                dealt_with.add(row["chat_id"])
                 continue
             if error.code != 400:
                 raise
             # Telegram refuses this very request: trying it again would hold up every message after it.
             current_app.logger.error("incident %s not shown in chat %s: %s", row["incident_id"], row["chat_id"], error)
             message_id = None
-        mark_delivered(database, row, message_id)
+        keep_trying(lambda: mark_delivered(database, row, message_id),
+                    f"incident {row['incident_id']} shown in chat {row['chat_id']}, not yet recorded")
     return wait
 
 
-def send_notifications(database, db, call, repeat_interval, stop):
-    """Deliver the outbox until `stop` is set, waiting out 429s and outages."""
+def notify_once(database, db, bot, repeat_interval, delay):
+    """One pass over the outbox; returns how long to wait before the next, waiting out 429s, outages and
+    a database that refuses writes."""
+    try:
+        return deliver_notifications(database, db, bot, repeat_interval)
+    except BotApiError as error:
+        delay, why = retry_delay(error, delay), error
+    except sqlite3.Error as error:
+        delay, why = TELEGRAM_BACKOFF_S[0], error
+    current_app.logger.warning("notifications held (%s); trying again in %s s", why, delay)
+    return delay
+
+
+def send_notifications(database, db, bot, repeat_interval, stop):
+    """Deliver the outbox until `stop` is set."""
     delay = 0
     while not stop.wait(delay):
-        try:
-            delay = deliver_notifications(database, db, call, repeat_interval)
-        except BotApiError as error:
-            delay = retry_delay(error, delay)
-            current_app.logger.warning("notifications held (%s); trying again in %s s", error, delay)
+        delay = notify_once(database, db, bot, repeat_interval, delay)
 
 
 @contextmanager
@@ -1816,7 +2001,7 @@ def sole_sender(database_path, bot_id):
 
     A kernel lock on a file beside the database: released when its process ends, however it ends.
     """
-    turn = os.open(f"{database_path}-telegram-sender-{bot_id}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    turn = open_private(f"{database_path}-telegram-sender-{bot_id}.lock")
     try:
         try:
             fcntl.flock(turn, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1832,7 +2017,7 @@ def sole_sender(database_path, bot_id):
 
 
 @contextmanager
-def notifications_in_background(call):
+def notifications_in_background(bot):
     """The sender in a thread beside the poller, whose getUpdates waits up to 30 s at a time."""
     app, stop = current_app._get_current_object(), threading.Event()
 
@@ -1840,9 +2025,11 @@ def notifications_in_background(call):
         with app.app_context():
             try:
                 until_interrupted("Sending notifications.", lambda database, db: send_notifications(
-                    database, db, call, app.config["NOTIFY_REPEAT_INTERVAL"], stop))
+                    database, db, bot, app.config["NOTIFY_REPEAT_INTERVAL"], stop))
             except click.ClickException as error:
                 app.logger.error("notifications stopped: %s", error.message)
+            except Exception:
+                app.logger.exception("notifications stopped")
 
     thread = threading.Thread(target=run, name="telegram-notify", daemon=True)
     thread.start()
@@ -1850,7 +2037,7 @@ def notifications_in_background(call):
         yield
     finally:
         stop.set()
-        thread.join(TELEGRAM_POLL_TIMEOUT_S + 15)  # a call in flight ends within its timeout
+        thread.join(TELEGRAM_CALL_TIMEOUT_S + 5)  # a call in flight ends within its timeout
 
 
 @click.command("telegram-notify")
@@ -1858,12 +2045,12 @@ def notifications_in_background(call):
 def telegram_notify_command():
     """Show incidents in TELEGRAM_NOTIFY_CHAT_IDS and keep them current (beside a webhook deployment)."""
     open_database()
-    call, bot_id = telegram_bot()
+    bot = telegram_bot()
     if not current_app.config["TELEGRAM_NOTIFY_CHAT_IDS"]:
         raise click.UsageError("Set TELEGRAM_NOTIFY_CHAT_IDS to the chats to notify, ids separated by commas.")
-    with sole_sender(current_app.extensions["incidents"].path, bot_id):
+    with sole_sender(current_app.extensions["incidents"].path, bot.id):
         until_interrupted("Sending notifications; press Ctrl-C to stop.", lambda database, db: send_notifications(
-            database, db, call, current_app.config["NOTIFY_REPEAT_INTERVAL"], threading.Event()))
+            database, db, bot, current_app.config["NOTIFY_REPEAT_INTERVAL"], threading.Event()))
 
 
 # ---------------------------------------------------------------------------
@@ -2003,6 +2190,24 @@ def env_chat_ids(name):
     return tuple(int(part) for part in ids)
 
 
+def env_url(name, default):
+    """An http(s) address from the environment, or a startup error that names the setting."""
+    text = os.environ.get(name, "").strip() or default
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc or not text.isascii() or any(
+            char.isspace() or not char.isprintable() for char in text):
+        stop_startup(f"{name} must be an http:// or https:// address such as {default}, not {text!r}")
+    return text
+
+
+def env_bot_token(name):
+    """A bot token from the environment (digits, a colon, then letters), or a startup error."""
+    text = os.environ.get(name, "").strip()
+    if text and not re.fullmatch(r"[0-9]{1,19}:[A-Za-z0-9_-]{1,100}", text):
+        stop_startup(f"{name} must be the token BotFather gave you, such as 123456:ABC-DEF1234ghIkl; check it")
+    return text or None
+
+
 def check_database_path(path):
     """Stop at startup, in one line, where SQLite could only fail later with an obscure error."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -2024,10 +2229,12 @@ def configuration():
         BUSY_TIMEOUT=env_seconds("INCIDENTS_BUSY_TIMEOUT", BUSY_TIMEOUT_S, least=1),
         API_TOKEN=os.environ.get("INCIDENTS_API_TOKEN") or None,
         TELEGRAM_WEBHOOK_SECRET=os.environ.get("TELEGRAM_WEBHOOK_SECRET") or None,
-        TELEGRAM_BOT_TOKEN=os.environ.get("TELEGRAM_BOT_TOKEN") or None,
-        TELEGRAM_API_URL=os.environ.get("TELEGRAM_API_URL") or TELEGRAM_API_URL,
+        TELEGRAM_BOT_TOKEN=env_bot_token("TELEGRAM_BOT_TOKEN"),
+        TELEGRAM_API_URL=env_url("TELEGRAM_API_URL", TELEGRAM_API_URL),
         REOPEN_WINDOW=env_seconds("INCIDENTS_REOPEN_WINDOW", REOPEN_WINDOW_S),
+        TELEGRAM_ALLOWED_CHAT_IDS=env_chat_ids("TELEGRAM_ALLOWED_CHAT_IDS"),
         TELEGRAM_NOTIFY_CHAT_IDS=env_chat_ids("TELEGRAM_NOTIFY_CHAT_IDS"),
+        TELEGRAM_ESCALATE_CHAT_IDS=env_chat_ids("TELEGRAM_ESCALATE_CHAT_IDS"),
         NOTIFY_REPEAT_INTERVAL=NOTIFY_REPEAT_INTERVAL_S,
         MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
     )
@@ -2078,6 +2285,8 @@ def create_app(test_config=None):
     if not finding_a_command():
         with app.app_context():
             open_database()
+            if app.config["TELEGRAM_WEBHOOK_SECRET"]:
+                warn_if_no_chat_allowed(app.logger.warning)
     app.teardown_appcontext(close_db)
     app.before_request(check_token)
     app.before_request(check_incident_id)

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -19,6 +20,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+import click
 import pytest
 from werkzeug.datastructures import MultiDict
 
@@ -37,9 +39,17 @@ DEEP_CURSOR = base64.urlsafe_b64encode(b"[" * 3000).decode()
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch):
     """Tests and the servers they start see only the configuration each test sets."""
-    for name in ("INCIDENTS_DB", "INCIDENTS_API_TOKEN", "TELEGRAM_WEBHOOK_SECRET", "TELEGRAM_BOT_TOKEN",
-                 "TELEGRAM_API_URL", "TELEGRAM_NOTIFY_CHAT_IDS", "INCIDENTS_REOPEN_WINDOW"):
+    for name in ("INCIDENTS_DB", "INCIDENTS_API_TOKEN", "INCIDENTS_BUSY_TIMEOUT", "INCIDENTS_REOPEN_WINDOW",
+                 "INCIDENTS_REMIND_AFTER", "INCIDENTS_REMIND_MAX", "TELEGRAM_WEBHOOK_SECRET", "TELEGRAM_BOT_TOKEN",
+                 "TELEGRAM_API_URL", "TELEGRAM_ALLOWED_CHAT_IDS", "TELEGRAM_NOTIFY_CHAT_IDS",
+                 "TELEGRAM_ESCALATE_CHAT_IDS"):
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def quick_sender(monkeypatch):
+    """The sender in a thread of the test looks for news ten times as often, so that tests wait less."""
+    monkeypatch.setattr(incidents, "NOTIFY_POLL_S", 0.05)
 
 
 @pytest.fixture
@@ -47,9 +57,27 @@ def db_path(tmp_path):
     return tmp_path / "incidents.db"
 
 
+@pytest.fixture(scope="session")
+def migrated(tmp_path_factory):
+    """A database file at the current schema, for apps that need not watch one being created."""
+    path = tmp_path_factory.mktemp("template") / "incidents.db"
+    incidents.create_app({"DATABASE": str(path)})
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return path
+
+
+def app_on_copy(db_path, migrated, **config):
+    """An app on a copy of the migrated file (migrating a new file per test costs more than the test)."""
+    if not db_path.exists():
+        shutil.copyfile(migrated, db_path)
+        db_path.chmod(0o600)
+    return incidents.create_app({"DATABASE": str(db_path), "TESTING": True, **config})
+
+
 @pytest.fixture
-def app(db_path):
-    return incidents.create_app({"DATABASE": str(db_path), "TESTING": True})
+def app(db_path, migrated):
+    return app_on_copy(db_path, migrated)
 
 
 @pytest.fixture
@@ -933,8 +961,8 @@ def test_busy_database_is_503_with_retry_after(db_path, monkeypatch):
 
 
 @pytest.fixture
-def token_client(db_path):
-    return incidents.create_app({"DATABASE": str(db_path), "TESTING": True, "API_TOKEN": "s3cret"}).test_client()
+def token_client(db_path, migrated):
+    return app_on_copy(db_path, migrated, API_TOKEN="s3cret").test_client()
 
 
 @pytest.mark.parametrize(
@@ -989,8 +1017,8 @@ def test_database_file_is_created_with_schema_on_startup(app, db_path):
     assert columns[:6] == ["id", "description", "status", "source", "created_at", "updated_at"]
 
 
-def test_database_and_the_files_beside_it_are_for_their_owner_only(client, db_path):
-    create(client)
+def test_database_and_the_files_beside_it_are_for_their_owner_only(db_path):
+    create(incidents.create_app({"DATABASE": str(db_path)}).test_client())
     for name in ("", "-wal", "-shm", "-writer.lock"):
         assert os.stat(f"{db_path}{name}").st_mode & 0o777 == 0o600, name
 
@@ -1004,7 +1032,7 @@ def test_existing_database_keeps_its_mode(db_path):
 
 # Each migration's text as released: files in the field ran exactly this; a new file must get the same.
 MIGRATION_PINS = ["1824ad64a8d090a8", "2568b4ef34d03c25", "03652428789037dc", "37ea07775b9a208c",
-                  "142188eb6d97c5d4", "8fd34c596f0a7476", "c9660475526e049d"]
+                  "142188eb6d97c5d4", "8fd34c596f0a7476", "c9660475526e049d", "4900f30fa71c9fdf"]
 
 
 def test_migrations_are_frozen_text():
@@ -1111,9 +1139,13 @@ def telegram_update(update_id, text=None, chat=PRIVATE_CHAT, sender=IVAN, messag
     return {"update_id": update_id, kind: message}
 
 
+ALLOWED = (PRIVATE_CHAT["id"], GROUP_CHAT["id"])  # the chats the bot acts for in these tests
+NO_PREVIEWS = {"link_preview_options": {"is_disabled": True}}
+
+
 @pytest.fixture
-def bot_app(db_path):
-    return incidents.create_app({"DATABASE": str(db_path), "TESTING": True, "TELEGRAM_WEBHOOK_SECRET": SECRET})
+def bot_app(db_path, migrated):
+    return app_on_copy(db_path, migrated, TELEGRAM_WEBHOOK_SECRET=SECRET, TELEGRAM_ALLOWED_CHAT_IDS=ALLOWED)
 
 
 @pytest.fixture
@@ -1131,7 +1163,8 @@ def hook(bot_app):
 
 def test_webhook_private_text_becomes_incident_with_reply(hook, db_path):
     reply = hook(telegram_update(1, "Самокат 4451 не выходит на связь\nс 9 утра", message_id=77))
-    assert reply == {"method": "sendMessage", "chat_id": 111, "reply_to_message_id": 77, "text": "Incident #1 registered"}
+    assert reply == {"method": "sendMessage", "chat_id": 111, "reply_to_message_id": 77, "text": "Incident #1 registered",
+                     "link_preview_options": {"is_disabled": True}}
     assert query(db_path, "SELECT description, source, status, dedup_key FROM incidents") == [
         ("Самокат 4451 не выходит на связь\nс 9 утра", "operator", "new", "telegram:111:77")]
     [(note, actor)] = query(db_path, "SELECT note, actor FROM events WHERE type = 'created'")
@@ -1281,7 +1314,7 @@ def test_webhook_is_404_without_secret_configured(client, db_path):
 
 def test_webhook_needs_no_api_token(db_path):
     client = incidents.create_app({"DATABASE": str(db_path), "TESTING": True, "API_TOKEN": "t",
-                                   "TELEGRAM_WEBHOOK_SECRET": SECRET}).test_client()
+                                   "TELEGRAM_WEBHOOK_SECRET": SECRET, "TELEGRAM_ALLOWED_CHAT_IDS": ALLOWED}).test_client()
     response = client.post("/telegram/webhook", json=telegram_update(1, "x"),
                            headers={"X-Telegram-Bot-Api-Secret-Token": SECRET})
     assert response.status_code == 200 and response.json["text"] == "Incident #1 registered"
@@ -1291,6 +1324,120 @@ def test_webhook_rejects_malformed_body_with_400(hook):
     response = hook.client.post("/telegram/webhook", data="{", content_type="application/json",
                                 headers={"X-Telegram-Bot-Api-Secret-Token": SECRET})
     assert_problem(response, 400)
+
+
+# Who may use the bot
+
+STRANGER = {"id": 555, "is_bot": False, "first_name": "Чужой"}
+STRANGER_PRIVATE = {"id": 555, "type": "private", "first_name": "Чужой"}
+STRANGER_GROUP = {"id": -100555, "type": "supergroup", "title": "Чужая группа"}
+NOT_ALLOWED = "This chat (555) may not use this bot. To allow it, add 555 to TELEGRAM_ALLOWED_CHAT_IDS."
+
+
+@pytest.mark.parametrize("chat, text, reply", [
+    (STRANGER_PRIVATE, "Самокат 12 сломан", NOT_ALLOWED),
+    (STRANGER_PRIVATE, "/incidents", NOT_ALLOWED),
+    (STRANGER_PRIVATE, "/resolve 1", NOT_ALLOWED),
+    (STRANGER_PRIVATE, "/take 1", NOT_ALLOWED),
+    (STRANGER_GROUP, "/incident Самокат 12 сломан", None),
+    (STRANGER_GROUP, "/incidents", None),
+    (STRANGER_GROUP, "/resolve 1", None),
+    (STRANGER_GROUP, "Самокат 12 сломан", None),
+])
+def test_webhook_chat_not_allowed_reads_and_writes_nothing(hook, db_path, chat, text, reply):
+    create(hook.client, "Точка 7 не отвечает")
+    answer = hook(telegram_update(10, text, chat=chat, sender=STRANGER))
+    assert answer.get("text") == reply and ("Точка" not in json.dumps(answer, ensure_ascii=False))
+    assert query(db_path, "SELECT id, status FROM incidents") == [(1, "new")]
+    assert query(db_path, "SELECT count(*) FROM events") == [(1,)]
+
+
+@pytest.mark.parametrize("command", ["/start", "/help", "/help@incidents_bot"])
+@pytest.mark.parametrize("chat, acts", [(PRIVATE_CHAT, True), (GROUP_CHAT, True), (STRANGER_PRIVATE, False),
+                                        (STRANGER_GROUP, False)])
+def test_start_and_help_answer_in_every_chat_with_its_id(hook, chat, acts, command):
+    text = hook(telegram_update(1, command, chat=chat))["text"]
+    assert text.startswith("Send me a problem")
+    assert (f"This chat's id is {chat['id']}; the bot acts here." in text) is acts
+    assert (f"does not act here. To allow it, add {chat['id']} to TELEGRAM_ALLOWED_CHAT_IDS." in text) is not acts
+
+
+def test_tap_in_a_chat_not_allowed_is_answered_and_changes_nothing(notify_app, db_path):
+    client = notify_app.test_client()
+    create(client)
+    answer = tap(client, "take:1", chat=STRANGER_GROUP["id"])
+    assert (answer["method"], answer["text"]) == ("answerCallbackQuery", "Not allowed in this chat")
+    assert query(db_path, "SELECT status FROM incidents") == [("new",)]
+    assert query(db_path, "SELECT count(*) FROM events") == [(1,)]
+    assert tap(client, "take:1")["text"].startswith("Incident #1 taken")  # the notify chat is allowed
+
+
+def test_bot_with_no_allowed_chat_acts_nowhere_and_says_so_once_at_startup(db_path, caplog):
+    app = incidents.create_app({"DATABASE": str(db_path), "TESTING": True, "TELEGRAM_WEBHOOK_SECRET": SECRET})
+    warnings = [record.getMessage() for record in caplog.records if "TELEGRAM_ALLOWED_CHAT_IDS" in record.getMessage()]
+    assert len(warnings) == 1 and "TELEGRAM_NOTIFY_CHAT_IDS" in warnings[0] and "acts nowhere" in warnings[0]
+    response = app.test_client().post("/telegram/webhook", json=telegram_update(1, "Самокат 12 сломан"),
+                                      headers={"X-Telegram-Bot-Api-Secret-Token": SECRET})
+    assert response.json["text"].startswith("This chat (111) may not use this bot")
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(0,)]
+    caplog.clear()
+    incidents.create_app({"DATABASE": str(db_path), "TELEGRAM_WEBHOOK_SECRET": SECRET, "TELEGRAM_NOTIFY_CHAT_IDS": (1,)})
+    assert not [record for record in caplog.records if "acts nowhere" in record.getMessage()]
+
+
+@pytest.mark.parametrize("text, acts", [("/resolve@other_bot 1", False), ("/resolve@Incidents_Bot 1", True),
+                                        ("/resolve 1", True)])
+def test_command_addressed_to_another_bot_is_ignored(notify_app, db_path, text, acts):
+    client = notify_app.test_client()
+    create(client)
+    response = client.post("/telegram/webhook", json=telegram_update(5, text, chat=GROUP_CHAT),
+                           headers={"X-Telegram-Bot-Api-Secret-Token": SECRET})
+    assert (response.json != {}) is acts
+    assert query(db_path, "SELECT status FROM incidents") == [("resolved" if acts else "new",)]
+
+
+def test_command_to_any_bot_is_taken_while_the_bot_does_not_know_its_name(notify_app, bot_api, db_path):
+    bot_api.username = None  # getMe tells no username
+    client = notify_app.test_client()
+    create(client)
+    client.post("/telegram/webhook", json=telegram_update(5, "/resolve@other_bot 1", chat=GROUP_CHAT),
+                headers={"X-Telegram-Bot-Api-Secret-Token": SECRET})
+    assert query(db_path, "SELECT status FROM incidents") == [("resolved",)]
+
+
+# One update, one transaction; text that cannot be stored as it is
+
+def test_sender_name_with_lone_surrogates_is_cleaned_and_the_report_stored_whole(notify_app, db_path):
+    client = notify_app.test_client()
+    update = telegram_update(3, "Самокат 12 сломан", sender={**IVAN, "username": None, "first_name": "Ив\ud800ан\x07"})
+    response = client.post("/telegram/webhook", data=json.dumps(update),  # JSON escapes the surrogate as \\ud800
+                           content_type="application/json", headers={"X-Telegram-Bot-Api-Secret-Token": SECRET})
+    assert response.json["text"] == "Incident #1 registered"
+    assert query(db_path, "SELECT type, actor FROM events") == [("created", "Иван Петров (Telegram user 111)")]
+    assert outbox(db_path) == [(1, DUTY, "change")]
+
+
+@pytest.mark.parametrize("text, why", [
+    ("Самокат\x00 сломан", "must not contain NUL characters"),
+    ("\x01\x02\x03", "must contain visible characters"),
+    ("Сам\ud800окат", "must be valid Unicode"),
+])
+def test_report_text_that_cannot_be_stored_is_refused_saying_why(hook, db_path, text, why):
+    body = json.dumps(telegram_update(4, text))
+    response = hook.client.post("/telegram/webhook", data=body, content_type="application/json",
+                                headers={"X-Telegram-Bot-Api-Secret-Token": SECRET})
+    assert response.json["text"].startswith("Nothing was registered: the text") and why in response.json["text"]
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(0,)]
+
+
+def test_an_update_that_fails_halfway_leaves_nothing_behind(notify_app, db_path, monkeypatch):
+    notify_app.config["PROPAGATE_EXCEPTIONS"] = False
+    monkeypatch.setattr(incidents, "add_event", lambda *args, **kwargs: 1 / 0)
+    response = notify_app.test_client().post("/telegram/webhook", json=telegram_update(3, "Самокат 12 сломан"),
+                                             headers={"X-Telegram-Bot-Api-Secret-Token": SECRET})
+    assert_problem(response, 500)  # Telegram delivers it again later
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(0,)]
+    assert outbox(db_path) == []
 
 
 # ---------------------------------------------------------------------------
@@ -1317,6 +1464,10 @@ class FakeBotApi(http.server.ThreadingHTTPServer):
         self.delay = 0  # seconds each send or edit takes
         self.rejects = 0  # sends or edits to refuse as a bad request
         self.hold = 0  # seconds a getUpdates with nothing new waits (a long poll), at most its timeout
+        self.username = "incidents_bot"
+        self.moved = {}  # group chat id -> the supergroup it became
+        self.uneditable = {}  # message id -> why Telegram refuses to edit it
+        self.arrived = threading.Event()  # set when a send or edit comes in
         self.lock = threading.Lock()
         threading.Thread(target=self.serve_forever, args=(0.02,), daemon=True).start()  # quick to shut down
 
@@ -1336,9 +1487,14 @@ class FakeBotApi(http.server.ThreadingHTTPServer):
             self.calls.append(("403", time.monotonic()))
             return 403, {"ok": False, "error_code": 403,
                          "description": "Forbidden: bot was kicked from the supergroup chat"}
+        if payload["chat_id"] in self.moved:
+            return 400, {"ok": False, "error_code": 400, "description": "Bad Request: group chat was upgraded to a "
+                         "supergroup chat", "parameters": {"migrate_to_chat_id": self.moved[payload["chat_id"]]}}
         if self.rejects:
             self.rejects -= 1
             return 400, {"ok": False, "error_code": 400, "description": "Bad Request: can't parse entities"}
+        if method == "editMessageText" and payload["message_id"] in self.uneditable:
+            return 400, {"ok": False, "error_code": 400, "description": self.uneditable[payload["message_id"]]}
         if self.floods:
             self.floods -= 1
             self.calls.append(("429", time.monotonic()))
@@ -1389,12 +1545,15 @@ class FakeBotApiHandler(http.server.BaseHTTPRequestHandler):
             code = fake.status or 401
             return self.answer(code, {"ok": False, "error_code": code, "description": "Unauthorized"})
         if method in ("sendMessage", "editMessageText"):
+            fake.arrived.set()
             time.sleep(fake.delay)
             with fake.lock:
                 return self.answer(*fake.show(method, payload))
         if method == "answerCallbackQuery":
             fake.answers.append(payload)
             return self.answer(200, {"ok": True, "result": True})
+        if method == "getMe":
+            return self.answer(200, {"ok": True, "result": {"id": 123456, "is_bot": True, "username": fake.username}})
         if fake.failures:
             fake.failures -= 1
             return self.answer(502, {"ok": False, "error_code": 502, "description": "Bad Gateway"})
@@ -1414,11 +1573,12 @@ def bot_api():
 
 
 @contextmanager
-def poller(db_path, bot_api, token=TOKEN):
+def poller(db_path, bot_api, token=TOKEN, **env):
     """`flask --app incidents telegram-poll` against the fake; stopped with Ctrl-C (SIGINT)."""
     process = subprocess.Popen(
         [sys.executable, "-m", "flask", "--app", "incidents", "telegram-poll"], cwd=HERE,
-        env={**os.environ, "INCIDENTS_DB": str(db_path), "TELEGRAM_BOT_TOKEN": token, "TELEGRAM_API_URL": bot_api.url},
+        env={**os.environ, "INCIDENTS_DB": str(db_path), "TELEGRAM_BOT_TOKEN": token, "TELEGRAM_API_URL": bot_api.url,
+             "TELEGRAM_ALLOWED_CHAT_IDS": ",".join(map(str, ALLOWED)), **env},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -1444,9 +1604,10 @@ def test_poller_turns_updates_into_incidents_and_replies(db_path, bot_api):
         output, _ = process.communicate(timeout=10)
     assert process.returncode == 0 and "Stopped." in output
     assert bot_api.sent == [
-        {"chat_id": 111, "reply_to_message_id": 501, "text": "Incident #1 registered"},
-        {"chat_id": -100222, "reply_to_message_id": 502, "text": "Incident #2 registered"},
-        {"chat_id": -100222, "reply_to_message_id": 503, "text": "Incident #1 is in progress, by Ольга (Telegram user 333)"},
+        {"chat_id": 111, "reply_to_message_id": 501, "text": "Incident #1 registered", **NO_PREVIEWS},
+        {"chat_id": -100222, "reply_to_message_id": 502, "text": "Incident #2 registered", **NO_PREVIEWS},
+        {"chat_id": -100222, "reply_to_message_id": 503, "text": "Incident #1 is in progress, by Ольга (Telegram user 333)",
+         **NO_PREVIEWS},
     ]
     assert query(db_path, "SELECT id, description, status FROM incidents") == [
         (1, "Самокат 12 не выходит на связь", "in_progress"), (2, "Точка на Ленина не отвечает", "new")]
@@ -1495,7 +1656,9 @@ def test_poll_backoff_doubles_to_a_limit_and_honours_retry_after(db_path, bot_ap
     sleeps = []
     monkeypatch.setattr(incidents.time, "sleep", sleeps.append)
     script = [incidents.BotApiError("down", retry=True)] * 8 + [
-        incidents.BotApiError("429 Too Many Requests", retry=True, retry_after=7), [], KeyboardInterrupt()]
+        incidents.BotApiError("429 Too Many Requests", retry=True, parameters={"retry_after": 7}), [],
+        KeyboardInterrupt()]
+    bot = incidents.Bot("1:x", "http://127.0.0.1:9")
 
     def call(method, payload):
         step = script.pop(0)
@@ -1503,9 +1666,10 @@ def test_poll_backoff_doubles_to_a_limit_and_honours_retry_after(db_path, bot_ap
             raise step
         return step
 
+    bot.call = call
     database = bot_app.extensions["incidents"]
     with bot_app.app_context(), pytest.raises(KeyboardInterrupt):
-        incidents.poll_telegram(database, database.acquire(), call, bot_id=1)
+        incidents.poll_telegram(database, database.acquire(), bot)
     assert sleeps == [0, 1, 2, 4, 8, 16, 32, 60, 60, 7, 0]
 
 
@@ -1513,33 +1677,33 @@ def test_poll_backoff_doubles_to_a_limit_and_honours_retry_after(db_path, bot_ap
 # Notifications: every incident in the duty chat, kept current, with buttons
 # ---------------------------------------------------------------------------
 
-DUTY, NIGHT = -100777, -100888
+DUTY, NIGHT, SUPERGROUP = -100777, -100888, -1001234567890
 
 
 def notify_config(db_path, bot_api, chats=(DUTY,), interval=1):
     return {"DATABASE": str(db_path), "TESTING": True, "TELEGRAM_NOTIFY_CHAT_IDS": chats, "TELEGRAM_BOT_TOKEN": TOKEN,
-            "TELEGRAM_API_URL": bot_api.url, "TELEGRAM_WEBHOOK_SECRET": SECRET, "NOTIFY_REPEAT_INTERVAL": interval}
+            "TELEGRAM_API_URL": bot_api.url, "TELEGRAM_WEBHOOK_SECRET": SECRET, "NOTIFY_REPEAT_INTERVAL": interval,
+            "TELEGRAM_ALLOWED_CHAT_IDS": ALLOWED}
 
 
 @pytest.fixture
-def notify_app(db_path, bot_api):
-    return incidents.create_app(notify_config(db_path, bot_api))
+def notify_app(db_path, bot_api, migrated):
+    return app_on_copy(db_path, migrated, **notify_config(db_path, bot_api))
 
 
 @contextmanager
 def sending(app):
     """The sender as telegram-poll runs it, in a thread beside the app, against the fake Bot API."""
     with app.app_context():
-        call, _ = incidents.telegram_bot()
-        with incidents.notifications_in_background(call):
+        with incidents.notifications_in_background(incidents.telegram_bot()):
             yield
 
 
-def tap(client, data, callback_id="cb-1", sender=IVAN):
+def tap(client, data, callback_id="cb-1", sender=IVAN, chat=DUTY):
     """A button tap as Telegram delivers it to the webhook; returns the webhook's answer."""
     update = {"update_id": 900, "callback_query": {
         "id": callback_id, "from": sender, "chat_instance": "42", "data": data,
-        "message": {"message_id": 1001, "chat": {"id": DUTY, "type": "supergroup"}, "date": 1795000000}}}
+        "message": {"message_id": 1001, "chat": {"id": chat, "type": "supergroup"}, "date": 1795000000}}}
     response = client.post("/telegram/webhook", json=update, headers={"X-Telegram-Bot-Api-Secret-Token": SECRET})
     assert response.status_code == 200, response.get_data(as_text=True)
     return response.json
@@ -1646,8 +1810,8 @@ def test_description_is_escaped_and_shortened_to_fit_a_message(notify_app):
     assert ("&lt;b&gt;Жирный&lt;/b&gt; &amp; &lt;a href=\"http://evil.example\"&gt;click&lt;/a&gt; "
             "*md* [x](http://evil.example) `code`") in markup_text
     assert "<a" not in markup_text and markup_text.count("<b>") == 1  # only the header's own tag
-    assert long_text.count("строка") == 6 and " …\nReported" in long_text  # 3000 characters at most
-    assert len(long_text) < 4096
+    assert long_text.count("строка") == 8 and " …\nReported" in long_text  # cut to fit a message
+    assert incidents.utf16_length(long_text) <= incidents.TELEGRAM_TEXT_MAX
 
 
 def test_folded_repeats_are_one_edit_per_interval_with_the_final_count(notify_app, bot_api, db_path):
@@ -1806,11 +1970,11 @@ def test_notification_metrics_count_what_waits(notify_app, bot_api):
 # The sender as its own process: telegram-notify, telegram-poll, one per bot, kill -9
 
 
-def bot_command(db_path, bot_api, command, chats=str(DUTY)):
+def bot_command(db_path, bot_api, command, chats=str(DUTY), **env):
     return subprocess.Popen(
         [sys.executable, "-m", "flask", "--app", "incidents", command], cwd=HERE,
         env={**os.environ, "INCIDENTS_DB": str(db_path), "TELEGRAM_BOT_TOKEN": TOKEN, "TELEGRAM_API_URL": bot_api.url,
-             "TELEGRAM_NOTIFY_CHAT_IDS": chats},
+             "TELEGRAM_NOTIFY_CHAT_IDS": chats, "TELEGRAM_ALLOWED_CHAT_IDS": ",".join(map(str, ALLOWED)), **env},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -1841,6 +2005,194 @@ def test_sender_killed_mid_burst_and_restarted_shows_every_incident_once_but_one
     numbers = [int(re.match(r"<b>Incident #(\d+)</b>", message["text"])[1]) for message in bot_api.sent]
     assert sorted(set(numbers)) == list(range(1, 51))
     assert len(numbers) - len(set(numbers)) <= 1  # at most the one in flight when it was killed
+
+
+def hold_database(db_path, seconds):
+    """A writer outside the app holding the database's write lock for `seconds`; returns its thread."""
+    taken = threading.Event()
+
+    def hold():
+        outside = sqlite3.connect(db_path, isolation_level=None)
+        outside.execute("BEGIN IMMEDIATE")
+        taken.set()
+        time.sleep(seconds)
+        outside.rollback()
+        outside.close()
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert taken.wait(10)
+    return thread
+
+
+def shown_incidents(bot_api):
+    """The incident number of every notification sent (replies to messages left out)."""
+    return [int(re.match(r"<b>Incident #(\d+)</b>", message["text"])[1]) for message in bot_api.sent
+            if "reply_to_message_id" not in message]
+
+
+def test_poller_and_sender_outlive_a_database_locked_past_the_busy_timeout_repeating_nothing(db_path, bot_api):
+    """The poller (telegram-poll) and the sender (telegram-notify, the loop telegram-poll also runs in a thread).
+
+    Only one process may send for a bot, so the poller here notifies no chat: its incident is not shown."""
+    client = incidents.create_app(notify_config(db_path, bot_api)).test_client()
+    sender = bot_command(db_path, bot_api, "telegram-notify", INCIDENTS_BUSY_TIMEOUT="1")
+    polling = bot_command(db_path, bot_api, "telegram-poll", chats="", INCIDENTS_BUSY_TIMEOUT="1")
+    try:
+        create(client, "Before the lock")
+        bot_api.wait_for(lambda: shown_incidents(bot_api) == [1] and bot_api.offsets)
+        bot_api.delay, _ = 0.3, bot_api.arrived.clear()
+        for n in range(3):
+            create(client, f"Burst {n}")
+        assert bot_api.arrived.wait(10)  # a message is on its way: its record will meet the lock
+        holder = hold_database(db_path, 2)
+        bot_api.updates.append(telegram_update(1, "Самокат 12 сломан"))  # to store while the lock is held
+        holder.join()
+        bot_api.wait_for(lambda: sorted(shown_incidents(bot_api)) == [1, 2, 3, 4] and outbox(db_path) == []
+                         and len(bot_api.sent) == 5)  # and the reply to the update
+        time.sleep(0.5)  # a message repeated, or a process that died, shows by now
+        assert (sender.poll(), polling.poll()) == (None, None)
+    finally:
+        said = stop_command(sender), stop_command(polling)
+    assert sorted(shown_incidents(bot_api)) == [1, 2, 3, 4], said
+    assert "not yet recorded: database is locked" in said[0] and "update 1 not stored: database is locked" in said[1]
+    assert query(db_path, "SELECT description FROM incidents WHERE id = 5") == [("Самокат 12 сломан",)]
+    assert [m["text"] for m in bot_api.sent if "reply_to_message_id" in m] == ["Incident #5 registered"]
+
+
+MARKER = "424242:MARKERtoken_never-printed"
+
+
+class BrokenBotApi(http.server.ThreadingHTTPServer):
+    """A Bot API that fails one way: 401, 500, an HTML error page, or no answer in time."""
+
+    def __init__(self, mode):
+        super().__init__(("127.0.0.1", 0), BrokenBotApiHandler)
+        self.mode = mode
+        threading.Thread(target=self.serve_forever, args=(0.02,), daemon=True).start()
+
+
+class BrokenBotApiHandler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        mode = self.server.mode
+        if mode == "timeout":
+            time.sleep(1)
+            return
+        status, body, kind = {
+            "401": (401, b'{"ok": false, "error_code": 401, "description": "Unauthorized"}', "application/json"),
+            "500": (500, b'{"ok": false, "error_code": 500, "description": "Internal Server Error"}', "application/json"),
+            "html": (502, f"<html><body>Bad Gateway {self.path}</body></html>".encode(), "text/html"),
+        }[mode]
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.mark.parametrize("mode", ["refused", "timeout", "401", "500", "html"])
+def test_bot_token_appears_in_no_line_the_poller_or_the_sender_prints(db_path, mode, monkeypatch, caplog, capsys):
+    fake = None if mode == "refused" else BrokenBotApi(mode)
+    url = fake and f"http://127.0.0.1:{fake.server_address[1]}" or f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setattr(incidents, "TELEGRAM_CALL_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(incidents.time, "sleep", lambda seconds: None)
+    app = incidents.create_app({"DATABASE": str(db_path), "TELEGRAM_BOT_TOKEN": MARKER, "TELEGRAM_API_URL": url,
+                                "TELEGRAM_NOTIFY_CHAT_IDS": (DUTY,)})
+    create(app.test_client())
+    database = app.extensions["incidents"]
+    said = []
+    with app.app_context(), caplog.at_level("DEBUG"):
+        bot = incidents.telegram_bot()
+        for attempt in (lambda: incidents.poll_once(database, database.acquire(), bot, 0),
+                        lambda: incidents.notify_once(database, database.acquire(), bot, 1, 0),
+                        bot.learn_username):
+            try:
+                attempt()
+            except click.ClickException as error:  # 401: the command stops, saying why
+                said.append(error.format_message())
+    if fake:
+        fake.shutdown()
+        fake.server_close()
+    printed = "\n".join([caplog.text, *said, *capsys.readouterr()])
+    assert "getUpdates" in printed and "sendMessage" in printed and "getMe" in printed
+    assert MARKER not in printed and MARKER.partition(":")[2] not in printed
+    assert "/bot" not in printed  # no URL of a call at all
+
+
+@pytest.mark.parametrize("url", ["localhost:8081", "http://local host:8081", "ftp://api.telegram.org", "http://",
+                                 "https://api.telegram.org/\x7f"])
+def test_malformed_bot_api_url_stops_the_command_in_one_line_naming_the_setting(db_path, url):
+    result = subprocess.run([sys.executable, "-m", "flask", "--app", "incidents", "telegram-poll"], cwd=HERE,
+                            env={**os.environ, "INCIDENTS_DB": str(db_path), "TELEGRAM_BOT_TOKEN": MARKER,
+                                 "TELEGRAM_API_URL": url}, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("incidents: TELEGRAM_API_URL must be an http:// or https:// address")
+    assert MARKER not in result.stdout + result.stderr
+
+
+def test_group_that_became_a_supergroup_gets_its_messages_at_the_new_id(db_path, bot_api, caplog):
+    app = incidents.create_app(notify_config(db_path, bot_api, chats=(DUTY, NIGHT)))
+    client = app.test_client()
+    create(client, "Shown before the upgrade")
+    create(client, "Resolved before the upgrade", status="resolved")
+    with sending(app):
+        bot_api.wait_for(lambda: len(bot_api.chat(DUTY)) == 2 and len(bot_api.chat(NIGHT)) == 2)
+        bot_api.moved[DUTY] = SUPERGROUP
+        client.patch("/incidents/2", json={"note": "nothing changes"})
+        create(client, "Created after the upgrade")
+        bot_api.wait_for(lambda: len(bot_api.chat(SUPERGROUP)) == 2 and outbox(db_path) == [])
+        client.patch("/incidents/3", json={"status": "in_progress"})
+        bot_api.wait_for(lambda: any("#3</b> · in progress" in m["text"] for m in bot_api.chat(SUPERGROUP)))
+    assert sorted(message["text"].split("\n")[1] for message in bot_api.chat(SUPERGROUP)) == [
+        "Created after the upgrade", "Shown before the upgrade"]  # the new one, and the open one afresh
+    assert len(bot_api.chat(NIGHT)) == 3
+    assert query(db_path, "SELECT chat_id, moved_to FROM notify_chats_gone") == [(DUTY, SUPERGROUP)]
+    assert any(f"put {SUPERGROUP} in place of {DUTY} in TELEGRAM_NOTIFY_CHAT_IDS" in record.getMessage()
+               for record in caplog.records)
+    assert tap(client, "take:1", chat=SUPERGROUP)["text"].startswith("Incident #1 taken")  # its buttons work
+
+
+@pytest.mark.parametrize("why", ["Bad Request: message can't be edited", "Bad Request: MESSAGE_ID_INVALID",
+                                 "Bad Request: message to edit not found"])
+def test_message_that_cannot_be_edited_is_sent_afresh(notify_app, bot_api, db_path, why):
+    client = notify_app.test_client()
+    with sending(notify_app):
+        create(client)
+        bot_api.wait_for(lambda: len(bot_api.sent) == 1)
+        bot_api.uneditable[1001] = why
+        client.patch("/incidents/1", json={"status": "in_progress"})
+        bot_api.wait_for(lambda: len(bot_api.sent) == 2)
+    assert "· in progress ·" in bot_api.sent[1]["text"]
+    assert query(db_path, "SELECT message_id FROM notify_messages") == [(1002,)]
+
+
+@pytest.mark.parametrize("description", ["🚨" * 3000, "服务器无响应" * 700, "a&<" * 3000])
+def test_long_description_goes_out_as_one_message_of_at_most_4096_utf16_units(notify_app, description):
+    create(notify_app.test_client(), description)
+    with notify_app.app_context():
+        text, _ = incidents.incident_message(incidents.get_db(), 1)
+    assert len(text.encode("utf-16-le")) // 2 <= 4096 and " …\nReported" in text
+    assert len(text.encode("utf-16-le")) // 2 > 4000  # cut near the limit, not far below it
+    assert "&amp;&lt;a" in text or "🚨" in text or "服务器" in text  # whole characters and entities
+
+
+def test_messages_go_out_without_link_previews(notify_app, bot_api):
+    client = notify_app.test_client()
+    with sending(notify_app):
+        create(client, "See https://grafana.example/d/points")
+        bot_api.wait_for(lambda: len(bot_api.sent) == 1)
+        client.patch("/incidents/1", json={"status": "in_progress"})
+        bot_api.wait_for(lambda: len(bot_api.edits) == 1)
+    assert [m["link_preview_options"] for m in bot_api.sent + bot_api.edits] == [{"is_disabled": True}] * 2
+
+
+def test_sender_lock_file_is_for_its_owner_only(db_path, bot_api):
+    with incidents.sole_sender(str(db_path), 123456):
+        assert os.stat(f"{db_path}-telegram-sender-123456.lock").st_mode & 0o777 == 0o600
 
 
 def test_second_sender_for_a_bot_is_refused_naming_the_running_one(db_path, bot_api):
@@ -2445,12 +2797,20 @@ def test_writers_in_processes_take_turns_on_a_kernel_lock_taken_by_the_writer_th
     assert calls == [(incidents.fcntl.LOCK_EX, "incidents-writer"), (incidents.fcntl.LOCK_UN, "incidents-writer")]
 
 
+def opened_writer(database):
+    """The process's writer, opened (it is, on first use) by an empty write if need be."""
+    if database.writer is None:
+        database.write(lambda db: None)
+    return database.writer
+
+
 class Writes:
     """Writes queued behind one the test holds, each in a thread of its own, in a known order."""
 
     def __init__(self, app):
         self.app, self.database = app, app.extensions["incidents"]
         self.threads, self.results = [], {}
+        opened_writer(self.database)
 
     def run(self, name, work):
         """Run work() in a thread, keeping what it returns or raises under `name`."""
@@ -2507,7 +2867,7 @@ class Writes:
 def commits(database):
     """COMMITs the writer connection runs from now on."""
     statements = []
-    database.writer.db.set_trace_callback(statements.append)
+    opened_writer(database).db.set_trace_callback(statements.append)
     return lambda: statements.count("COMMIT")
 
 
