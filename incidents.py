@@ -68,7 +68,8 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 STATUSES = ("new", "in_progress", "resolved", "closed")
 OPEN_STATUSES = ("new", "in_progress")  # an open incident holds its dedup_key
 SOURCES = ("operator", "monitoring", "partner")
-EVENT_TYPES = ("created", "status_changed", "description_changed", "repeated", "note")
+EVENT_TYPES = ("created", "status_changed", "description_changed", "repeated", "note", "assigned", "reminded",
+               "escalated")
 DEFAULT_STATUS = "new"
 DESCRIPTION_MAX = 10_000
 DEDUP_KEY_MAX = 255
@@ -96,6 +97,10 @@ ALERT_CHUNK = 10  # alerts per transaction: no other write waits behind more tha
 ALERT_STATUSES = ("firing", "resolved")
 ALERT_KEY_PREFIX = "alertmanager:"
 REOPEN_WINDOW_S = 900  # a resolved alert that fires again this soon reopens its incident
+REMIND_AFTER_S = 600  # an incident still new this long after it became new is called for again
+REMIND_MAX = 3  # reminders before the incident is escalated
+REMIND_BATCH = 100  # due reminders handled in one transaction
+DURATION_BUCKETS = (60, 300, 900, 1800, 3600, 14400, 86400)  # seconds, for the time to acknowledge and resolve
 NOTIFY_KINDS = ("change", "repeat")  # a change is shown at once; repeats alone at most once per interval
 NOTIFY_REPEAT_INTERVAL_S = 60
 NOTIFY_POLL_S = 0.5  # how often the sender looks for news in the outbox
@@ -269,17 +274,158 @@ MIGRATIONS = (
         # A group that became a supergroup is gone under its old id: notifications go to moved_to.
         "ALTER TABLE notify_chats_gone ADD COLUMN moved_to INTEGER",
     ),
+    (
+        # Who took an incident, when it first left new and when it was resolved; reminders while it
+        # stays new (remind_at is when the next is due, found by an index) and its escalation.
+        "ALTER TABLE incidents ADD COLUMN assignee TEXT CHECK (length(assignee) BETWEEN 1 AND 255)",
+        "ALTER TABLE incidents ADD COLUMN acknowledged_at TEXT CHECK (acknowledged_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z')",
+        "ALTER TABLE incidents ADD COLUMN resolved_at TEXT CHECK (resolved_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z')",
+        "ALTER TABLE incidents ADD COLUMN remind_at TEXT CHECK (remind_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z')",
+        "ALTER TABLE incidents ADD COLUMN reminders INTEGER NOT NULL DEFAULT 0 CHECK (reminders >= 0)",
+        "ALTER TABLE incidents ADD COLUMN escalated_at TEXT CHECK (escalated_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z')",
+        "CREATE INDEX incidents_by_assignee ON incidents (assignee, created_at) WHERE assignee IS NOT NULL",
+        "CREATE INDEX incidents_reminders_due ON incidents (remind_at) WHERE remind_at IS NOT NULL",
+        # Filled from the timeline; an incident from before it has only its last update to go by.
+        """UPDATE incidents SET acknowledged_at = coalesce((SELECT max(at) FROM events WHERE incident_id = incidents.id
+                AND (type = 'status_changed' AND from_status = 'new' OR type = 'created' AND to_status != 'new')),
+                updated_at)
+            WHERE status != 'new'""",
+        """UPDATE incidents SET resolved_at = coalesce((SELECT max(at) FROM events WHERE incident_id = incidents.id
+                AND (type = 'status_changed' AND from_status IN ('new', 'in_progress') OR type = 'created')
+                AND to_status IN ('resolved', 'closed')), updated_at)
+            WHERE status IN ('resolved', 'closed')""",
+        """UPDATE incidents SET assignee = (SELECT CASE WHEN instr(actor, ' (Telegram user ') > 1
+                                                       THEN substr(actor, 1, instr(actor, ' (Telegram user ') - 1)
+                                                       ELSE actor END
+                FROM events WHERE incident_id = incidents.id AND type = 'status_changed' AND to_status = 'in_progress'
+                AND actor IS NOT NULL ORDER BY id LIMIT 1)
+            WHERE status != 'new'""",
+        # The timeline gains assignments, reminders and escalations: a CHECK changes only with a new table.
+        """CREATE TABLE events_new (
+            id INTEGER PRIMARY KEY,
+            incident_id INTEGER NOT NULL REFERENCES incidents (id),
+            at TEXT NOT NULL CHECK (at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z'),
+            type TEXT NOT NULL CHECK (type IN ('created', 'status_changed', 'description_changed', 'repeated', 'note',
+                                               'assigned', 'reminded', 'escalated')),
+            from_status TEXT CHECK (from_status IN ('new', 'in_progress', 'resolved', 'closed')),
+            to_status TEXT CHECK (to_status IN ('new', 'in_progress', 'resolved', 'closed')),
+            note TEXT CHECK (length(note) BETWEEN 1 AND 2000),
+            actor TEXT CHECK (length(actor) BETWEEN 1 AND 255),
+            count INTEGER CHECK (count >= 1),
+            last_at TEXT CHECK (last_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z'),
+            from_assignee TEXT CHECK (length(from_assignee) BETWEEN 1 AND 255),
+            to_assignee TEXT CHECK (length(to_assignee) BETWEEN 1 AND 255)
+        ) STRICT""",
+        """INSERT INTO events_new (id, incident_id, at, type, from_status, to_status, note, actor, count, last_at)
+            SELECT id, incident_id, at, type, from_status, to_status, note, actor, count, last_at FROM events""",
+        "DROP TABLE events",
+        "ALTER TABLE events_new RENAME TO events",
+        "CREATE INDEX events_by_incident ON events (incident_id)",
+        # Reminders in each chat: due (to send), sent (its message id), stale (to delete: the incident was taken).
+        """CREATE TABLE notify_reminders (
+            incident_id INTEGER NOT NULL REFERENCES incidents (id),
+            chat_id INTEGER NOT NULL,
+            number INTEGER NOT NULL CHECK (number >= 1),
+            state TEXT NOT NULL CHECK (state IN ('due', 'sent', 'stale')),
+            message_id INTEGER,
+            queued_at TEXT NOT NULL CHECK (queued_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z'),
+            PRIMARY KEY (incident_id, chat_id, number)
+        ) STRICT, WITHOUT ROWID""",
+        "CREATE INDEX notify_reminders_to_do ON notify_reminders (queued_at) WHERE state != 'sent'",
+        # Histograms of the time to acknowledge and to resolve, per source, kept by triggers like the counts:
+        # cumulative buckets (le_N counts the observations of N seconds or less), their count and sum.
+        # A clock that stepped back counts as 0 seconds.
+        """CREATE TABLE incident_durations (
+            metric TEXT NOT NULL CHECK (metric IN ('acknowledge', 'resolve')),
+            source TEXT NOT NULL CHECK (source IN ('operator', 'monitoring', 'partner')),
+            le_60 INTEGER NOT NULL DEFAULT 0 CHECK (le_60 >= 0),
+            le_300 INTEGER NOT NULL DEFAULT 0 CHECK (le_300 >= 0),
+            le_900 INTEGER NOT NULL DEFAULT 0 CHECK (le_900 >= 0),
+            le_1800 INTEGER NOT NULL DEFAULT 0 CHECK (le_1800 >= 0),
+            le_3600 INTEGER NOT NULL DEFAULT 0 CHECK (le_3600 >= 0),
+            le_14400 INTEGER NOT NULL DEFAULT 0 CHECK (le_14400 >= 0),
+            le_86400 INTEGER NOT NULL DEFAULT 0 CHECK (le_86400 >= 0),
+            count INTEGER NOT NULL DEFAULT 0 CHECK (count >= 0),
+            sum REAL NOT NULL DEFAULT 0 CHECK (sum >= 0),
+            PRIMARY KEY (metric, source)
+        ) STRICT, WITHOUT ROWID""",
+        """INSERT INTO incident_durations (metric, source)
+            SELECT metrics.value, sources.value FROM json_each('["acknowledge", "resolve"]') AS metrics,
+                                                     json_each('["operator", "monitoring", "partner"]') AS sources""",
+        """UPDATE incident_durations SET le_60 = observed.le_60, le_300 = observed.le_300, le_900 = observed.le_900,
+                le_1800 = observed.le_1800, le_3600 = observed.le_3600, le_14400 = observed.le_14400,
+                le_86400 = observed.le_86400,
+                count = observed.count, sum = observed.sum
+            FROM (SELECT source, sum(seconds <= 60) AS le_60, sum(seconds <= 300) AS le_300,
+                         sum(seconds <= 900) AS le_900, sum(seconds <= 1800) AS le_1800,
+                         sum(seconds <= 3600) AS le_3600, sum(seconds <= 14400) AS le_14400,
+                         sum(seconds <= 86400) AS le_86400, count(*) AS count, sum(seconds) AS sum
+                  FROM (SELECT source, max(round((julianday(acknowledged_at) - julianday(created_at)) * 86400, 3), 0) AS seconds
+                        FROM incidents WHERE acknowledged_at IS NOT NULL) GROUP BY source) AS observed
+            WHERE metric = 'acknowledge' AND incident_durations.source = observed.source""",
+        """UPDATE incident_durations SET le_60 = observed.le_60, le_300 = observed.le_300, le_900 = observed.le_900,
+                le_1800 = observed.le_1800, le_3600 = observed.le_3600, le_14400 = observed.le_14400,
+                le_86400 = observed.le_86400,
+                count = observed.count, sum = observed.sum
+            FROM (SELECT source, sum(seconds <= 60) AS le_60, sum(seconds <= 300) AS le_300,
+                         sum(seconds <= 900) AS le_900, sum(seconds <= 1800) AS le_1800,
+                         sum(seconds <= 3600) AS le_3600, sum(seconds <= 14400) AS le_14400,
+                         sum(seconds <= 86400) AS le_86400, count(*) AS count, sum(seconds) AS sum
+                  FROM (SELECT source, max(round((julianday(resolved_at) - julianday(created_at)) * 86400, 3), 0) AS seconds
+                        FROM incidents WHERE resolved_at IS NOT NULL) GROUP BY source) AS observed
+            WHERE metric = 'resolve' AND incident_durations.source = observed.source""",
+        """CREATE TRIGGER incident_durations_insert AFTER INSERT ON incidents BEGIN
+            UPDATE incident_durations SET le_60 = le_60 + (seconds <= 60), le_300 = le_300 + (seconds <= 300),
+                le_900 = le_900 + (seconds <= 900), le_1800 = le_1800 + (seconds <= 1800),
+                le_3600 = le_3600 + (seconds <= 3600), le_14400 = le_14400 + (seconds <= 14400),
+                le_86400 = le_86400 + (seconds <= 86400),
+                count = count + 1, sum = sum + seconds
+            FROM (SELECT max(round((julianday(new.acknowledged_at) - julianday(new.created_at)) * 86400, 3), 0) AS seconds)
+            WHERE metric = 'acknowledge' AND source = new.source AND new.acknowledged_at IS NOT NULL;
+            UPDATE incident_durations SET le_60 = le_60 + (seconds <= 60), le_300 = le_300 + (seconds <= 300),
+                le_900 = le_900 + (seconds <= 900), le_1800 = le_1800 + (seconds <= 1800),
+                le_3600 = le_3600 + (seconds <= 3600), le_14400 = le_14400 + (seconds <= 14400),
+                le_86400 = le_86400 + (seconds <= 86400),
+                count = count + 1, sum = sum + seconds
+            FROM (SELECT max(round((julianday(new.resolved_at) - julianday(new.created_at)) * 86400, 3), 0) AS seconds)
+            WHERE metric = 'resolve' AND source = new.source AND new.resolved_at IS NOT NULL;
+        END""",
+        """CREATE TRIGGER incident_durations_acknowledged AFTER UPDATE OF acknowledged_at ON incidents
+            WHEN old.acknowledged_at IS NULL AND new.acknowledged_at IS NOT NULL BEGIN
+            UPDATE incident_durations SET le_60 = le_60 + (seconds <= 60), le_300 = le_300 + (seconds <= 300),
+                le_900 = le_900 + (seconds <= 900), le_1800 = le_1800 + (seconds <= 1800),
+                le_3600 = le_3600 + (seconds <= 3600), le_14400 = le_14400 + (seconds <= 14400),
+                le_86400 = le_86400 + (seconds <= 86400),
+                count = count + 1, sum = sum + seconds
+            FROM (SELECT max(round((julianday(new.acknowledged_at) - julianday(new.created_at)) * 86400, 3), 0) AS seconds)
+            WHERE metric = 'acknowledge' AND source = new.source;
+        END""",
+        """CREATE TRIGGER incident_durations_resolved AFTER UPDATE OF resolved_at ON incidents
+            WHEN old.resolved_at IS NULL AND new.resolved_at IS NOT NULL BEGIN
+            UPDATE incident_durations SET le_60 = le_60 + (seconds <= 60), le_300 = le_300 + (seconds <= 300),
+                le_900 = le_900 + (seconds <= 900), le_1800 = le_1800 + (seconds <= 1800),
+                le_3600 = le_3600 + (seconds <= 3600), le_14400 = le_14400 + (seconds <= 14400),
+                le_86400 = le_86400 + (seconds <= 86400),
+                count = count + 1, sum = sum + seconds
+            FROM (SELECT max(round((julianday(new.resolved_at) - julianday(new.created_at)) * 86400, 3), 0) AS seconds)
+            WHERE metric = 'resolve' AND source = new.source;
+        END""",
+    ),
 )
 
 INCIDENT_JSON = """json_object(
     'id', id, 'description', description, 'status', status, 'source', source,
     'dedup_key', dedup_key, 'occurrences', occurrences, 'last_seen_at', last_seen_at,
+    'assignee', assignee, 'acknowledged_at', acknowledged_at, 'resolved_at', resolved_at,
     'created_at', created_at, 'updated_at', updated_at)"""
 
-# json_patch drops the keys whose value is null: each event shows only the fields of its type.
-EVENT_JSON = """json_patch(json_object('id', id, 'at', at, 'type', type), json_object(
-    'from_status', from_status, 'to_status', to_status, 'note', note, 'actor', actor,
-    'count', count, 'last_at', last_at))"""
+# json_patch drops the keys whose value is null: each event shows only the fields of its type. An
+# assignment shows both of its values, null for nobody.
+EVENT_JSON = """json_patch(CASE type WHEN 'assigned'
+        THEN json_object('id', id, 'at', at, 'type', type, 'from_assignee', from_assignee, 'to_assignee', to_assignee)
+        ELSE json_object('id', id, 'at', at, 'type', type) END,
+    json_object('from_status', from_status, 'to_status', to_status, 'note', note, 'actor', actor,
+                'count', count, 'last_at', last_at))"""
 
 # ---------------------------------------------------------------------------
 # Database helpers
@@ -357,7 +503,8 @@ class Writer:
     def __init__(self, path, timeout):
         self.path, self.timeout = path, timeout
         self.turns = open_private(f"{path}-writer.lock")
-        self.queue = queue.SimpleQueue()
+        self.close_turns = weakref.finalize(self, os.close, self.turns)
+        self.queue = queue.SimpleQueue()  # jobs; None asks the writer to close
         self.states = threading.Lock()  # guards the state of every job
         self.db = None  # opened by the writer thread, used by it alone
         self.problem = None  # why writes fail for want of storage, until a write commits again
@@ -389,29 +536,39 @@ class Writer:
 
     @staticmethod
     def serve(ref):
-        """The writer thread, for as long as its Writer is in use (a weak reference lets it go)."""
-        while (writer := ref()) is not None:
-            writer.serve_once()
+        """The writer thread, until its Writer is closed or no longer in use (a weak reference lets it go)."""
+        while (writer := ref()) is not None and writer.serve_once():
             del writer
 
     def serve_once(self):
-        """One transaction, in this process's turn, of what is queued; or an idle second."""
+        """One transaction, in this process's turn, of what is queued, or an idle second; False once closed."""
         try:
             first, self.bulk = self.bulk or self.queue.get(timeout=1), None
         except queue.Empty:
-            return
+            return True
+        if first is None:
+            if self.db is not None:
+                self.db.close()
+            self.close_turns()
+            return False
         fcntl.flock(self.turns, fcntl.LOCK_EX)
         try:
             self.transact(first)
         finally:
             fcntl.flock(self.turns, fcntl.LOCK_UN)
+        return True
 
     def queued(self, first):
-        """The first job, then each job queued until the transaction takes it."""
+        """The first job, then each job queued until the transaction takes it (a close waits its turn)."""
         yield first
         with contextlib.suppress(queue.Empty):
-            while True:
-                yield self.queue.get_nowait()
+            while (job := self.queue.get_nowait()) is not None:
+                yield job
+            self.queue.put(None)
+
+    def close(self):
+        """Close the connection and the lock file once what is queued is done (the thread ends)."""
+        self.queue.put(None)
 
     def transact(self, first):
         """BEGIN, each job in a SAVEPOINT (up to WRITE_BATCH_MAX of them), COMMIT; then wake the callers."""
@@ -501,9 +658,23 @@ class Database:
     def forked(self):
         """In a forked child: set aside what the parent opened, to open anew on first use."""
         if self.writer is not None:
-            os.close(self.writer.turns)  # the parent's lock stays the parent's: unlocking here would drop it
+            self.writer.close_turns()  # the parent's lock stays the parent's: unlocking here would drop it
         self.inherited.append((self.idle, self.writer))
         self.start_afresh()
+
+    def close(self):
+        """Close every connection, and the writer, while nothing else uses them; they reopen on first use.
+
+        The app's start does so, so that a server that forks its workers after loading the app
+        (gunicorn --preload) leaves them nothing open of its own.
+        """
+        with self.opening:
+            if self.writer is not None:
+                self.writer.close()
+                self.writer = None
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.idle.get_nowait().close()
 
     def acquire(self):
         try:
@@ -717,6 +888,7 @@ FIELD_RULES = {
     "dedup_key": lambda value: clean_text(value, DEDUP_KEY_MAX),
     "note": lambda value: clean_text(value, NOTE_MAX),
     "actor": lambda value: clean_text(value, ACTOR_MAX),
+    "assignee": lambda value: None if value is None else clean_text(value, ACTOR_MAX),
 }
 
 
@@ -727,6 +899,8 @@ def read_body(limit, too_large):
         data = request.get_data()
     except RequestEntityTooLarge:  # its Content-Length says so
         data = None
+    except Exception as error:  # a broken chunked encoding, a client gone halfway: whatever the server raises
+        raise ApiError(400, f"The body could not be read ({type(error).__name__}); send it again.") from None
     if data is None or len(data) > limit:
         raise ApiError(413, too_large or f"The body is over {limit} bytes; send less (a description holds up "
                                           f"to {DESCRIPTION_MAX} characters).")
@@ -861,6 +1035,7 @@ LIST_QUERY = {
     "status": (lambda values: parse_choices(values, STATUSES), True),
     "source": (lambda values: parse_choices(values, SOURCES), True),
     "dedup_key": (FIELD_RULES["dedup_key"], False),
+    "assignee": (lambda text: clean_text(text, ACTOR_MAX), False),
     "since": (parse_datetime, False),
     "until": (parse_datetime, False),
     "limit": (parse_limit, False),
@@ -936,21 +1111,30 @@ def add_repeat_event(db, incident_id, at):
         add_event(db, incident_id, at, "repeated", count=1, last_at=at)
 
 
-# Each chat's entry in the outbox: a chat that became a supergroup is reached at its new id, one
-# the bot was removed from is not reached at all.
-QUEUE_NOTIFICATION_SQL = """
-    INSERT INTO notify_outbox (incident_id, chat_id, kind, seq, queued_at)
-    SELECT ?, coalesce(gone.moved_to, chats.value), ?, 1, ?
+# The chats to reach of a list of chat ids (a JSON parameter): one that became a supergroup at its
+# new id, one the bot was removed from not at all.
+REACHABLE_CHATS = """SELECT coalesce(gone.moved_to, chats.value) AS chat_id
     FROM json_each(?) AS chats LEFT JOIN notify_chats_gone AS gone ON gone.chat_id = chats.value
-    WHERE gone.chat_id IS NULL OR gone.moved_to NOT IN (SELECT chat_id FROM notify_chats_gone)
-    ON CONFLICT (incident_id, chat_id, kind) DO UPDATE SET seq = seq + 1"""
+    WHERE gone.chat_id IS NULL OR gone.moved_to NOT IN (SELECT chat_id FROM notify_chats_gone)"""
 
 
-def queue_notification(db, incident_id, kind):
-    """Record, in the transaction of a change, that each notify chat's message must catch up."""
-    chats = current_app.config["TELEGRAM_NOTIFY_CHAT_IDS"]
+def incident_chats(db, incident_id):
+    """The chats that show an incident: the notify chats, and the escalation chats once it was escalated."""
+    config = current_app.config
+    escalate = config["TELEGRAM_ESCALATE_CHAT_IDS"]
+    if escalate and db.execute("SELECT escalated_at FROM incidents WHERE id = ?", (incident_id,)).fetchone()[0]:
+        return [*config["TELEGRAM_NOTIFY_CHAT_IDS"], *escalate]
+    return config["TELEGRAM_NOTIFY_CHAT_IDS"]
+
+
+def queue_notification(db, incident_id, kind, chats=None):
+    """Record, in the transaction of a change, that the incident's message in each chat must catch up."""
+    chats = incident_chats(db, incident_id) if chats is None else chats
     if chats:
-        db.execute(QUEUE_NOTIFICATION_SQL, (incident_id, kind, now(), json.dumps(chats)))
+        db.execute(f"""INSERT INTO notify_outbox (incident_id, chat_id, kind, seq, queued_at)
+                       SELECT ?, chat_id, ?, 1, ? FROM ({REACHABLE_CHATS}) WHERE true
+                       ON CONFLICT (incident_id, chat_id, kind) DO UPDATE SET seq = seq + 1""",
+                   (incident_id, kind, now(), json.dumps(chats)))
 
 
 def fold_report(db, dedup_key, at):
@@ -966,13 +1150,39 @@ def fold_report(db, dedup_key, at):
     return folded
 
 
+def later(timestamp, seconds):
+    """A stored timestamp `seconds` later."""
+    return utc_timestamp(datetime.fromisoformat(timestamp) + timedelta(seconds=seconds))
+
+
+def status_clock(current, status, at):
+    """The columns a change of status moves: when it was acknowledged and resolved, and when to remind.
+
+    Becoming new clears both and starts the reminders afresh; leaving new acknowledges it (once)
+    and stops them; leaving the open statuses resolves it, and reopening clears that again.
+    """
+    if status == "new":
+        after, chats = current_app.config["REMIND_AFTER"], current_app.config["TELEGRAM_NOTIFY_CHAT_IDS"]
+        return {"acknowledged_at": None, "resolved_at": None, "remind_at": later(at, after) if after and chats else None,
+                "reminders": 0}
+    clock = {"acknowledged_at": current["acknowledged_at"] or at, "remind_at": None}
+    if status in OPEN_STATUSES:
+        clock["resolved_at"] = None
+    elif current["status"] in OPEN_STATUSES:
+        clock["resolved_at"] = at
+    return clock
+
+
 def insert_incident(db, values, at, note=None, actor=None):
     """A new incident and its `created` event: (id, incident JSON)."""
     status = values.get("status", DEFAULT_STATUS)
+    clock = status_clock({"status": "new", "acknowledged_at": None}, status, at)
     incident_id, body = db.execute(
-        f"""INSERT INTO incidents (description, status, source, dedup_key, created_at, updated_at, last_seen_at)
-            VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id, {INCIDENT_JSON}""",
-        (values["description"], status, values["source"], values.get("dedup_key"), at, at, at),
+        f"""INSERT INTO incidents (description, status, source, dedup_key, created_at, updated_at, last_seen_at,
+                                   acknowledged_at, resolved_at, remind_at)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id, {INCIDENT_JSON}""",
+        (values["description"], status, values["source"], values.get("dedup_key"), at, at, at,
+         clock["acknowledged_at"], clock.get("resolved_at"), clock["remind_at"]),
     ).fetchone()
     add_event(db, incident_id, at, "created", to_status=status, note=note, actor=actor)
     queue_notification(db, incident_id, "change")
@@ -1005,35 +1215,48 @@ def check_dedup_key_free(db, incident_id, dedup_key):
         )
 
 
-def change_incident(db, incident_id, values, note=None, actor=None):
-    """Apply status and description changes and record them with the note; returns the incident JSON.
+def change_incident(db, incident_id, values, note=None, actor=None, taken_by=None):
+    """Apply changes of status, description and assignee, each on the timeline; returns the incident JSON.
 
-    updated_at moves only when a value really changes; a note alone is a `note` event.
+    A change to in_progress is a take: it assigns the incident to `taken_by` (else the actor), unless
+    someone is assigned already or the change names the assignee. updated_at moves only when a value
+    really changes; a note alone is a `note` event.
     """
-    current = db.execute(
-        "SELECT status, description, dedup_key FROM incidents WHERE id = ?", (incident_id,)
-    ).fetchone()
+    current = db.execute("SELECT status, description, dedup_key, assignee, acknowledged_at FROM incidents WHERE id = ?",
+                         (incident_id,)).fetchone()
     if current is None:
         raise no_such_incident(incident_id)
+    if values.get("status") == "in_progress" != current["status"] and current["assignee"] is None:
+        values = {"assignee": taken_by or actor, **values}
     changed = {field: value for field, value in values.items() if value != current[field]}
     reopening = changed.get("status") in OPEN_STATUSES and current["status"] not in OPEN_STATUSES
     if reopening and current["dedup_key"] is not None:
         check_dedup_key_free(db, incident_id, current["dedup_key"])
     at = now()
-    events = []
     if changed:
-        assignments = ", ".join(f"{field} = ?" for field in changed)  # names from FIELD_RULES only
-        db.execute(f"UPDATE incidents SET {assignments}, updated_at = ? WHERE id = ?", (*changed.values(), at, incident_id))
+        columns = {**changed, **(status_clock(current, changed["status"], at) if "status" in changed else {})}
+        assignments = ", ".join(f"{column} = ?" for column in columns)  # names from FIELD_RULES and status_clock
+        db.execute(f"UPDATE incidents SET {assignments}, updated_at = ? WHERE id = ?", (*columns.values(), at, incident_id))
+        if current["status"] == "new" and "status" in changed:  # reminders already sent call for nothing now
+            db.execute("UPDATE notify_reminders SET state = 'stale' WHERE incident_id = ?", (incident_id,))
         queue_notification(db, incident_id, "change")
+    record_changes(db, incident_id, current, changed, at, note, actor)
+    return fetch_incident_json(db, incident_id)
+
+
+def record_changes(db, incident_id, current, changed, at, note, actor):
+    """The timeline's events for one change, the note on the first of them (or on a `note` event alone)."""
+    events = []
     if "status" in changed:
         events.append(("status_changed", {"from_status": current["status"], "to_status": changed["status"]}))
     if "description" in changed:
         events.append(("description_changed", {}))
+    if "assignee" in changed:
+        events.append(("assigned", {"from_assignee": current["assignee"], "to_assignee": changed["assignee"]}))
     if note and not events:
         events.append(("note", {}))
     for position, (event_type, columns) in enumerate(events):
         add_event(db, incident_id, at, event_type, note=None if position else note, actor=actor, **columns)
-    return fetch_incident_json(db, incident_id)
 
 
 # ---------------------------------------------------------------------------
@@ -1110,18 +1333,24 @@ def get_incident(incident_id):
 SEARCH_ROW = "EXISTS (SELECT 1 FROM incidents_search WHERE incidents_search MATCH ? AND rowid = -incidents.id)"
 
 
+# Filters with an index of their own, led by the filter's column and ordered by created_at.
+KEY_FILTERS = ("dedup_key", "assignee")
+
+
 def list_streams(query):
     """The WHERE conditions and values of each ordered stream that a list page merges.
 
-    Without dedup_key: one stream per (status, source) pair, each an equality prefix of the
-    (status, source, created_at) index. With dedup_key: one stream on that key's own index,
-    where unary + keeps SQLite from preferring the status index for the few rows a key has;
-    a search then probes the index for each of those rows.
+    Without a key filter: one stream per (status, source) pair, each an equality prefix of the
+    (status, source, created_at) index. With dedup_key or assignee: one stream on the first one's
+    own index, where unary + keeps SQLite from preferring the status index for the few rows a key
+    has; a search then probes the search index for each of those rows.
     """
     statuses, sources = query.get("status", STATUSES), query.get("source", SOURCES)
-    if "dedup_key" in query:
-        conditions = ["dedup_key = ?", f"+status IN ({placeholders(statuses)})", f"+source IN ({placeholders(sources)})"]
-        values = [query["dedup_key"], *statuses, *sources]
+    keys = [name for name in KEY_FILTERS if name in query]  # names from KEY_FILTERS only
+    if keys:
+        conditions = [f"{keys[0]} = ?", *(f"+{name} = ?" for name in keys[1:]),
+                      f"+status IN ({placeholders(statuses)})", f"+source IN ({placeholders(sources)})"]
+        values = [*(query[name] for name in keys), *statuses, *sources]
         if "q" in query:
             conditions, values = [*conditions, SEARCH_ROW], [*values, query["q"]]
         return [(conditions, values)]
@@ -1175,7 +1404,7 @@ def search_sql(query):
 def list_sql(query):
     """The SQL and parameters of one list page for the parsed query parameters."""
     fetch = query.get("limit", PAGE_LIMIT_DEFAULT) + 1  # one more than a page tells whether another follows
-    if "q" in query and "dedup_key" not in query:
+    if "q" in query and not any(name in query for name in KEY_FILTERS):
         sql, params = search_sql(query)
         return sql, [*params, fetch]
     bounds = time_bounds(query) + ([("(created_at, id) < (?, ?)", query["cursor"])] if "cursor" in query else [])
@@ -1194,11 +1423,11 @@ def list_incidents():
 
 
 def update_incident(incident_id):
-    """Change status and/or description, or add a note; every change goes on the timeline."""
-    values = validate_fields(read_json_object(), [], ["status", "description", "note", "actor"])
+    """Change status, description and/or assignee, or add a note; every change goes on the timeline."""
+    values = validate_fields(read_json_object(), [], ["status", "description", "assignee", "note", "actor"])
     note, actor = values.pop("note", None), values.pop("actor", None)
     if not values and note is None:
-        raise invalid("fields", [{"field": "status", "message": "send status, description and/or note"}])
+        raise invalid("fields", [{"field": "status", "message": "send status, description, assignee and/or note"}])
     return json_response(write(lambda db: change_incident(db, incident_id, values, note, actor)))
 
 
@@ -1391,7 +1620,7 @@ def telegram_set_status(db, message, argument, status):
     if not number.isdecimal() or int(number) > MAX_ID:
         return f"Send the incident number, e.g. /{'take' if status == 'in_progress' else 'resolve'} 17"
     actor = telegram_sender(message)
-    change_incident(db, int(number), {"status": status}, actor=actor)
+    change_incident(db, int(number), {"status": status}, actor=actor, taken_by=telegram_name(message))
     return f"Incident #{int(number)} is {status.replace('_', ' ')}, by {actor}"
 
 
@@ -1483,7 +1712,8 @@ def telegram_button(db, callback):
         queue_notification(db, incident_id, "change")
         return {**answer, "text": f"Incident #{incident_id} is already {current['status'].replace('_', ' ')}"}
     try:
-        change_incident(db, incident_id, {"status": status}, actor=telegram_sender(callback))
+        change_incident(db, incident_id, {"status": status}, actor=telegram_sender(callback),
+                        taken_by=telegram_name(callback))
     except ApiError as error:  # reopening while another open incident holds the dedup_key
         return {**answer, "text": error.detail[:200], "show_alert": True}
     return {**answer, "text": f"Incident #{incident_id} {verb} by {telegram_name(callback)}"}
@@ -1841,6 +2071,10 @@ def incident_message(db, incident_id):
     if change:
         lines.append(f"Now {status}: by {html.escape(change['actor'] or 'someone', quote=False)}, "
                      f"{short_time(change['at'])}")
+    if incident["assignee"]:
+        assignee = html.escape(incident["assignee"], quote=False)
+        lines.append(f"Taken by {assignee}, {short_time(incident['acknowledged_at'])}" if incident["acknowledged_at"]
+                     else f"Assigned to {assignee}")
     room = TELEGRAM_TEXT_MAX - utf16_length("\n".join([header, *lines])) - 1
     buttons = [{"text": label, "callback_data": f"{action}:{incident_id}"}
                for action, label in NOTIFY_BUTTONS[incident["status"]]]
@@ -1906,6 +2140,7 @@ def forget_chat(db, chat_id, error):
     db.execute("INSERT OR REPLACE INTO notify_chats_gone (chat_id, reason, at) VALUES (?, ?, ?)",
                (chat_id, str(error)[:NOTE_MAX], now()))
     db.execute("DELETE FROM notify_outbox WHERE chat_id = ?", (chat_id,))
+    db.execute("DELETE FROM notify_reminders WHERE chat_id = ?", (chat_id,))
 
 
 def move_chat(db, chat_id, error):
@@ -1924,6 +2159,7 @@ def move_chat(db, chat_id, error):
                (new_id, at, chat_id, new_id, chat_id))
     db.execute("DELETE FROM notify_outbox WHERE chat_id = ?", (chat_id,))
     db.execute("DELETE FROM notify_messages WHERE chat_id = ?", (chat_id,))
+    db.execute("DELETE FROM notify_reminders WHERE chat_id = ?", (chat_id,))  # not to be found at the new id
 
 
 def chat_refused(database, chat_id, error):
@@ -1942,7 +2178,7 @@ def chat_refused(database, chat_id, error):
     return False
 
 
-def deliver_notifications(database, db, bot, repeat_interval):
+def deliver_outbox(database, db, bot, repeat_interval):
     """Bring every message the outbox names up to date; returns seconds until the next one is due.
 
     A message shows the incident as it is when sent, so a burst of changes becomes one edit. What
@@ -1975,6 +2211,14 @@ def deliver_notifications(database, db, bot, repeat_interval):
     return wait
 
 
+def deliver_notifications(database, db, bot, repeat_interval):
+    """One pass: reminders that fell due, the outbox, then reminders to send or take back; seconds to wait."""
+    schedule_reminders(database, db)
+    wait = deliver_outbox(database, db, bot, repeat_interval)
+    deliver_reminders(database, db, bot)
+    return wait
+
+
 def notify_once(database, db, bot, repeat_interval, delay):
     """One pass over the outbox; returns how long to wait before the next, waiting out 429s, outages and
     a database that refuses writes."""
@@ -1993,6 +2237,143 @@ def send_notifications(database, db, bot, repeat_interval, stop):
     delay = 0
     while not stop.wait(delay):
         delay = notify_once(database, db, bot, repeat_interval, delay)
+
+
+# ---------------------------------------------------------------------------
+# Reminders: an incident nobody takes is called for again, then escalated
+# ---------------------------------------------------------------------------
+
+
+# The incidents whose next reminder (or escalation) is due, read from their own partial index.
+DUE_REMINDERS_SQL = "SELECT id FROM incidents WHERE remind_at <= ? ORDER BY remind_at LIMIT ?"
+
+
+def schedule_reminders(database, db):
+    """Turn the reminders and escalations that fell due into messages to send, REMIND_BATCH a transaction.
+
+    Each incident's next due time is in the database (remind_at, found by its own index), so a
+    restart neither sends a reminder early nor loses one; one that fell due while no sender ran is
+    sent once, and the next comes REMIND_AFTER after it.
+    """
+    if not current_app.config["REMIND_AFTER"]:
+        return
+    while due := [row[0] for row in db.execute(DUE_REMINDERS_SQL, (now(), REMIND_BATCH))]:
+        database.write(lambda writer: [remind(writer, incident_id) for incident_id in due])
+        if len(due) < REMIND_BATCH:
+            return
+
+
+def remind(db, incident_id):
+    """Queue the next reminder of an incident still new in each notify chat, or after the last, escalate it."""
+    incident = db.execute("SELECT status, remind_at, reminders FROM incidents WHERE id = ?", (incident_id,)).fetchone()
+    at, config = now(), current_app.config
+    if incident["remind_at"] is None or incident["remind_at"] > at:
+        return  # taken, or put off, since the pass read it
+    if incident["status"] == "new" and incident["reminders"] < config["REMIND_MAX"]:
+        number = incident["reminders"] + 1
+        db.execute(f"""INSERT INTO notify_reminders (incident_id, chat_id, number, state, queued_at)
+                       SELECT ?, chat_id, ?, 'due', ? FROM ({REACHABLE_CHATS}) WHERE true ON CONFLICT DO NOTHING""",
+                   (incident_id, number, at, json.dumps(config["TELEGRAM_NOTIFY_CHAT_IDS"])))
+        add_event(db, incident_id, at, "reminded", count=number)
+        db.execute("UPDATE incidents SET reminders = ?, remind_at = ? WHERE id = ?",
+                   (number, later(at, config["REMIND_AFTER"]), incident_id))
+    elif incident["status"] == "new" and config["TELEGRAM_ESCALATE_CHAT_IDS"]:
+        db.execute("UPDATE incidents SET remind_at = NULL, escalated_at = ? WHERE id = ?", (at, incident_id))
+        add_event(db, incident_id, at, "escalated", note="Nobody took it after the last reminder: announced to "
+                                                         "the escalation chats")
+        queue_notification(db, incident_id, "change", config["TELEGRAM_ESCALATE_CHAT_IDS"])
+    else:
+        db.execute("UPDATE incidents SET remind_at = NULL WHERE id = ?", (incident_id,))
+
+
+def pending_reminders(db):
+    """Reminders to send or to take back, oldest first, each with what its message needs."""
+    return db.execute(
+        """SELECT r.incident_id, r.chat_id, r.number, r.state, r.message_id, i.status, i.description,
+                  coalesce((SELECT max(at) FROM events WHERE incident_id = r.incident_id AND type = 'status_changed'
+                            AND to_status = 'new'), i.created_at) AS new_since,
+                  m.message_id AS reply_to
+           FROM notify_reminders AS r JOIN incidents AS i ON i.id = r.incident_id
+           LEFT JOIN notify_messages AS m ON m.incident_id = r.incident_id AND m.chat_id = r.chat_id
+           WHERE r.state != 'sent' ORDER BY r.queued_at"""
+    ).fetchall()
+
+
+def waited(seconds):
+    """A wait as a person says it: 45 s, 10 min, 2 h 5 min."""
+    minutes = int(seconds // 60)
+    return f"{int(seconds)} s" if minutes == 0 else f"{minutes} min" if minutes < 60 else \
+        f"{minutes // 60} h {minutes % 60} min"
+
+
+def show_reminder(bot, row):
+    """Send a reminder, a reply to the incident's message (an edit makes no phone ring); returns its id."""
+    header = (f"⏰ <b>Incident #{row['incident_id']}</b> has waited {waited(age_seconds(row['new_since']))} "
+              f"and nobody has taken it (reminder {row['number']} of {current_app.config['REMIND_MAX']})")
+    room = TELEGRAM_TEXT_MAX - utf16_length(header) - 1
+    message = {"chat_id": row["chat_id"], "text": f"{header}\n{fit_description(row['description'], room)}",
+               "parse_mode": "HTML", **NO_PREVIEWS,
+               "reply_markup": {"inline_keyboard": [[{"text": "Take", "callback_data": f"take:{row['incident_id']}"}]]}}
+    if row["reply_to"] is not None:
+        message["reply_parameters"] = {"message_id": row["reply_to"], "allow_sending_without_reply": True}
+    return bot.call("sendMessage", message)["message_id"]
+
+
+def take_back_reminder(bot, row):
+    """Delete a reminder the incident no longer needs; one too old to delete loses its button instead."""
+    where = {"chat_id": row["chat_id"], "message_id": row["message_id"]}
+    for method, payload in (("deleteMessage", where),
+                            ("editMessageText", {**where, "text": f"Incident #{row['incident_id']} is "
+                                                                  f"{row['status'].replace('_', ' ')} now."})):
+        try:
+            bot.call(method, payload)
+            return
+        except BotApiError as error:
+            if error.code != 400 or error.migrate_to or chat_is_gone(error):
+                raise
+
+
+def record_reminder(db, row, message_id):
+    """Remember a reminder Telegram accepted: sent, or stale at once if the incident was taken meanwhile."""
+    db.execute("""UPDATE notify_reminders SET message_id = ?,
+                      state = CASE (SELECT status FROM incidents WHERE id = ?) WHEN 'new' THEN 'sent' ELSE 'stale' END
+                  WHERE incident_id = ? AND chat_id = ? AND number = ?""",
+               (message_id, row["incident_id"], row["incident_id"], row["chat_id"], row["number"]))
+
+
+def forget_reminder(db, row):
+    db.execute("DELETE FROM notify_reminders WHERE incident_id = ? AND chat_id = ? AND number = ?",
+               (row["incident_id"], row["chat_id"], row["number"]))
+
+
+def deliver_reminders(database, db, bot):
+    """Send each reminder due while its incident is still new; take back those it no longer needs.
+
+    What Telegram accepted is recorded before anything else is sent, as for the outbox.
+    """
+    dealt_with = set()
+    for row in pending_reminders(db):
+        if row["chat_id"] in dealt_with:
+            continue
+        try:
+            if row["state"] == "due" and row["status"] == "new":
+                message_id = show_reminder(bot, row)
+                record = functools.partial(record_reminder, row=row, message_id=message_id)
+            else:
+                if row["message_id"] is not None:
+                    take_back_reminder(bot, row)
+                record = functools.partial(forget_reminder, row=row)
+        except BotApiError as error:
+            if chat_refused(database, row["chat_id"], error):
+                dealt_with.add(row["chat_id"])
+                continue
+            if error.code != 400:
+                raise
+            current_app.logger.error("reminder for incident %s not sent to chat %s: %s", row["incident_id"],
+                                     row["chat_id"], error)
+            record = functools.partial(forget_reminder, row=row)
+        keep_trying(lambda: database.write(record),
+                    f"reminder for incident {row['incident_id']} in chat {row['chat_id']}, not yet recorded")
 
 
 @contextmanager
@@ -2070,12 +2451,26 @@ def escape_label(value):
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+def sample_line(name, labels, value):
+    """One sample in the text format: its name, its labels in braces (if any), its value."""
+    label_text = ",".join(f'{label}="{escape_label(str(text))}"' for label, text in labels.items())
+    return f"{name}{{{label_text}}} {value}" if labels else f"{name} {value}"
+
+
 def metric_family(name, kind, help_text, samples):
     """One metric family in the text format: HELP, TYPE, then a line per (labels, value) sample."""
-    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-    for labels, value in samples:
-        label_text = ",".join(f'{label}="{escape_label(str(text))}"' for label, text in labels.items())
-        lines.append(f"{name}{{{label_text}}} {value}" if labels else f"{name} {value}")
+    return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}",
+            *(sample_line(name, labels, value) for labels, value in samples)]
+
+
+def histogram_family(name, help_text, rows):
+    """A histogram per source, from incident_durations rows: cumulative buckets, then +Inf, sum and count."""
+    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+    for row in rows:
+        source = {"source": row["source"]}
+        lines += [sample_line(f"{name}_bucket", {**source, "le": bound}, row[f"le_{bound}"]) for bound in DURATION_BUCKETS]
+        lines += [sample_line(f"{name}_bucket", {**source, "le": "+Inf"}, row["count"]),
+                  sample_line(f"{name}_sum", source, row["sum"]), sample_line(f"{name}_count", source, row["count"])]
     return lines
 
 
@@ -2089,6 +2484,7 @@ def metrics():
     counts = db.execute("SELECT status, source, current, created, folded FROM incident_counts").fetchall()
     oldest_new = db.execute(OLDEST_NEW_SQL, SOURCES).fetchone()[0]
     pending, oldest_pending = db.execute(NOTIFY_PENDING_SQL).fetchone()
+    durations = db.execute("SELECT * FROM incident_durations ORDER BY metric, source").fetchall()
     lines = [
         *metric_family("incidents_open", "gauge", "Open incidents (new or in_progress), by status and source.",
                        [({"status": row["status"], "source": row["source"]}, row["current"])
@@ -2102,12 +2498,22 @@ def metrics():
                        "Age of the oldest incident nobody has taken (status new); 0 when there is none.",
                        [({}, age_seconds(oldest_new))]),
         *metric_family("incidents_notifications_pending", "gauge",
-                       "Telegram messages (per incident and chat) waiting to be sent or brought up to date.",
+                       "Telegram updates waiting to be shown (one per incident, chat and kind: change or repeat).",
                        [({}, pending)]),
         *metric_family("incidents_notifications_oldest_age_seconds", "gauge",
                        "Age of the oldest of those; 0 when none waits.", [({}, age_seconds(oldest_pending))]),
+        *histogram_family("incidents_time_to_acknowledge_seconds",
+                          "Seconds from an incident's creation until it left new (taken, resolved or closed), by source.",
+                          [row for row in durations if row["metric"] == "acknowledge"]),
+        *histogram_family("incidents_time_to_resolve_seconds",
+                          "Seconds from an incident's creation until it was resolved or closed, by source.",
+                          [row for row in durations if row["metric"] == "resolve"]),
     ]
     return Response("\n".join(lines) + "\n", content_type=METRICS_CONTENT_TYPE)
+
+
+# The files SQLite and this service keep beside the database, by the suffix after its name.
+BESIDE_DATABASE = re.compile(r"(-wal|-shm|-journal|-writer\.lock|-telegram-sender-[0-9]+\.lock)?")
 
 
 def check_backup_target(database_path, path):
@@ -2116,7 +2522,7 @@ def check_backup_target(database_path, path):
     beside = [database_path + suffix for suffix in ("", "-wal", "-shm", "-journal")]
     for target in (path, f"{path}.partial"):
         named = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(target))), os.path.basename(target))
-        if any(named == name or named.startswith(f"{name}-") for name in live) or any(
+        if any(named.startswith(name) and BESIDE_DATABASE.fullmatch(named[len(name):]) for name in live) or any(
                 os.path.exists(target) and os.path.exists(other) and os.path.samefile(target, other)
                 for other in beside):
             raise click.ClickException(f"{path} is the live database {database_path} or a file SQLite keeps beside "
@@ -2133,12 +2539,13 @@ def backup_command(path, force):
     if not os.path.isfile(database_path):
         raise click.ClickException(f"there is no database {database_path}; set INCIDENTS_DB to the server's")
     check_backup_target(database_path, path)
-    if os.path.lexists(path) and not force:
-        raise click.ClickException(f"{path} exists; pass --force to replace it.")
     partial = f"{path}.partial"
+    for existing in (path, partial):
+        if os.path.lexists(existing) and not force:
+            raise click.ClickException(f"{existing} exists; pass --force to replace it.")
     try:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(partial)  # left by a failed run, or a link planted there: removed, never followed
+            os.unlink(partial)  # with --force: left by a failed run, or a link planted there; removed, never followed
         os.close(open_private(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW))
         source = sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(database_path))}?mode=ro", uri=True)
         with contextlib.closing(source), contextlib.closing(sqlite3.connect(partial)) as replica:
@@ -2158,7 +2565,9 @@ def describe_backup(replica):
     check = replica.execute("PRAGMA integrity_check").fetchall()
     if check != [("ok",)]:
         raise click.ClickException(f"the copy failed its integrity check: {check[:5]}")
-    incidents, events = (replica.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in ("incidents", "events"))
+    tables = {row[0] for row in replica.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")}
+    incidents, events = (replica.execute(f"SELECT count(*) FROM {table}").fetchone()[0] if table in tables else 0
+                         for table in ("incidents", "events"))  # a file of schema version 1 has no timeline
     pages, page_size = (replica.execute(f"PRAGMA {name}").fetchone()[0] for name in ("page_count", "page_size"))
     version = replica.execute("PRAGMA user_version").fetchone()[0]
     return (f"{incidents} incidents, {events} events, {pages * page_size} bytes, schema version {version}, "
@@ -2170,13 +2579,13 @@ def describe_backup(replica):
 # ---------------------------------------------------------------------------
 
 
-def env_seconds(name, default, least=0):
-    """A whole number of seconds from the environment, or a startup error that says what to set."""
+def env_number(name, default, least=0, most=10**9, unit="seconds"):
+    """A whole number (of `unit`) from the environment, or a startup error that says what to set."""
     text = os.environ.get(name, "").strip()
     if not text:
         return default
-    if not (text.isascii() and text.isdigit() and int(text) >= least):
-        stop_startup(f"{name} must be a whole number of seconds ({least} or more), not {text!r}")
+    if not (text.isascii() and text.isdigit() and least <= int(text) <= most):
+        stop_startup(f"{name} must be a whole number of {unit} from {least} to {most}, not {text!r}")
     return int(text)
 
 
@@ -2226,12 +2635,14 @@ def configuration():
     """The app's settings from the environment, each checked (a bad one stops startup in one line)."""
     return dict(
         DATABASE=os.environ.get("INCIDENTS_DB", "incidents.db"),
-        BUSY_TIMEOUT=env_seconds("INCIDENTS_BUSY_TIMEOUT", BUSY_TIMEOUT_S, least=1),
+        BUSY_TIMEOUT=env_number("INCIDENTS_BUSY_TIMEOUT", BUSY_TIMEOUT_S, least=1, most=3600),
         API_TOKEN=os.environ.get("INCIDENTS_API_TOKEN") or None,
         TELEGRAM_WEBHOOK_SECRET=os.environ.get("TELEGRAM_WEBHOOK_SECRET") or None,
         TELEGRAM_BOT_TOKEN=env_bot_token("TELEGRAM_BOT_TOKEN"),
         TELEGRAM_API_URL=env_url("TELEGRAM_API_URL", TELEGRAM_API_URL),
-        REOPEN_WINDOW=env_seconds("INCIDENTS_REOPEN_WINDOW", REOPEN_WINDOW_S),
+        REOPEN_WINDOW=env_number("INCIDENTS_REOPEN_WINDOW", REOPEN_WINDOW_S),
+        REMIND_AFTER=env_number("INCIDENTS_REMIND_AFTER", REMIND_AFTER_S),
+        REMIND_MAX=env_number("INCIDENTS_REMIND_MAX", REMIND_MAX, unit="reminders"),
         TELEGRAM_ALLOWED_CHAT_IDS=env_chat_ids("TELEGRAM_ALLOWED_CHAT_IDS"),
         TELEGRAM_NOTIFY_CHAT_IDS=env_chat_ids("TELEGRAM_NOTIFY_CHAT_IDS"),
         TELEGRAM_ESCALATE_CHAT_IDS=env_chat_ids("TELEGRAM_ESCALATE_CHAT_IDS"),
@@ -2243,7 +2654,9 @@ def configuration():
 def open_database():
     """Check the database's path, then create or migrate the file: the app's start."""
     check_database_path(current_app.config["DATABASE"])
-    current_app.extensions["incidents"].migrate()
+    database = current_app.extensions["incidents"]
+    database.migrate()
+    database.close()
 
 
 def finding_a_command():

@@ -814,9 +814,11 @@ def test_status_change_is_recorded_with_note_and_actor(client):
     incident = create(client)
     updated = client.patch(f"/incidents/{incident['id']}", json={
         "status": "in_progress", "note": "  Выехал техник  ", "actor": "ivan"}).json
-    event = events(client, incident["id"])["items"][-1]
-    assert event == {"id": event["id"], "at": updated["updated_at"], "type": "status_changed",
-                     "from_status": "new", "to_status": "in_progress", "note": "Выехал техник", "actor": "ivan"}
+    status_event, assigned = events(client, incident["id"])["items"][-2:]
+    assert status_event == {"id": status_event["id"], "at": updated["updated_at"], "type": "status_changed",
+                            "from_status": "new", "to_status": "in_progress", "note": "Выехал техник", "actor": "ivan"}
+    assert assigned == {"id": status_event["id"] + 1, "at": updated["updated_at"], "type": "assigned",
+                        "from_assignee": None, "to_assignee": "ivan", "actor": "ivan"}  # the take
 
 
 def test_description_change_is_recorded(client):
@@ -911,6 +913,133 @@ def test_change_and_its_event_commit_together(app, db_path, monkeypatch):
     assert_problem(client.patch(f"/incidents/{incident['id']}", json={"status": "closed"}), 500)
     assert_problem(client.post("/incidents", json={"description": "x", "source": "operator"}), 500)
     assert query(db_path, "SELECT id, status FROM incidents") == [(incident["id"], "new")]
+
+
+# ---------------------------------------------------------------------------
+# Who took it: assignee, acknowledged_at, resolved_at
+# ---------------------------------------------------------------------------
+
+
+def patch(client, incident_id, **body):
+    response = client.patch(f"/incidents/{incident_id}", json=body)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    return response.json
+
+
+def test_new_incident_is_nobodys_and_not_yet_acknowledged_or_resolved(client):
+    incident = create(client)
+    assert (incident["assignee"], incident["acknowledged_at"], incident["resolved_at"]) == (None, None, None)
+
+
+def test_take_assigns_whoever_took_it_and_acknowledges_once(client):
+    create(client)
+    taken = patch(client, 1, status="in_progress", actor="ivan")
+    assert (taken["assignee"], taken["acknowledged_at"]) == ("ivan", taken["updated_at"])
+    resolved = patch(client, 1, status="resolved", actor="olga")
+    assert (resolved["assignee"], resolved["acknowledged_at"]) == ("ivan", taken["acknowledged_at"])
+    assert resolved["resolved_at"] == resolved["updated_at"]
+    closed = patch(client, 1, status="closed")
+    assert closed["resolved_at"] == resolved["resolved_at"]  # resolved, then closed: resolved once
+    reopened = patch(client, 1, status="new", actor="olga")
+    assert (reopened["assignee"], reopened["acknowledged_at"], reopened["resolved_at"]) == ("ivan", None, None)
+    again = patch(client, 1, status="in_progress", actor="olga")
+    assert (again["assignee"], again["acknowledged_at"]) == ("ivan", again["updated_at"])  # someone is assigned
+
+
+@pytest.mark.parametrize("status, acknowledged, resolved", [
+    ("new", False, False), ("in_progress", True, False), ("resolved", True, True), ("closed", True, True)])
+def test_incident_created_in_a_status_is_acknowledged_and_resolved_as_that_status_says(client, status, acknowledged,
+                                                                                         resolved):
+    incident = create(client, status=status)
+    assert (incident["acknowledged_at"], incident["resolved_at"]) == (
+        incident["created_at"] if acknowledged else None, incident["created_at"] if resolved else None)
+
+
+def test_take_without_actor_assigns_nobody_and_explicit_assignee_wins(client):
+    create(client)
+    create(client)
+    assert patch(client, 1, status="in_progress")["assignee"] is None
+    assert patch(client, 2, status="in_progress", actor="ivan", assignee="olga")["assignee"] == "olga"
+
+
+def test_assignee_is_set_and_cleared_explicitly_each_change_on_the_timeline(client):
+    create(client)
+    assert patch(client, 1, assignee="  Ольга  ", actor="lead")["assignee"] == "Ольга"
+    assert patch(client, 1, assignee="ivan")["assignee"] == "ivan"
+    assert patch(client, 1, assignee="ivan")["assignee"] == "ivan"  # no change, no event
+    cleared = patch(client, 1, assignee=None)
+    assert (cleared["assignee"], cleared["status"]) == (None, "new")
+    assert [(e["type"], e.get("from_assignee"), e.get("to_assignee"), e.get("actor"))
+            for e in events(client, 1)["items"]] == [
+        ("created", None, None, None), ("assigned", None, "Ольга", "lead"), ("assigned", "Ольга", "ivan", None),
+        ("assigned", "ivan", None, None)]
+    assigned = events(client, 1)["items"][1]
+    assert set(assigned) == {"id", "at", "type", "from_assignee", "to_assignee", "actor"}  # both values, null too
+
+
+@pytest.mark.parametrize("assignee", ["", "   ", "x" * 256, 5, True, ["ivan"], {"name": "ivan"}, "a\x00b"])
+def test_bad_assignee_is_422_and_changes_nothing(client, db_path, assignee):
+    create(client)
+    assert error_fields(client.patch("/incidents/1", json={"assignee": assignee})) == ["assignee"]
+    assert query(db_path, "SELECT assignee FROM incidents") == [(None,)]
+
+
+def test_assignee_of_255_characters_is_accepted(client):
+    create(client)
+    assert patch(client, 1, assignee="я" * 255)["assignee"] == "я" * 255
+
+
+def test_list_by_assignee_reads_its_index_and_combines_with_other_filters(app, client):
+    for name in ("ivan", "olga", "ivan", None, "ivan"):
+        incident = create(client, f"Точка {name}")
+        if name:
+            patch(client, incident["id"], assignee=name)
+    patch(client, 3, status="resolved")
+    assert list_ids(client, "/incidents?assignee=ivan") == [5, 3, 1]
+    assert list_ids(client, "/incidents?assignee=ivan&status=new") == [5, 1]
+    assert list_ids(client, "/incidents?assignee=ivan&q=Точка&limit=1") == [5]
+    assert list_ids(client, "/incidents?assignee=nobody") == []
+    first = client.get("/incidents?assignee=ivan&limit=2").json
+    assert [item["id"] for item in client.get(f"/incidents?assignee=ivan&cursor={first['next_cursor']}").json[
+        "items"]] == [1]
+    plan = " ".join(query_plan(app, [("assignee", "ivan"), ("status", "new")]))
+    assert "incidents_by_assignee" in plan and "SCAN incidents" not in plan
+    assert error_fields(client.get("/incidents?assignee=" + "x" * 256)) == ["assignee"]
+
+
+def test_repeat_that_folds_keeps_the_assignee_and_the_acknowledgement(client):
+    report(client)
+    taken = patch(client, 1, status="in_progress", actor="ivan")
+    folded = report(client).json
+    assert (folded["assignee"], folded["acknowledged_at"], folded["occurrences"]) == (
+        "ivan", taken["acknowledged_at"], 2)
+
+
+def test_telegram_take_command_assigns_the_person_by_name(hook, db_path):
+    create(hook.client)
+    hook(telegram_update(1, "/take 1", chat=GROUP_CHAT, sender=OLGA))
+    incident = hook.client.get("/incidents/1").json
+    assert (incident["status"], incident["assignee"]) == ("in_progress", "Ольга")
+
+
+def test_migration_fills_who_took_it_and_when_from_the_timeline(db_path):
+    file_at_version(db_path, 8, [("Взят и решён", "resolved", "operator", "2026-01-01T00:00:00.000Z"),
+                                 ("Ждёт", "new", "partner", "2026-01-01T00:00:00.000Z"),
+                                 ("В работе, без истории", "in_progress", "monitoring", "2026-01-01T00:00:00.000Z")])
+    with sqlite3.connect(db_path) as db:
+        db.executemany("INSERT INTO events (incident_id, at, type, from_status, to_status, actor) VALUES (?, ?, ?, ?, ?, ?)", [
+            (1, "2026-01-01T00:04:00.000Z", "status_changed", "new", "in_progress", "@ivan_ops (Telegram user 111)"),
+            (1, "2026-01-01T01:00:00.000Z", "status_changed", "in_progress", "resolved", "olga"),
+            (3, "2026-01-01T00:00:00.000Z", "note", None, None, "olga")])
+        db.execute("UPDATE incidents SET updated_at = '2026-01-02T00:00:00.000Z' WHERE id = 3")
+    client = incidents.create_app({"DATABASE": str(db_path), "TESTING": True}).test_client()
+    rows = [(i["id"], i["assignee"], i["acknowledged_at"], i["resolved_at"]) for i in client.get("/incidents").json["items"]]
+    assert sorted(rows) == [(1, "@ivan_ops", "2026-01-01T00:04:00.000Z", "2026-01-01T01:00:00.000Z"),
+                            (2, None, None, None), (3, None, "2026-01-02T00:00:00.000Z", None)]
+    families = scrape(client)
+    assert sample(families, "incidents_time_to_acknowledge_seconds_bucket", source="operator", le="300") == 1
+    assert sample(families, "incidents_time_to_resolve_seconds_bucket", source="operator", le="3600") == 1
+    assert sample(families, "incidents_time_to_resolve_seconds_bucket", source="operator", le="1800") == 0
 
 
 # ---------------------------------------------------------------------------
@@ -1023,6 +1152,18 @@ def test_database_and_the_files_beside_it_are_for_their_owner_only(db_path):
         assert os.stat(f"{db_path}{name}").st_mode & 0o777 == 0o600, name
 
 
+def open_files():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_app_start_leaves_nothing_open_for_a_server_that_forks_after_it(tmp_path):
+    incidents.create_app({"DATABASE": str(tmp_path / "warm.db")})
+    before = open_files()
+    apps = [incidents.create_app({"DATABASE": str(tmp_path / f"{n}.db")}) for n in range(5)]  # each migrates a file
+    time.sleep(0.1)  # the writer threads close what they opened
+    assert open_files() <= before and all(app.extensions["incidents"].writer is None for app in apps)
+
+
 def test_existing_database_keeps_its_mode(db_path):
     db_path.touch(mode=0o640)
     db_path.chmod(0o640)
@@ -1095,6 +1236,8 @@ def test_migration_of_version_1_file_keeps_incidents_and_fills_new_fields(db_pat
     first = client.get("/incidents/1").json
     assert first == {"id": 1, "description": "Старый инцидент", "status": "resolved", "source": "partner",
                      "dedup_key": None, "occurrences": 1, "last_seen_at": "2025-05-01T08:00:00.000Z",
+                     "assignee": None, "acknowledged_at": "2025-05-01T08:00:00.000Z",
+                     "resolved_at": "2025-05-01T08:00:00.000Z",  # no timeline: its last update is the best guess
                      "created_at": "2025-05-01T08:00:00.000Z", "updated_at": "2025-05-01T08:00:00.000Z"}
     assert [e["type"] for e in events(client, 1)["items"]] == ["created"]
     assert events(client, 2)["items"][0]["at"] == "2025-05-02T08:00:00.000Z"
@@ -1467,6 +1610,7 @@ class FakeBotApi(http.server.ThreadingHTTPServer):
         self.username = "incidents_bot"
         self.moved = {}  # group chat id -> the supergroup it became
         self.uneditable = {}  # message id -> why Telegram refuses to edit it
+        self.undeletable = set()  # message ids too old to delete
         self.arrived = threading.Event()  # set when a send or edit comes in
         self.lock = threading.Lock()
         threading.Thread(target=self.serve_forever, args=(0.02,), daemon=True).start()  # quick to shut down
@@ -1554,6 +1698,13 @@ class FakeBotApiHandler(http.server.BaseHTTPRequestHandler):
             return self.answer(200, {"ok": True, "result": True})
         if method == "getMe":
             return self.answer(200, {"ok": True, "result": {"id": 123456, "is_bot": True, "username": fake.username}})
+        if method == "deleteMessage":
+            with fake.lock:
+                if payload["message_id"] in fake.undeletable:
+                    return self.answer(400, {"ok": False, "error_code": 400,
+                                             "description": "Bad Request: message can't be deleted for everyone"})
+                fake.deleted.add(payload["message_id"])
+            return self.answer(200, {"ok": True, "result": True})
         if fake.failures:
             fake.failures -= 1
             return self.answer(502, {"ok": False, "error_code": 502, "description": "Bad Gateway"})
@@ -1850,8 +2001,9 @@ def test_button_tap_takes_the_incident_as_the_person_who_tapped(notify_app, db_p
     assert answer == {"method": "answerCallbackQuery", "callback_query_id": "cb-77",
                       "text": "Incident #1 taken by @ivan_ops"}
     assert query(db_path, "SELECT status FROM incidents") == [("in_progress",)]
-    last = events(client, 1)["items"][-1]
-    assert (last["to_status"], last["actor"]) == ("in_progress", "@ivan_ops (Telegram user 111)")
+    changed, assigned = events(client, 1)["items"][-2:]
+    assert (changed["to_status"], changed["actor"]) == ("in_progress", "@ivan_ops (Telegram user 111)")
+    assert (assigned["to_assignee"], client.get("/incidents/1").json["assignee"]) == ("@ivan_ops", "@ivan_ops")
 
 
 def test_stale_tap_changes_nothing_wrong_and_refreshes_the_message(notify_app, db_path):
@@ -1965,6 +2117,94 @@ def test_notification_metrics_count_what_waits(notify_app, bot_api):
         bot_api.wait_for(lambda: len(bot_api.sent) == 2)
         bot_api.wait_for(lambda: sample(scrape(client), "incidents_notifications_pending") == 0)
     assert sample(scrape(client), "incidents_notifications_oldest_age_seconds") == 0
+
+
+# When nobody takes an incident: reminders, then escalation
+
+LEAD = -100999  # the shift lead's chat
+
+
+def reminders_config(db_path, bot_api, **settings):
+    return {**notify_config(db_path, bot_api), "REMIND_AFTER": 1, "REMIND_MAX": 2, "TELEGRAM_ESCALATE_CHAT_IDS": (LEAD,),
+            **settings}
+
+
+def reminders_in(bot_api, chat=DUTY):
+    return [message for message in bot_api.sent if message["chat_id"] == chat and message["text"].startswith("⏰")]
+
+
+def test_incident_nobody_takes_is_called_for_again_then_escalated_and_kept_current(db_path, bot_api, migrated):
+    app = app_on_copy(db_path, migrated, **reminders_config(db_path, bot_api))
+    client = app.test_client()
+    with sending(app):
+        create(client, "Точка 7 не отвечает")
+        bot_api.wait_for(lambda: bot_api.chat(LEAD), seconds=10)
+        assert len(reminders_in(bot_api)) == 2
+        assert [e["type"] for e in events(client, 1)["items"]] == ["created", "reminded", "reminded", "escalated"]
+        assert tap(client, "take:1", chat=LEAD)["text"] == "Incident #1 taken by @ivan_ops"  # its buttons work
+        bot_api.wait_for(lambda: all(m in bot_api.deleted for m in (1002, 1003)) and outbox(db_path) == []
+                         and "· in progress ·" in bot_api.chat(LEAD)[0]["text"])
+    first, second = reminders_in(bot_api)
+    for number, reminder in enumerate((first, second), start=1):
+        assert reminder["reply_parameters"] == {"message_id": 1001, "allow_sending_without_reply": True}
+        assert f"and nobody has taken it (reminder {number} of 2)\nТочка 7 не отвечает" in reminder["text"]
+        assert re.search(r"has waited \d+ s", reminder["text"]) and buttons(reminder) == [("Take", "take:1")]
+    assert bot_api.sent[3]["chat_id"] == LEAD and buttons(bot_api.sent[3]) == [("Take", "take:1"), ("Resolve", "resolve:1")]
+    assert "Taken by @ivan_ops" in bot_api.chat(DUTY)[0]["text"]
+    assert query(db_path, "SELECT remind_at, reminders FROM incidents") == [(None, 2)]
+    assert query(db_path, "SELECT * FROM notify_reminders") == []
+
+
+def test_reminders_stop_once_taken_and_those_sent_call_for_nothing(db_path, bot_api, migrated):
+    app = app_on_copy(db_path, migrated, **reminders_config(db_path, bot_api, REMIND_MAX=3))
+    client = app.test_client()
+    bot_api.undeletable.add(1002)  # older than Telegram lets a bot delete
+    with sending(app):
+        create(client)
+        bot_api.wait_for(lambda: len(reminders_in(bot_api)) == 1)
+        patch(client, 1, status="resolved", actor="olga")
+        bot_api.wait_for(lambda: query(db_path, "SELECT count(*) FROM notify_reminders") == [(0,)])
+        time.sleep(1.3)  # past the next reminder's time
+    assert len(reminders_in(bot_api)) == 1 and not bot_api.chat(LEAD)
+    assert bot_api.messages[1002]["text"] == "Incident #1 is resolved now." and not bot_api.messages[1002]["reply_markup"]
+    assert [e["type"] for e in events(client, 1)["items"]] == ["created", "reminded", "status_changed"]
+
+
+def test_reminder_is_due_by_the_database_so_a_restart_neither_sends_it_early_nor_loses_it(db_path, bot_api, migrated):
+    app = app_on_copy(db_path, migrated, **reminders_config(db_path, bot_api, REMIND_MAX=1, TELEGRAM_ESCALATE_CHAT_IDS=()))
+    client = app.test_client()
+    created = time.monotonic()
+    create(client)
+    with sending(app):  # a sender that stops before the reminder is due
+        bot_api.wait_for(lambda: len(bot_api.sent) == 1)
+    assert reminders_in(bot_api) == []
+    time.sleep(max(0.0, created + 1.5 - time.monotonic()))  # due while no sender runs
+    with sending(app):
+        bot_api.wait_for(lambda: len(reminders_in(bot_api)) == 1)
+        time.sleep(1.2)
+    assert len(reminders_in(bot_api)) == 1
+    assert query(db_path, "SELECT remind_at, reminders FROM incidents") == [(None, 1)]
+
+
+def test_repeat_that_folds_never_restarts_the_reminders(db_path, bot_api, migrated):
+    app = app_on_copy(db_path, migrated, **reminders_config(db_path, bot_api, REMIND_AFTER=600))
+    client = app.test_client()
+    report(client)
+    due = query(db_path, "SELECT remind_at, reminders FROM incidents")
+    query(db_path, "UPDATE incidents SET reminders = 1")
+    time.sleep(0.01)
+    report(client)
+    assert query(db_path, "SELECT remind_at, reminders FROM incidents") == [(due[0][0], 1)]
+
+
+def test_reminders_are_off_at_zero_and_found_by_their_index(db_path, bot_api, migrated):
+    app = app_on_copy(db_path, migrated, **reminders_config(db_path, bot_api, REMIND_AFTER=0))
+    create(app.test_client())
+    assert query(db_path, "SELECT remind_at FROM incidents") == [(None,)]
+    with app.app_context():
+        plan = [row["detail"] for row in incidents.get_db().execute(
+            "EXPLAIN QUERY PLAN " + incidents.DUE_REMINDERS_SQL, (incidents.now(), 100))]
+    assert plan == ["SEARCH incidents USING COVERING INDEX incidents_reminders_due (remind_at<?)"]
 
 
 # The sender as its own process: telegram-notify, telegram-poll, one per bot, kill -9
@@ -2387,10 +2627,15 @@ def test_reopen_window_of_zero_turns_reopening_off(db_path, monkeypatch):
     assert actions(answer) == [(2, "created")]
 
 
-@pytest.mark.parametrize("value", ["-1", "15m", "1.5"])
-def test_bad_reopen_window_stops_startup_saying_what_to_set(db_path, monkeypatch, value):
-    monkeypatch.setenv("INCIDENTS_REOPEN_WINDOW", value)
-    with pytest.raises(SystemExit, match="INCIDENTS_REOPEN_WINDOW must be a whole number of seconds"):
+@pytest.mark.parametrize("name, value, message", [
+    *[("INCIDENTS_REOPEN_WINDOW", value, "of seconds from 0 to") for value in ("-1", "15m", "1.5", "١٢")],
+    *[("INCIDENTS_BUSY_TIMEOUT", value, "of seconds from 1 to 3600") for value in ("0", "3601", "99999999999")],
+    *[("INCIDENTS_REMIND_AFTER", value, "of seconds from 0 to") for value in ("-5", "10 min")],
+    ("INCIDENTS_REMIND_MAX", "three", "of reminders from 0 to"),
+])
+def test_bad_number_setting_stops_startup_saying_what_to_set(db_path, monkeypatch, name, value, message):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit, match=f"{name} must be a whole number {message}"):
         incidents.create_app({"DATABASE": str(db_path), "TESTING": True})
 
 
@@ -2538,6 +2783,23 @@ def test_every_413_has_one_title(bot_app, path, body):
     assert assert_problem(response, 413)["title"] == "Content Too Large"
 
 
+class InvalidChunkSize(Exception):
+    """What gunicorn raises while reading a broken chunked body (not an OSError, not a ValueError)."""
+
+
+class BrokenStream(io.BytesIO):
+    def read(self, *args):
+        raise InvalidChunkSize("Invalid chunk size: b'zz'")
+
+    readinto = read
+
+
+def test_body_the_server_cannot_read_is_400_not_500(client, db_path):
+    response = client.post("/incidents", input_stream=BrokenStream(), content_type="application/json",
+                           environ_overrides={"wsgi.input_terminated": True})
+    assert "could not be read" in assert_problem(response, 400)["detail"]
+
+
 @pytest.mark.parametrize("path, limit", [("/incidents", incidents.MAX_BODY_BYTES),
                                          ("/integrations/alertmanager", incidents.ALERT_BODY_MAX)])
 def test_chunked_body_over_the_limit_is_413_like_any_other(client, db_path, path, limit):
@@ -2592,6 +2854,9 @@ def parse_metrics(text):
             (name, re.sub(r"\\(.)", lambda m: {"n": "\n"}.get(m[1], m[1]), value))
             for name, value in re.findall(LABEL, match[2] or ""))
         value = float(match[5])  # also Nan, +Inf and -Inf
+        base = re.sub(r"_(bucket|sum|count)$", "", match[1])
+        if match[1] not in families and families.get(base, {}).get("type") == "histogram":
+            families[match[1]] = {"samples": {}, "help": families[base]["help"], "type": "histogram", "part_of": base}
         family = families[match[1]]  # a sample of an announced family
         assert labels not in family["samples"], f"repeated sample {line!r}"
         family["samples"][labels] = value
@@ -2613,10 +2878,11 @@ def scrape(client, **headers):
 
 def test_metrics_parse_and_every_family_has_help_and_type(client):
     families = scrape(client)
-    assert {name: family["type"] for name, family in families.items()} == {
+    assert {name: family["type"] for name, family in families.items() if "part_of" not in family} == {
         "incidents_open": "gauge", "incidents_created_total": "counter", "incidents_folded_total": "counter",
         "incidents_oldest_new_age_seconds": "gauge", "incidents_notifications_pending": "gauge",
-        "incidents_notifications_oldest_age_seconds": "gauge"}
+        "incidents_notifications_oldest_age_seconds": "gauge", "incidents_time_to_acknowledge_seconds": "histogram",
+        "incidents_time_to_resolve_seconds": "histogram"}
 
 
 def test_metrics_label_values_are_escaped_as_the_format_says(client):
@@ -3261,12 +3527,33 @@ def test_backup_only_reads_its_source_and_never_migrates_it(db_path, tmp_path):
     assert (tmp_path / "copy.db").stat().st_mode & 0o777 == 0o600
 
 
+def test_backup_to_a_name_that_only_starts_like_the_database_is_fine(app, client, db_path):
+    create(client)
+    result = backup(app, f"{db_path}-2026-11-23")
+    assert result.exit_code == 0, result.output
+    assert query(f"{db_path}-2026-11-23", "SELECT count(*) FROM incidents") == [(1,)]
+
+
+def test_backup_of_a_file_before_the_timeline_says_what_it_holds(db_path, tmp_path):
+    file_at_version(db_path, 1, [("Старый отчёт", "closed", "operator", "2026-01-01T00:00:00.000Z")])
+    result = run_flask(db_path, "backup", str(tmp_path / "copy.db"))
+    assert result.returncode == 0 and "1 incidents, 0 events" in result.stdout, result.stderr
+
+
+def test_backup_leaves_a_partial_file_it_did_not_make_unless_forced(app, client, tmp_path):
+    create(client)
+    (tmp_path / "copy.db.partial").write_text("someone's file")
+    result = backup(app, tmp_path / "copy.db")
+    assert result.exit_code == 1 and "copy.db.partial exists; pass --force" in result.output
+    assert (tmp_path / "copy.db.partial").read_text() == "someone's file"
+
+
 def test_backup_never_follows_a_link_planted_at_its_partial_file(app, client, tmp_path):
     create(client)
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     (tmp_path / "copy.db.partial").symlink_to(victim)
-    result = backup(app, tmp_path / "copy.db")
+    result = backup(app, tmp_path / "copy.db", "--force")
     assert result.exit_code == 0, result.output
     assert victim.read_text() == "precious"
     assert query(tmp_path / "copy.db", "SELECT count(*) FROM incidents") == [(1,)]
