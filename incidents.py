@@ -2119,20 +2119,18 @@ def chat_is_gone(error):
     return error.code == 403 or (error.code == 400 and "chat not found" in str(error))
 
 
-def mark_delivered(database, row, message_id=None):
-    """Remember the message and drop the entries shown; an entry changed meanwhile keeps its place."""
-    def record(db):
-        if message_id is not None:
-            db.execute(
-                """INSERT INTO notify_messages (incident_id, chat_id, message_id, shown_at) VALUES (?, ?, ?, ?)
-                   ON CONFLICT (incident_id, chat_id) DO UPDATE SET message_id = excluded.message_id,
-                                                                   shown_at = excluded.shown_at""",
-                (row["incident_id"], row["chat_id"], message_id, now()),
-            )
-        for kind, seq in json.loads(row["entries"]):
-            db.execute("DELETE FROM notify_outbox WHERE incident_id = ? AND chat_id = ? AND kind = ? AND seq = ?",
-                       (row["incident_id"], row["chat_id"], kind, seq))
-    database.write(record)
+def mark_delivered(db, message_id, row):
+    """Remember the message (None: none was shown) and drop the entries shown; one changed meanwhile stays."""
+    if message_id is not None:
+        db.execute(
+            """INSERT INTO notify_messages (incident_id, chat_id, message_id, shown_at) VALUES (?, ?, ?, ?)
+               ON CONFLICT (incident_id, chat_id) DO UPDATE SET message_id = excluded.message_id,
+                                                               shown_at = excluded.shown_at""",
+            (row["incident_id"], row["chat_id"], message_id, now()),
+        )
+    for kind, seq in json.loads(row["entries"]):
+        db.execute("DELETE FROM notify_outbox WHERE incident_id = ? AND chat_id = ? AND kind = ? AND seq = ?",
+                   (row["incident_id"], row["chat_id"], kind, seq))
 
 
 def forget_chat(db, chat_id, error):
@@ -2178,13 +2176,31 @@ def chat_refused(database, chat_id, error):
     return False
 
 
+def send_and_record(database, chat_id, send, record, dropped, what):
+    """send() a Bot API call, then record(db, its result) before anything else is sent; False if the chat is gone.
+
+    The record is tried again, with what Telegram accepted kept in memory, for as long as the
+    database refuses it. A 429 or a network error stops the pass (the caller waits); a chat that
+    moved or is gone is dealt with; a call Telegram refuses as a bad request is logged and
+    `dropped(db, None)` recorded instead, since trying it again would hold up everything after it.
+    """
+    try:
+        result = send()
+    except BotApiError as error:
+        if chat_refused(database, chat_id, error):
+            return False
+        if error.code != 400:
+            raise
+        current_app.logger.error("%s: not sent (%s)", what, error)
+        record, result = dropped, None
+    keep_trying(lambda: database.write(lambda db: record(db, result)), f"{what}: sent, not yet recorded")
+    return True
+
+
 def deliver_outbox(database, db, bot, repeat_interval):
     """Bring every message the outbox names up to date; returns seconds until the next one is due.
 
-    A message shows the incident as it is when sent, so a burst of changes becomes one edit. What
-    Telegram accepted is recorded before anything else is sent, tried again while the database
-    refuses it. A 429 or a network error stops the pass (the caller waits); a chat that moved or is
-    gone is dealt with, and an update Telegram refuses as a bad request is dropped (logged).
+    A message shows the incident as it is when sent, so a burst of changes becomes one edit.
     """
     wait, dealt_with = NOTIFY_POLL_S, set()
     for row in pending_notifications(db):
@@ -2195,19 +2211,10 @@ def deliver_outbox(database, db, bot, repeat_interval):
             wait = min(wait, due_in)
             continue
         text, markup = incident_message(db, row["incident_id"])
-        try:
-            message_id = show_incident(bot, row, text, markup)
-        except BotApiError as error:
-            if chat_refused(database, row["chat_id"], error):
-                dealt_with.add(row["chat_id"])
-                continue
-            if error.code != 400:
-                raise
-            # Telegram refuses this very request: trying it again would hold up every message after it.
-            current_app.logger.error("incident %s not shown in chat %s: %s", row["incident_id"], row["chat_id"], error)
-            message_id = None
-        keep_trying(lambda: mark_delivered(database, row, message_id),
-                    f"incident {row['incident_id']} shown in chat {row['chat_id']}, not yet recorded")
+        record = functools.partial(mark_delivered, row=row)
+        if not send_and_record(database, row["chat_id"], lambda: show_incident(bot, row, text, markup), record, record,
+                               f"incident {row['incident_id']} in chat {row['chat_id']}"):
+            dealt_with.add(row["chat_id"])
     return wait
 
 
@@ -2333,7 +2340,7 @@ def take_back_reminder(bot, row):
                 raise
 
 
-def record_reminder(db, row, message_id):
+def record_reminder(db, message_id, row):
     """Remember a reminder Telegram accepted: sent, or stale at once if the incident was taken meanwhile."""
     db.execute("""UPDATE notify_reminders SET message_id = ?,
                       state = CASE (SELECT status FROM incidents WHERE id = ?) WHEN 'new' THEN 'sent' ELSE 'stale' END
@@ -2341,7 +2348,8 @@ def record_reminder(db, row, message_id):
                (message_id, row["incident_id"], row["incident_id"], row["chat_id"], row["number"]))
 
 
-def forget_reminder(db, row):
+def forget_reminder(db, _, row):
+    """Drop a reminder that is done with: taken back, never to be sent, or refused by Telegram."""
     db.execute("DELETE FROM notify_reminders WHERE incident_id = ? AND chat_id = ? AND number = ?",
                (row["incident_id"], row["chat_id"], row["number"]))
 
@@ -2355,25 +2363,14 @@ def deliver_reminders(database, db, bot):
     for row in pending_reminders(db):
         if row["chat_id"] in dealt_with:
             continue
-        try:
-            if row["state"] == "due" and row["status"] == "new":
-                message_id = show_reminder(bot, row)
-                record = functools.partial(record_reminder, row=row, message_id=message_id)
-            else:
-                if row["message_id"] is not None:
-                    take_back_reminder(bot, row)
-                record = functools.partial(forget_reminder, row=row)
-        except BotApiError as error:
-            if chat_refused(database, row["chat_id"], error):
-                dealt_with.add(row["chat_id"])
-                continue
-            if error.code != 400:
-                raise
-            current_app.logger.error("reminder for incident %s not sent to chat %s: %s", row["incident_id"],
-                                     row["chat_id"], error)
-            record = functools.partial(forget_reminder, row=row)
-        keep_trying(lambda: database.write(record),
-                    f"reminder for incident {row['incident_id']} in chat {row['chat_id']}, not yet recorded")
+        forget = functools.partial(forget_reminder, row=row)
+        if row["state"] == "due" and row["status"] == "new":
+            send, record = (lambda: show_reminder(bot, row)), functools.partial(record_reminder, row=row)
+        else:
+            send, record = (lambda: row["message_id"] is not None and take_back_reminder(bot, row)), forget
+        if not send_and_record(database, row["chat_id"], send, record, forget,
+                               f"reminder {row['number']} of incident {row['incident_id']} in chat {row['chat_id']}"):
+            dealt_with.add(row["chat_id"])
 
 
 @contextmanager
