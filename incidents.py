@@ -31,7 +31,6 @@ Environment:
     INCIDENTS_REOPEN_WINDOW  seconds after an alert's incident resolves in which the alert firing
                              again reopens it (default 900; 0 turns reopening off)
 """
-import base64
 import contextlib
 import contextvars
 import copy
@@ -106,7 +105,10 @@ NOTIFY_REPEAT_INTERVAL_S = 60
 NOTIFY_POLL_S = 0.5  # how often the sender looks for news in the outbox
 NOTIFY_DESCRIPTION_LINES = 10
 TELEGRAM_TEXT_MAX = 4096  # a message's length, in UTF-16 code units as Telegram counts them
-STORED_TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
+STORED_TIMESTAMP = r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z"
+EARLIEST, LATEST = "0001-01-01T00:00:00.000Z", "9999-12-31T23:59:59.999Z"  # the stored format's range
+LIST_CURSOR = STORED_TIMESTAMP + r"_[1-9][0-9]{0,18}"  # where a list page ends: created_at and id
+EVENTS_CURSOR = r"[1-9][0-9]{0,18}"  # where a page of events ends: an event's id
 DATETIME_PATTERN = re.compile(
     r"\d{4}-\d{2}-\d{2}([Tt ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?([Zz]|[+-]\d{2}:\d{2})?)?"
 )
@@ -762,6 +764,15 @@ def utc_timestamp(moment):
     return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def stored_time(moment, round_up=False):
+    """A moment as the stored format, held within its range (years 1 to 9999 in UTC); optionally rounded up to
+    a millisecond."""
+    try:
+        return utc_timestamp(moment + timedelta(microseconds=-moment.microsecond % 1000 if round_up else 0))
+    except OverflowError:  # past either end of the range once in UTC
+        return EARLIEST if moment.year == 1 else LATEST
+
+
 def now():
     return utc_timestamp(datetime.now(timezone.utc))
 
@@ -848,15 +859,14 @@ HTTP_TITLES = {
 
 
 def clean_text(value, limit):
-    """A trimmed string of 1 to `limit` characters, or ValueError saying what is wrong."""
+    """A string of at most `limit` characters that shows something, trimmed; else ValueError saying what is wrong."""
     if not isinstance(value, str):
         raise ValueError("must be a string")
-    value = value.strip()
-    if not 1 <= len(value) <= limit:
-        raise ValueError(f"must be 1 to {limit} characters after trimming spaces")
+    if len(value) > limit:
+        raise ValueError(f"must be at most {limit} characters")
     if not has_visible_text(value):
-        raise ValueError("must contain visible characters, not only control characters")
-    return check_storable(value)
+        raise ValueError("must contain a visible character, not only spaces or control characters")
+    return check_storable(value.strip())
 
 
 def check_storable(value):
@@ -871,8 +881,8 @@ def check_storable(value):
 
 
 def has_visible_text(value):
-    """Whether a text holds something besides control characters (which show as nothing)."""
-    return any(unicodedata.category(char) != "Cc" for char in value)
+    """Whether a text holds a character that is neither a space nor a control character (VISIBLE_TEXT)."""
+    return any(not char.isspace() and unicodedata.category(char) != "Cc" for char in value)
 
 
 def clean_choice(value, choices):
@@ -961,11 +971,11 @@ def parse_datetime(text):
         raise ValueError("must be an RFC 3339 date-time such as 2026-11-22T10:15:30Z")
     try:
         moment = datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=timezone.utc)
-        return utc_timestamp(moment + timedelta(microseconds=-moment.microsecond % 1000))
-    except (ValueError, OverflowError) as error:
+    except ValueError as error:
         raise ValueError(f"is not a valid date-time: {error}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return stored_time(moment, round_up=True)
 
 
 def parse_limit(text):
@@ -975,30 +985,16 @@ def parse_limit(text):
 
 
 def encode_cursor(position):
-    """An opaque token for a keyset position (a list of JSON values)."""
-    return base64.urlsafe_b64encode(json.dumps(position).encode()).decode().rstrip("=")
+    """The cursor of a keyset position: its values joined by "_" (LIST_CURSOR, EVENTS_CURSOR)."""
+    return "_".join(map(str, position))
 
 
-def decode_cursor(text, types):
-    """The keyset position a cursor stands for, or ValueError for any text this server would not issue.
-
-    A position is a list of `types`: ids in SQLite's range, timestamps in the stored format; and
-    the text must be exactly what encode_cursor makes of it.
-    """
-    message = "is not a cursor this server returned; start again without it"
-    try:
-        position = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
-    except (ValueError, RecursionError):
-        raise ValueError(message) from None
-    if not (
-        isinstance(position, list)
-        and [type(value) for value in position] == list(types)
-        and all(0 < value <= MAX_ID if type(value) is int else STORED_TIMESTAMP.fullmatch(value)
-                for value in position)
-        and encode_cursor(position) == text
-    ):
-        raise ValueError(message)
-    return position
+def decode_cursor(text, pattern):
+    """The keyset position a cursor stands for: [created_at, id] or [id]; ValueError for any other text."""
+    if not re.fullmatch(pattern, text):
+        raise ValueError("is not a cursor this server returned; start again without it")
+    *timestamp, number = text.split("_")
+    return [*timestamp, min(int(number), MAX_ID)]  # a larger id bounds nothing more
 
 
 def parse_choices(values, choices):
@@ -1039,12 +1035,12 @@ LIST_QUERY = {
     "since": (parse_datetime, False),
     "until": (parse_datetime, False),
     "limit": (parse_limit, False),
-    "cursor": (lambda text: decode_cursor(text, (str, int)), False),
+    "cursor": (lambda text: decode_cursor(text, LIST_CURSOR), False),
     "q": (parse_search, False),
 }
 EVENTS_QUERY = {
     "limit": (parse_limit, False),
-    "cursor": (lambda text: decode_cursor(text, (int,)), False),
+    "cursor": (lambda text: decode_cursor(text, EVENTS_CURSOR), False),
 }
 
 
@@ -1067,8 +1063,6 @@ def parse_query(args, parsers):
             query[name] = parse(values if repeatable else values[0])
         except ValueError as error:
             errors.append({"field": name, "message": str(error)})
-    if not errors and "since" in query and "until" in query and query["since"] >= query["until"]:
-        errors.append({"field": "until", "message": "must be later than since"})
     if errors:
         raise invalid("query parameters", errors)
     return query
@@ -1872,9 +1866,9 @@ def parse_alert_text_time(value):
     seconds, fraction, offset = match.groups()
     try:
         moment = datetime.fromisoformat(seconds + (fraction or "")[:7] + offset.upper().replace("Z", "+00:00"))
-        return utc_timestamp(moment)
-    except (ValueError, OverflowError) as error:
+    except ValueError as error:
         raise ValueError(f"is not a valid date-time: {error}") from None
+    return stored_time(moment)
 
 
 def clean_string_map(value):

@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -386,10 +387,8 @@ def test_list_filters_combine(client, db_path, params, expected):
         ("since=yesterday", "since"),
         ("since=2026-13-01T00:00:00Z", "since"),
         ("since=2026-01-01T25:00:00Z", "since"),
-        ("since=9999-12-31T23:59:59.9999Z", "since"),
         ("until=2026-01-01T00:00:00+25:00", "until"),
         ("until=1700000000", "until"),
-        ("since=2026-01-02&until=2026-01-01", "until"),
         ("cursor=garbage", "cursor"),
         ("cursor=WyJ4IiwgIjEiXQ", "cursor"),
         ("cursor=WzFd", "cursor"),
@@ -406,11 +405,22 @@ def test_list_rejects_bad_query_parameters_with_422(client, params, field):
     assert field in error_fields(client.get(f"/incidents?{params}"))
 
 
-def test_list_accepts_the_cursor_it_issued(client):
+def test_list_accepts_the_cursor_it_issued_and_any_position_of_that_form(client):
     for _ in range(3):
         create(client)
     page = client.get("/incidents?limit=2").json
+    assert re.fullmatch(incidents.LIST_CURSOR, page["next_cursor"])
     assert [item["id"] for item in client.get(f"/incidents?cursor={page['next_cursor']}").json["items"]] == [1]
+    assert len(client.get("/incidents?cursor=9999-12-31T23:59:59.999Z_9999999999999999999").json["items"]) == 3
+    assert client.get("/incidents?cursor=2026-02-30T00:00:00.000Z_1").json["items"] == []
+
+
+@pytest.mark.parametrize("params", ["since=2026-01-02&until=2026-01-01", "since=2026-01-02&until=2026-01-02",
+                                    "since=9999-12-31T23:59:59.9999Z", "since=9999-12-31T23:00:00-23:59",
+                                    "until=0001-01-01T00:00:00%2B23:59"])
+def test_list_of_an_empty_time_range_is_an_empty_page(client, params):
+    create(client)
+    assert client.get(f"/incidents?{params}").json == {"items": [], "next_cursor": None}
 
 
 def test_list_limit_of_200_is_accepted(client, db_path):
@@ -502,7 +512,7 @@ def test_search_takes_the_engines_syntax_literally(reports, q, expected):
 @pytest.mark.parametrize(
     "q, message",
     [
-        ("", "1 to 200 characters"), ("   ", "1 to 200 characters"), ("x" * 201, "1 to 200 characters"),
+        ("", "a visible character"), ("   ", "a visible character"), ("x" * 201, "at most 200 characters"),
         ('"', 'closing partner'), ('точка "не отвечает', 'closing partner'), ('"a" "b', 'closing partner'),
         ("*", "shorter than 3 characters"), ("на", "shorter than 3 characters"), ("OR", "shorter than 3"), ("точка на", "'на'"),
         ('""', "shorter than 3 characters"), ("a\x00b", "NUL"),
@@ -518,7 +528,7 @@ def test_search_rejects_what_it_cannot_look_up_with_422_that_explains(reports, q
 
 def test_search_of_200_characters_is_accepted(reports):
     q = "ленин " * 32 + "ленина"
-    assert len(q) == 198 and search(reports, f" {q}  ") == [7, 1]
+    assert len(q) == 198 and search(reports, f" {q} ") == [7, 1]
     assert search(reports, "л" * 200) == []
 
 
@@ -1152,16 +1162,21 @@ def test_database_and_the_files_beside_it_are_for_their_owner_only(db_path):
         assert os.stat(f"{db_path}{name}").st_mode & 0o777 == 0o600, name
 
 
-def open_files():
-    return len(os.listdir("/proc/self/fd"))
+def open_files(folder):
+    """The files this process holds open in a folder."""
+    names = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            names.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return [name for name in names if name.startswith(str(folder))]
 
 
 def test_app_start_leaves_nothing_open_for_a_server_that_forks_after_it(tmp_path):
-    incidents.create_app({"DATABASE": str(tmp_path / "warm.db")})
-    before = open_files()
-    apps = [incidents.create_app({"DATABASE": str(tmp_path / f"{n}.db")}) for n in range(5)]  # each migrates a file
-    time.sleep(0.1)  # the writer threads close what they opened
-    assert open_files() <= before and all(app.extensions["incidents"].writer is None for app in apps)
+    apps = [incidents.create_app({"DATABASE": str(tmp_path / f"{n}.db")}) for n in range(3)]  # each migrates a file
+    deadline = time.monotonic() + 5
+    while open_files(tmp_path) and time.monotonic() < deadline:  # the writer threads close what they opened
+        time.sleep(0.01)
+    assert open_files(tmp_path) == [] and all(app.extensions["incidents"].writer is None for app in apps)
 
 
 def test_existing_database_keeps_its_mode(db_path):
@@ -1563,7 +1578,7 @@ def test_sender_name_with_lone_surrogates_is_cleaned_and_the_report_stored_whole
 
 @pytest.mark.parametrize("text, why", [
     ("Самокат\x00 сломан", "must not contain NUL characters"),
-    ("\x01\x02\x03", "must contain visible characters"),
+    ("\x01\x02\x03", "must contain a visible character"),
     ("Сам\ud800окат", "must be valid Unicode"),
 ])
 def test_report_text_that_cannot_be_stored_is_refused_saying_why(hook, db_path, text, why):
