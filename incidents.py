@@ -64,6 +64,8 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 # Constants
 # ---------------------------------------------------------------------------
 
+SERVICE = "incidents"
+VERSION = "2.0.0"  # of the API: GET / and the OpenAPI document say it
 STATUSES = ("new", "in_progress", "resolved", "closed")
 OPEN_STATUSES = ("new", "in_progress")  # an open incident holds its dedup_key
 SOURCES = ("operator", "monitoring", "partner")
@@ -78,12 +80,12 @@ PAGE_LIMIT_DEFAULT = 50
 PAGE_LIMIT_MAX = 200
 SEARCH_MAX = 200  # characters of q, after trimming
 SEARCH_WORD_MIN = 3  # the trigram index cannot look up anything shorter
-MAX_BODY_BYTES = 64 * 1024
+MAX_BODY_BYTES = 1024 * 1024  # the largest valid body, every character escaped as \\uXXXX, fits several times
 MAX_ID = 2**63 - 1  # SQLite's largest INTEGER; larger ids cannot exist
 BUSY_TIMEOUT_S = 5.0
 IDLE_CONNECTIONS = 16
 WRITE_BATCH_MAX = 16  # blocks that share one COMMIT, at most
-SERVER_FIELDS = ("id", "created_at", "updated_at", "occurrences", "last_seen_at")
+SERVER_FIELDS = ("id", "created_at", "updated_at", "occurrences", "last_seen_at", "acknowledged_at", "resolved_at")
 TELEGRAM_API_URL = "https://api.telegram.org"
 TELEGRAM_POLL_TIMEOUT_S = 30  # how long one getUpdates call waits for news
 TELEGRAM_CALL_TIMEOUT_S = TELEGRAM_POLL_TIMEOUT_S + 10  # how long any Bot API call may take
@@ -105,6 +107,7 @@ NOTIFY_REPEAT_INTERVAL_S = 60
 NOTIFY_POLL_S = 0.5  # how often the sender looks for news in the outbox
 NOTIFY_DESCRIPTION_LINES = 10
 TELEGRAM_TEXT_MAX = 4096  # a message's length, in UTF-16 code units as Telegram counts them
+CALLBACK_ANSWER_MAX = 200  # the same, of the answer to a button
 STORED_TIMESTAMP = r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z"
 EARLIEST, LATEST = "0001-01-01T00:00:00.000Z", "9999-12-31T23:59:59.999Z"  # the stored format's range
 LIST_CURSOR = STORED_TIMESTAMP + r"_[1-9][0-9]{0,18}"  # where a list page ends: created_at and id
@@ -275,9 +278,15 @@ MIGRATIONS = (
     (
         # A group that became a supergroup is gone under its old id: notifications go to moved_to.
         "ALTER TABLE notify_chats_gone ADD COLUMN moved_to INTEGER",
+        # Each bot's @username as getMe told it to a bot command, so that the webhook knows it too.
+        """CREATE TABLE telegram_bots (
+            bot_id INTEGER PRIMARY KEY,
+            username TEXT NOT NULL CHECK (length(username) BETWEEN 1 AND 255)
+        ) STRICT""",
     ),
     (
-        # Who took an incident, when it first left new and when it was resolved; reminders while it
+        # Who took an incident, when it first left new and when it was resolved; when it was last opened
+        # (created, reopened, or put back to new), which the waits are counted from; reminders while it
         # stays new (remind_at is when the next is due, found by an index) and its escalation.
         "ALTER TABLE incidents ADD COLUMN assignee TEXT CHECK (length(assignee) BETWEEN 1 AND 255)",
         "ALTER TABLE incidents ADD COLUMN acknowledged_at TEXT CHECK (acknowledged_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z')",
@@ -285,6 +294,7 @@ MIGRATIONS = (
         "ALTER TABLE incidents ADD COLUMN remind_at TEXT CHECK (remind_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z')",
         "ALTER TABLE incidents ADD COLUMN reminders INTEGER NOT NULL DEFAULT 0 CHECK (reminders >= 0)",
         "ALTER TABLE incidents ADD COLUMN escalated_at TEXT CHECK (escalated_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z')",
+        "ALTER TABLE incidents ADD COLUMN opened_at TEXT CHECK (opened_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z')",
         "CREATE INDEX incidents_by_assignee ON incidents (assignee, created_at) WHERE assignee IS NOT NULL",
         "CREATE INDEX incidents_reminders_due ON incidents (remind_at) WHERE remind_at IS NOT NULL",
         # Filled from the timeline; an incident from before it has only its last update to go by.
@@ -302,6 +312,9 @@ MIGRATIONS = (
                 FROM events WHERE incident_id = incidents.id AND type = 'status_changed' AND to_status = 'in_progress'
                 AND actor IS NOT NULL ORDER BY id LIMIT 1)
             WHERE status != 'new'""",
+        """UPDATE incidents SET opened_at = coalesce((SELECT max(at) FROM events WHERE incident_id = incidents.id
+                AND type = 'status_changed' AND (to_status = 'new' OR from_status IN ('resolved', 'closed')
+                                                 AND to_status = 'in_progress')), created_at)""",
         # The timeline gains assignments, reminders and escalations: a CHECK changes only with a new table.
         """CREATE TABLE events_new (
             id INTEGER PRIMARY KEY,
@@ -323,20 +336,23 @@ MIGRATIONS = (
         "DROP TABLE events",
         "ALTER TABLE events_new RENAME TO events",
         "CREATE INDEX events_by_incident ON events (incident_id)",
-        # Reminders in each chat: due (to send), sent (its message id), stale (to delete: the incident was taken).
+        # Reminders in each chat: due (to send), sent (its message id), stale (to delete: the incident was
+        # taken). number counts the reminders since the incident was last opened; past REMIND_MAX, it is an
+        # escalation's call in a chat that already shows the incident.
         """CREATE TABLE notify_reminders (
+            id INTEGER PRIMARY KEY,
             incident_id INTEGER NOT NULL REFERENCES incidents (id),
             chat_id INTEGER NOT NULL,
             number INTEGER NOT NULL CHECK (number >= 1),
             state TEXT NOT NULL CHECK (state IN ('due', 'sent', 'stale')),
             message_id INTEGER,
-            queued_at TEXT NOT NULL CHECK (queued_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z'),
-            PRIMARY KEY (incident_id, chat_id, number)
-        ) STRICT, WITHOUT ROWID""",
+            queued_at TEXT NOT NULL CHECK (queued_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z')
+        ) STRICT""",
+        "CREATE INDEX notify_reminders_by_incident ON notify_reminders (incident_id, state)",
         "CREATE INDEX notify_reminders_to_do ON notify_reminders (queued_at) WHERE state != 'sent'",
         # Histograms of the time to acknowledge and to resolve, per source, kept by triggers like the counts:
         # cumulative buckets (le_N counts the observations of N seconds or less), their count and sum.
-        # A clock that stepped back counts as 0 seconds.
+        # Each wait is counted from when the incident was last opened; a clock that stepped back counts as 0.
         """CREATE TABLE incident_durations (
             metric TEXT NOT NULL CHECK (metric IN ('acknowledge', 'resolve')),
             source TEXT NOT NULL CHECK (source IN ('operator', 'monitoring', 'partner')),
@@ -362,7 +378,7 @@ MIGRATIONS = (
                          sum(seconds <= 900) AS le_900, sum(seconds <= 1800) AS le_1800,
                          sum(seconds <= 3600) AS le_3600, sum(seconds <= 14400) AS le_14400,
                          sum(seconds <= 86400) AS le_86400, count(*) AS count, sum(seconds) AS sum
-                  FROM (SELECT source, max(round((julianday(acknowledged_at) - julianday(created_at)) * 86400, 3), 0) AS seconds
+                  FROM (SELECT source, max(round((julianday(acknowledged_at) - julianday(coalesce(opened_at, created_at))) * 86400, 3), 0) AS seconds
                         FROM incidents WHERE acknowledged_at IS NOT NULL) GROUP BY source) AS observed
             WHERE metric = 'acknowledge' AND incident_durations.source = observed.source""",
         """UPDATE incident_durations SET le_60 = observed.le_60, le_300 = observed.le_300, le_900 = observed.le_900,
@@ -373,7 +389,7 @@ MIGRATIONS = (
                          sum(seconds <= 900) AS le_900, sum(seconds <= 1800) AS le_1800,
                          sum(seconds <= 3600) AS le_3600, sum(seconds <= 14400) AS le_14400,
                          sum(seconds <= 86400) AS le_86400, count(*) AS count, sum(seconds) AS sum
-                  FROM (SELECT source, max(round((julianday(resolved_at) - julianday(created_at)) * 86400, 3), 0) AS seconds
+                  FROM (SELECT source, max(round((julianday(resolved_at) - julianday(coalesce(opened_at, created_at))) * 86400, 3), 0) AS seconds
                         FROM incidents WHERE resolved_at IS NOT NULL) GROUP BY source) AS observed
             WHERE metric = 'resolve' AND incident_durations.source = observed.source""",
         """CREATE TRIGGER incident_durations_insert AFTER INSERT ON incidents BEGIN
@@ -382,14 +398,14 @@ MIGRATIONS = (
                 le_3600 = le_3600 + (seconds <= 3600), le_14400 = le_14400 + (seconds <= 14400),
                 le_86400 = le_86400 + (seconds <= 86400),
                 count = count + 1, sum = sum + seconds
-            FROM (SELECT max(round((julianday(new.acknowledged_at) - julianday(new.created_at)) * 86400, 3), 0) AS seconds)
+            FROM (SELECT max(round((julianday(new.acknowledged_at) - julianday(coalesce(new.opened_at, new.created_at))) * 86400, 3), 0) AS seconds)
             WHERE metric = 'acknowledge' AND source = new.source AND new.acknowledged_at IS NOT NULL;
             UPDATE incident_durations SET le_60 = le_60 + (seconds <= 60), le_300 = le_300 + (seconds <= 300),
                 le_900 = le_900 + (seconds <= 900), le_1800 = le_1800 + (seconds <= 1800),
                 le_3600 = le_3600 + (seconds <= 3600), le_14400 = le_14400 + (seconds <= 14400),
                 le_86400 = le_86400 + (seconds <= 86400),
                 count = count + 1, sum = sum + seconds
-            FROM (SELECT max(round((julianday(new.resolved_at) - julianday(new.created_at)) * 86400, 3), 0) AS seconds)
+            FROM (SELECT max(round((julianday(new.resolved_at) - julianday(coalesce(new.opened_at, new.created_at))) * 86400, 3), 0) AS seconds)
             WHERE metric = 'resolve' AND source = new.source AND new.resolved_at IS NOT NULL;
         END""",
         """CREATE TRIGGER incident_durations_acknowledged AFTER UPDATE OF acknowledged_at ON incidents
@@ -399,7 +415,7 @@ MIGRATIONS = (
                 le_3600 = le_3600 + (seconds <= 3600), le_14400 = le_14400 + (seconds <= 14400),
                 le_86400 = le_86400 + (seconds <= 86400),
                 count = count + 1, sum = sum + seconds
-            FROM (SELECT max(round((julianday(new.acknowledged_at) - julianday(new.created_at)) * 86400, 3), 0) AS seconds)
+            FROM (SELECT max(round((julianday(new.acknowledged_at) - julianday(coalesce(new.opened_at, new.created_at))) * 86400, 3), 0) AS seconds)
             WHERE metric = 'acknowledge' AND source = new.source;
         END""",
         """CREATE TRIGGER incident_durations_resolved AFTER UPDATE OF resolved_at ON incidents
@@ -409,7 +425,7 @@ MIGRATIONS = (
                 le_3600 = le_3600 + (seconds <= 3600), le_14400 = le_14400 + (seconds <= 14400),
                 le_86400 = le_86400 + (seconds <= 86400),
                 count = count + 1, sum = sum + seconds
-            FROM (SELECT max(round((julianday(new.resolved_at) - julianday(new.created_at)) * 86400, 3), 0) AS seconds)
+            FROM (SELECT max(round((julianday(new.resolved_at) - julianday(coalesce(new.opened_at, new.created_at))) * 86400, 3), 0) AS seconds)
             WHERE metric = 'resolve' AND source = new.source;
         END""",
     ),
@@ -858,6 +874,15 @@ HTTP_TITLES = {
 # ---------------------------------------------------------------------------
 
 
+# The characters Python counts as spaces (str.isspace, str.strip, str.split), as a regex class.
+SPACES = r"\t-\r\u001c-\u001f \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+# Control characters that are not spaces.
+CONTROL_CHARACTERS = r"\u0000-\u0008\u000e-\u001b\u007f-\u0084\u0086-\u009f"
+# What clean_text accepts, as a pattern for the OpenAPI document: no NUL, and a character that is
+# neither a space nor a control character.
+VISIBLE_TEXT = rf"^[^\u0000]*[^{SPACES}{CONTROL_CHARACTERS}][^\u0000]*$"
+
+
 def clean_text(value, limit):
     """A string of at most `limit` characters that shows something, trimmed; else ValueError saying what is wrong."""
     if not isinstance(value, str):
@@ -1007,6 +1032,13 @@ def parse_choices(values, choices):
 
 
 SEARCH_TERM = re.compile(r'"([^"]*)"|([^\s"]+)')
+# What parse_search accepts, as a pattern for the OpenAPI document: words and "quoted phrases" of
+# SEARCH_WORD_MIN characters or more (a phrase counted with its spaces collapsed), no control
+# character but spaces. Spaces are spelled out: \s means other characters in other regex engines.
+SEARCH_WORD = rf'[^{SPACES}"{CONTROL_CHARACTERS}]{{{SEARCH_WORD_MIN},}}'
+SEARCH_PHRASE = (rf'"[{SPACES}]*(?:[^{SPACES}"{CONTROL_CHARACTERS}][^"{CONTROL_CHARACTERS}]*[{SPACES}]'
+                 rf'[^"{CONTROL_CHARACTERS}]*[^{SPACES}"{CONTROL_CHARACTERS}]|{SEARCH_WORD})[{SPACES}]*"')
+SEARCH_PATTERN = rf'^[{SPACES}]*(?:(?:{SEARCH_WORD}|{SEARCH_PHRASE})[{SPACES}]*)+$'
 
 
 def parse_search(text):
@@ -1015,6 +1047,8 @@ def parse_search(text):
     Quoting every term makes the engine's own syntax (AND, NEAR, *, col:) plain text.
     """
     text = clean_text(text, SEARCH_MAX)
+    if re.search(f"[{CONTROL_CHARACTERS}]", text):
+        raise ValueError("must not contain control characters")
     if text.count('"') % 2:
         raise ValueError('has a " without its closing partner; close the phrase or leave the quote out')
     terms = [" ".join(match[1].split()) if match[1] is not None else match[2] for match in SEARCH_TERM.finditer(text)]
@@ -1150,18 +1184,20 @@ def later(timestamp, seconds):
 
 
 def status_clock(current, status, at):
-    """The columns a change of status moves: when it was acknowledged and resolved, and when to remind.
+    """The columns a change of status moves: when it was opened, acknowledged and resolved, and when to remind.
 
-    Becoming new clears both and starts the reminders afresh; leaving new acknowledges it (once)
-    and stops them; leaving the open statuses resolves it, and reopening clears that again.
+    Becoming new opens it afresh: both cleared, the reminders started again. Leaving new acknowledges
+    it (once) and stops them; leaving the open statuses resolves it, and reopening clears that again.
     """
     if status == "new":
         after, chats = current_app.config["REMIND_AFTER"], current_app.config["TELEGRAM_NOTIFY_CHAT_IDS"]
-        return {"acknowledged_at": None, "resolved_at": None, "remind_at": later(at, after) if after and chats else None,
-                "reminders": 0}
+        return {"acknowledged_at": None, "resolved_at": None, "opened_at": at, "reminders": 0,
+                "remind_at": later(at, after) if after and chats else None}
     clock = {"acknowledged_at": current["acknowledged_at"] or at, "remind_at": None}
     if status in OPEN_STATUSES:
         clock["resolved_at"] = None
+        if current["status"] not in OPEN_STATUSES:
+            clock["opened_at"] = at
     elif current["status"] in OPEN_STATUSES:
         clock["resolved_at"] = at
     return clock
@@ -1173,9 +1209,9 @@ def insert_incident(db, values, at, note=None, actor=None):
     clock = status_clock({"status": "new", "acknowledged_at": None}, status, at)
     incident_id, body = db.execute(
         f"""INSERT INTO incidents (description, status, source, dedup_key, created_at, updated_at, last_seen_at,
-                                   acknowledged_at, resolved_at, remind_at)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id, {INCIDENT_JSON}""",
-        (values["description"], status, values["source"], values.get("dedup_key"), at, at, at,
+                                   opened_at, acknowledged_at, resolved_at, remind_at)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id, {INCIDENT_JSON}""",
+        (values["description"], status, values["source"], values.get("dedup_key"), at, at, at, at,
          clock["acknowledged_at"], clock.get("resolved_at"), clock["remind_at"]),
     ).fetchone()
     add_event(db, incident_id, at, "created", to_status=status, note=note, actor=actor)
@@ -1213,8 +1249,9 @@ def change_incident(db, incident_id, values, note=None, actor=None, taken_by=Non
     """Apply changes of status, description and assignee, each on the timeline; returns the incident JSON.
 
     A change to in_progress is a take: it assigns the incident to `taken_by` (else the actor), unless
-    someone is assigned already or the change names the assignee. updated_at moves only when a value
-    really changes; a note alone is a `note` event.
+    someone is assigned already or the change names the assignee. Going back to new leaves it nobody's
+    (unless the change names someone). updated_at moves only when a value really changes; a note
+    alone is a `note` event.
     """
     current = db.execute("SELECT status, description, dedup_key, assignee, acknowledged_at FROM incidents WHERE id = ?",
                          (incident_id,)).fetchone()
@@ -1222,6 +1259,8 @@ def change_incident(db, incident_id, values, note=None, actor=None, taken_by=Non
         raise no_such_incident(incident_id)
     if values.get("status") == "in_progress" != current["status"] and current["assignee"] is None:
         values = {"assignee": taken_by or actor, **values}
+    if values.get("status") == "new" != current["status"]:
+        values = {"assignee": None, **values}
     changed = {field: value for field, value in values.items() if value != current[field]}
     reopening = changed.get("status") in OPEN_STATUSES and current["status"] not in OPEN_STATUSES
     if reopening and current["dedup_key"] is not None:
@@ -1283,9 +1322,9 @@ def page_response(rows, limit, position):
 
 
 def check_token():
-    """Require the bearer token on every route but /health and the webhook when INCIDENTS_API_TOKEN is set."""
+    """Require the bearer token, where INCIDENTS_API_TOKEN is set, on every route but the PUBLIC_ENDPOINTS."""
     token = current_app.config["API_TOKEN"]
-    if not token or request.endpoint in ("health", "telegram_webhook"):  # the webhook has its own secret
+    if not token or request.endpoint in PUBLIC_ENDPOINTS:  # the webhook has its own secret
         return
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
@@ -1464,7 +1503,7 @@ class BotApiError(Exception):
 
 
 class Bot:
-    """The configured bot: its Bot API calls, its id, and its @username once getMe has told it.
+    """The configured bot: its Bot API calls and its id.
 
     The token is part of every call's URL, so nothing said about a call names the URL, and the
     token is cut out of any error text before it is said.
@@ -1473,7 +1512,6 @@ class Bot:
     def __init__(self, token, base_url):
         self.token, self.base_url = token, base_url.rstrip("/")
         self.id = int(token.partition(":")[0])
-        self.username = None
 
     def call(self, method, payload):
         """POST one Bot API method and return its result, or raise BotApiError."""
@@ -1502,15 +1540,31 @@ class Bot:
             return {"error_code": error.code, "description": self.without_token(error.reason)}
 
     def without_token(self, text):
-        return str(text).replace(self.token, "<token>")
+        """The text with the token's secret part cut out (it is URL-safe: no encoding changes it)."""
+        return str(text).replace(self.token.partition(":")[2], "<token>")
 
-    def learn_username(self):
-        """Ask getMe once for the bot's @username, so that commands addressed to other bots are ignored."""
-        try:
-            self.username = self.call("getMe", {})["username"]
-        except (BotApiError, KeyError, TypeError) as error:
-            current_app.logger.warning("getMe told no username (%s); commands addressed to any bot count as ours",
-                                       error)
+    def send(self, payload):
+        """sendMessage; the id of the message sent."""
+        message = self.call("sendMessage", payload)
+        if not (isinstance(message, dict) and type(message.get("message_id")) is int):
+            raise BotApiError("sendMessage: the answer names no message", retry=True)
+        return message["message_id"]
+
+
+def learn_username(database, bot):
+    """Ask getMe for the bot's @username and record it, so that the poller and the webhook alike ignore
+    commands addressed to other bots."""
+    try:
+        username = bot.call("getMe", {})["username"]
+        clean_text(username, ACTOR_MAX)
+    except (BotApiError, KeyError, TypeError, ValueError) as error:
+        current_app.logger.warning("getMe told no username (%s); commands addressed to any bot count as ours",
+                                   bot.without_token(error))
+        return
+    keep_trying(lambda: database.write(lambda db: db.execute(
+        """INSERT INTO telegram_bots (bot_id, username) VALUES (?, ?)
+           ON CONFLICT (bot_id) DO UPDATE SET username = excluded.username""", (bot.id, username))),
+        "the bot's username not recorded")
 
 
 def telegram_bot():
@@ -1529,13 +1583,19 @@ def retry_delay(error, delay):
 
 
 def keep_trying(work, what):
-    """work(), again after a pause for as long as the database refuses it, each refusal logged in one line."""
+    """work(), again after a pause for as long as the database refuses it for now (busy, full, read-only,
+    an I/O error), each refusal logged in one line."""
     while True:
         try:
             return work()
-        except sqlite3.Error as error:
+        except sqlite3.OperationalError as error:
             current_app.logger.warning("%s: %s; trying again in %s s", what, error, TELEGRAM_BACKOFF_S[0])
             time.sleep(TELEGRAM_BACKOFF_S[0])
+
+
+def telegram_id(value):
+    """An id as Telegram gives them (a whole number that fits SQLite), or None for anything else."""
+    return value if type(value) is int and -MAX_ID <= value <= MAX_ID and value != 0 else None
 
 
 def allowed_chats():
@@ -1574,8 +1634,9 @@ def telegram_name(update_part):
     """@username, else the name of who sent a message or tapped a button."""
     user = telegram_user(update_part)
     username = clean_name(user.get("username") or "")
-    return f"@{username}" if username else " ".join(
-        clean_name(user[part]) for part in ("first_name", "last_name") if user.get(part)).strip() or "someone"
+    name = f"@{username}" if username else " ".join(
+        clean_name(user[part]) for part in ("first_name", "last_name") if user.get(part)).strip()
+    return (name or "someone")[:ACTOR_MAX]
 
 
 def telegram_sender(update_part):
@@ -1596,7 +1657,11 @@ def telegram_report(db, message, text):
         values = {"description": clean_text(text, DESCRIPTION_MAX), "source": "operator", "dedup_key": dedup_key}
         note = f"Reported in Telegram by {actor} in {where} (chat {chat['id']}, message {message['message_id']})"
         known = report_incident(db, values, note[:NOTE_MAX], actor)
-    return f"Incident #{known[0]} registered"
+    user = telegram_user(message)
+    cleaned = any(isinstance(user.get(part), str) and clean_name(user[part]) != user[part].strip()
+                  for part in ("username", "first_name", "last_name"))
+    return f"Incident #{known[0]} registered" + (
+        " (your name is shown without characters that cannot be stored)" if cleaned else "")
 
 
 def telegram_open_incidents(db):
@@ -1618,13 +1683,18 @@ def telegram_set_status(db, message, argument, status):
     return f"Incident #{int(number)} is {status.replace('_', ' ')}, by {actor}"
 
 
-def parse_command(text, me):
-    """(command, argument) of a message; ("", text) for plain text; None for a command to another bot."""
+def parse_command(db, text):
+    """(command, argument) of a message; ("", text) for plain text; None for a command to another bot.
+
+    A command addressed @somebot is ours unless the bots' usernames are known (telegram_bots, recorded
+    from getMe by telegram-poll and telegram-notify) and it is none of them.
+    """
     if not text.startswith("/"):
         return "", text
     word, argument = (text.split(maxsplit=1) + [""])[:2]  # the argument may start on the next line
     command, _, addressee = word.partition("@")
-    if addressee and me and addressee.lower() != me.lower():
+    known = addressee and [row[0].lower() for row in db.execute("SELECT username FROM telegram_bots")]
+    if known and addressee.lower() not in known:
         return None
     return command.lower(), argument
 
@@ -1651,11 +1721,11 @@ def telegram_help(db, chat_id):
             f"To allow it, add {chat_id} to TELEGRAM_ALLOWED_CHAT_IDS.")
 
 
-def telegram_reply(db, message, me):
+def telegram_reply(db, message):
     """The text that answers a message, or None: a command, a report, or a word on why nothing was done."""
     chat_id, private = message["chat"]["id"], message["chat"].get("type") == "private"
     text = message.get("text") or message.get("caption")
-    parsed = parse_command(text.strip() if isinstance(text, str) else "", me)
+    parsed = parse_command(db, text.strip() if isinstance(text, str) else "")
     if parsed is None:
         return None  # a command for another bot in the group
     command, argument = parsed
@@ -1691,7 +1761,7 @@ def telegram_button(db, callback):
     """
     answer = {"method": "answerCallbackQuery", "callback_query_id": callback["id"]}
     chat = (callback.get("message") or {}).get("chat") if isinstance(callback.get("message"), dict) else None
-    if not (isinstance(chat, dict) and type(chat.get("id")) is int and chat_allowed(db, chat["id"])):
+    if not (isinstance(chat, dict) and telegram_id(chat.get("id")) and chat_allowed(db, chat["id"])):
         return {**answer, "text": "Not allowed in this chat"}
     data = callback.get("data")
     match = BUTTON_DATA.fullmatch(data) if isinstance(data, str) else None
@@ -1709,16 +1779,17 @@ def telegram_button(db, callback):
         change_incident(db, incident_id, {"status": status}, actor=telegram_sender(callback),
                         taken_by=telegram_name(callback))
     except ApiError as error:  # reopening while another open incident holds the dedup_key
-        return {**answer, "text": error.detail[:200], "show_alert": True}
+        text = longest_prefix(error.detail, lambda prefix: utf16_length(prefix) <= CALLBACK_ANSWER_MAX)
+        return {**answer, "text": text, "show_alert": True}
     return {**answer, "text": f"Incident #{incident_id} {verb} by {telegram_name(callback)}"}
 
 
-def handle_telegram_update(db, update, me=None):
+def handle_telegram_update(db, update):
     """Act on one Telegram Update inside the caller's write transaction: all of it is stored, or none.
 
-    `me` is the bot's @username where known. Returns the Bot API call that answers the update
-    (sendMessage, or answerCallbackQuery for a button), or None when it is ignored (edits, joins,
-    channel posts, a group's chatter, a group that may not use the bot).
+    Returns the Bot API call that answers the update (sendMessage, or answerCallbackQuery for a
+    button), or None when it is ignored (edits, joins, channel posts, a group's chatter, a group that
+    may not use the bot, an update whose ids no Telegram chat or message has).
     """
     callback = update.get("callback_query")
     if isinstance(callback, dict) and isinstance(callback.get("id"), str):
@@ -1727,24 +1798,15 @@ def handle_telegram_update(db, update, me=None):
     if not (
         isinstance(message, dict)
         and isinstance(message.get("chat"), dict)
-        and type(message["chat"].get("id")) is int
-        and type(message.get("message_id")) is int
+        and telegram_id(message["chat"].get("id"))
+        and telegram_id(message.get("message_id"))
     ):
         return None
-    reply = telegram_reply(db, message, me)
+    reply = telegram_reply(db, message)
     if reply is None:
         return None
     return {"method": "sendMessage", "chat_id": message["chat"]["id"],
             "reply_to_message_id": message["message_id"], "text": reply, **NO_PREVIEWS}
-
-
-def webhook_username():
-    """The bot's @username for the webhook: asked of getMe once, where TELEGRAM_BOT_TOKEN is set."""
-    bot = current_app.extensions.get("telegram_bot")
-    if bot is None and current_app.config["TELEGRAM_BOT_TOKEN"]:
-        bot = current_app.extensions["telegram_bot"] = telegram_bot()
-        bot.learn_username()
-    return bot and bot.username
 
 
 def telegram_webhook():
@@ -1756,8 +1818,7 @@ def telegram_webhook():
     if not hmac.compare_digest(given.encode(), secret.encode()):
         raise ApiError(401, "X-Telegram-Bot-Api-Secret-Token does not match TELEGRAM_WEBHOOK_SECRET.")
     update = read_json_object()
-    me = webhook_username()
-    return jsonify(write(lambda db: handle_telegram_update(db, update, me)) or {})
+    return jsonify(write(lambda db: handle_telegram_update(db, update)) or {})
 
 
 def load_offset(db, bot_id):
@@ -1765,14 +1826,19 @@ def load_offset(db, bot_id):
     return row[0] if row else 0
 
 
-def take_update(db, update, bot):
-    """Act on an update and store the offset after it, in one transaction; the reply to send."""
-    reply = handle_telegram_update(db, update, bot.username)
+def store_offset(db, bot, update):
+    """Where the next getUpdates begins: after this update."""
     db.execute(
         """INSERT INTO telegram_offsets (bot_id, next_update_id) VALUES (?, ?)
            ON CONFLICT (bot_id) DO UPDATE SET next_update_id = excluded.next_update_id""",
         (bot.id, update["update_id"] + 1),
     )
+
+
+def take_update(db, update, bot):
+    """Act on an update and store the offset after it, in one transaction; the reply to send."""
+    reply = handle_telegram_update(db, update)
+    store_offset(db, bot, update)
     return reply
 
 
@@ -1783,18 +1849,24 @@ def poll_once(database, db, bot, delay):
     skipped) while the database refuses it, so a restart neither loses nor repeats an update; the
     reply is sent after the commit.
     """
+    offset = keep_trying(lambda: load_offset(db, bot.id), "offset not read")
     try:
-        updates = bot.call("getUpdates", {"offset": load_offset(db, bot.id), "timeout": TELEGRAM_POLL_TIMEOUT_S,
+        updates = bot.call("getUpdates", {"offset": offset, "timeout": TELEGRAM_POLL_TIMEOUT_S,
                                           "allowed_updates": TELEGRAM_UPDATES})
     except BotApiError as error:
         delay = retry_delay(error, delay)
         current_app.logger.warning("Telegram unreachable (%s); trying again in %s s", error, delay)
         return delay
     for update in updates if isinstance(updates, list) else []:
-        if not (isinstance(update, dict) and type(update.get("update_id")) is int):
+        if not (isinstance(update, dict) and telegram_id(update.get("update_id"))):
             continue
-        reply = keep_trying(lambda: database.write(lambda writer: take_update(writer, update, bot)),
-                            f"update {update['update_id']} not stored")
+        try:
+            reply = keep_trying(lambda: database.write(lambda writer: take_update(writer, update, bot)),
+                                f"update {update['update_id']} not stored")
+        except sqlite3.Error as error:  # not one that waiting mends: the update cannot be stored as it is
+            current_app.logger.error("update %s skipped: %s", update["update_id"], error)
+            reply = keep_trying(lambda: database.write(lambda writer: store_offset(writer, bot, update)),
+                                f"update {update['update_id']} not skipped")
         if reply:
             try:
                 bot.call(reply.pop("method"), reply)
@@ -1834,7 +1906,7 @@ def telegram_poll_command():
     open_database()
     bot = telegram_bot()
     warn_if_no_chat_allowed(lambda line: click.echo(line, err=True))
-    bot.learn_username()
+    learn_username(current_app.extensions["incidents"], bot)
     with contextlib.ExitStack() as stack:
         if current_app.config["TELEGRAM_NOTIFY_CHAT_IDS"]:
             stack.enter_context(sole_sender(current_app.extensions["incidents"].path, bot.id))
@@ -1930,8 +2002,8 @@ def clean_alerts(body):
     if not isinstance(alerts, list):
         raise invalid("fields", [{"field": "alerts", "message": "must be a list of alerts"}])
     if len(alerts) > ALERTS_MAX:
-        raise ApiError(413, f"The payload holds {len(alerts)} alerts, more than {ALERTS_MAX}; set max_alerts: "
-                            f"{ALERTS_MAX} or less in the receiver's webhook_configs.")
+        raise invalid("fields", [{"field": "alerts", "message": f"holds {len(alerts)} alerts, more than {ALERTS_MAX}; "
+                                  f"set max_alerts: {ALERTS_MAX} or less in the receiver's webhook_configs"}])
     errors = []
     if "status" in body and body["status"] not in ALERT_STATUSES:
         errors.append({"field": "status", "message": f"must be one of: {', '.join(ALERT_STATUSES)}"})
@@ -2034,41 +2106,44 @@ def utf16_length(text):
     return len(text.encode("utf-16-le")) // 2
 
 
+def longest_prefix(text, fits):
+    """The longest prefix of a text (whole characters) for which fits(prefix) holds."""
+    shortest, longest = 0, len(text)
+    while shortest < longest:
+        middle = (shortest + longest + 1) // 2
+        shortest, longest = (middle, longest) if fits(text[:middle]) else (shortest, middle - 1)
+    return text[:shortest]
+
+
 def fit_description(text, room):
     """The first lines of a description, HTML-escaped and cut to `room` UTF-16 units, " …" marking a cut."""
     short = "\n".join(text.splitlines()[:NOTIFY_DESCRIPTION_LINES])
     escaped = html.escape(short, quote=False)
     if short == text and utf16_length(escaped) <= room:
         return escaped
-    shortest, longest = 0, len(short)  # the longest prefix that fits with " …" after it
-    while shortest < longest:
-        middle = (shortest + longest + 1) // 2
-        if utf16_length(html.escape(short[:middle], quote=False)) <= room - 2:
-            shortest = middle
-        else:
-            longest = middle - 1
-    return html.escape(short[:shortest], quote=False).rstrip() + " …"
+    cut = longest_prefix(short, lambda prefix: utf16_length(html.escape(prefix, quote=False)) <= room - 2)
+    return html.escape(cut, quote=False).rstrip() + " …"
 
 
 def incident_message(db, incident_id):
     """The text (HTML, every value escaped) and buttons of an incident's message, as it is now."""
     incident = json.loads(fetch_incident_json(db, incident_id))
-    change = db.execute(
-        "SELECT actor, at FROM events WHERE incident_id = ? AND type = 'status_changed' ORDER BY id DESC LIMIT 1",
-        (incident_id,),
-    ).fetchone()
+    change, take = (db.execute(f"""SELECT id, actor, at FROM events WHERE incident_id = ? AND type = 'status_changed'
+                                   {condition} ORDER BY id DESC LIMIT 1""", (incident_id,)).fetchone()
+                    for condition in ("", "AND from_status = 'new'"))
     status = incident["status"].replace("_", " ")
     header = f"<b>Incident #{incident_id}</b> · {status} · {incident['source']}"
     lines = [f"Reported {short_time(incident['created_at'])}"]
     if incident["occurrences"] > 1:
         lines.append(f"Repeated {incident['occurrences']} times, last {short_time(incident['last_seen_at'])}")
-    if change:
+    taken = take if take and incident["acknowledged_at"] else None  # who took it and when, however it went on
+    if taken:
+        lines.append(f"Taken by {html.escape(taken['actor'] or 'someone', quote=False)}, {short_time(taken['at'])}")
+    if change and change["id"] != (taken and taken["id"]):
         lines.append(f"Now {status}: by {html.escape(change['actor'] or 'someone', quote=False)}, "
                      f"{short_time(change['at'])}")
-    if incident["assignee"]:
-        assignee = html.escape(incident["assignee"], quote=False)
-        lines.append(f"Taken by {assignee}, {short_time(incident['acknowledged_at'])}" if incident["acknowledged_at"]
-                     else f"Assigned to {assignee}")
+    if incident["assignee"] and incident["assignee"] != (taken and (taken["actor"] or "").split(" (Telegram user ")[0]):
+        lines.append(f"Assigned to {html.escape(incident['assignee'], quote=False)}")
     room = TELEGRAM_TEXT_MAX - utf16_length("\n".join([header, *lines])) - 1
     buttons = [{"text": label, "callback_data": f"{action}:{incident_id}"}
                for action, label in NOTIFY_BUTTONS[incident["status"]]]
@@ -2105,7 +2180,7 @@ def show_incident(bot, row, text, markup):
             if error.code != 400 or error.migrate_to or chat_is_gone(error):
                 raise
             # Any other refusal is about the message (deleted, too old, MESSAGE_ID_INVALID): show it afresh.
-    return bot.call("sendMessage", message)["message_id"]
+    return bot.send(message)
 
 
 def chat_is_gone(error):
@@ -2136,7 +2211,8 @@ def forget_chat(db, chat_id, error):
 
 
 def move_chat(db, chat_id, error):
-    """A group became a supergroup: what was queued for it, and each open incident shown there, go to the new id.
+    """A group became a supergroup: what was queued for it (reminders too), and each open incident shown there,
+    go to the new id.
 
     The old messages cannot be edited in the new chat, so the open incidents are shown there afresh.
     """
@@ -2151,7 +2227,8 @@ def move_chat(db, chat_id, error):
                (new_id, at, chat_id, new_id, chat_id))
     db.execute("DELETE FROM notify_outbox WHERE chat_id = ?", (chat_id,))
     db.execute("DELETE FROM notify_messages WHERE chat_id = ?", (chat_id,))
-    db.execute("DELETE FROM notify_reminders WHERE chat_id = ?", (chat_id,))  # not to be found at the new id
+    db.execute("UPDATE notify_reminders SET chat_id = ? WHERE chat_id = ? AND state = 'due'", (new_id, chat_id))
+    db.execute("DELETE FROM notify_reminders WHERE chat_id = ?", (chat_id,))  # those sent stay in the old group
 
 
 def chat_refused(database, chat_id, error):
@@ -2265,35 +2342,56 @@ def schedule_reminders(database, db):
 
 
 def remind(db, incident_id):
-    """Queue the next reminder of an incident still new in each notify chat, or after the last, escalate it."""
+    """Queue the next reminder of an incident still new in each notify chat, or after the last, escalate it.
+
+    While an earlier call has not gone out (Telegram unreachable), the next is put off an interval:
+    the calls do not pile up to arrive all at once.
+    """
     incident = db.execute("SELECT status, remind_at, reminders FROM incidents WHERE id = ?", (incident_id,)).fetchone()
     at, config = now(), current_app.config
     if incident["remind_at"] is None or incident["remind_at"] > at:
         return  # taken, or put off, since the pass read it
-    if incident["status"] == "new" and incident["reminders"] < config["REMIND_MAX"]:
+    unsent = db.execute("SELECT 1 FROM notify_reminders WHERE incident_id = ? AND state = 'due'", (incident_id,))
+    if incident["status"] != "new" or (not config["REMIND_MAX"] and not config["TELEGRAM_ESCALATE_CHAT_IDS"]):
+        db.execute("UPDATE incidents SET remind_at = NULL WHERE id = ?", (incident_id,))
+    elif unsent.fetchone():
+        db.execute("UPDATE incidents SET remind_at = ? WHERE id = ?", (later(at, config["REMIND_AFTER"]), incident_id))
+    elif incident["reminders"] < config["REMIND_MAX"]:
         number = incident["reminders"] + 1
-        db.execute(f"""INSERT INTO notify_reminders (incident_id, chat_id, number, state, queued_at)
-                       SELECT ?, chat_id, ?, 'due', ? FROM ({REACHABLE_CHATS}) WHERE true ON CONFLICT DO NOTHING""",
-                   (incident_id, number, at, json.dumps(config["TELEGRAM_NOTIFY_CHAT_IDS"])))
+        queue_reminders(db, incident_id, number, config["TELEGRAM_NOTIFY_CHAT_IDS"], at)
         add_event(db, incident_id, at, "reminded", count=number)
         db.execute("UPDATE incidents SET reminders = ?, remind_at = ? WHERE id = ?",
                    (number, later(at, config["REMIND_AFTER"]), incident_id))
-    elif incident["status"] == "new" and config["TELEGRAM_ESCALATE_CHAT_IDS"]:
-        db.execute("UPDATE incidents SET remind_at = NULL, escalated_at = ? WHERE id = ?", (at, incident_id))
+    else:
+        escalate(db, incident_id, incident["reminders"] + 1, at)
+
+
+def queue_reminders(db, incident_id, number, chats, at, shown_only=False):
+    """A reminder to send in each of the chats (reached as they are now); with shown_only, in those that show it."""
+    db.execute(f"""INSERT INTO notify_reminders (incident_id, chat_id, number, state, queued_at)
+                   SELECT ?, chat_id, ?, 'due', ? FROM ({REACHABLE_CHATS}) AS reachable
+                   WHERE NOT ? OR chat_id IN (SELECT chat_id FROM notify_messages WHERE incident_id = ?)""",
+               (incident_id, number, at, json.dumps(chats), shown_only, incident_id))
+
+
+def escalate(db, incident_id, number, at):
+    """After the last reminder: the incident goes to the escalation chats with its buttons and stays current
+    there; a chat that shows it already (it was escalated before) is called with a reply, as for a reminder."""
+    chats = current_app.config["TELEGRAM_ESCALATE_CHAT_IDS"]
+    db.execute("UPDATE incidents SET remind_at = NULL, reminders = ?, escalated_at = ? WHERE id = ?",
+               (number, at if chats else None, incident_id))
+    if chats:
+        queue_reminders(db, incident_id, number, chats, at, shown_only=True)
         add_event(db, incident_id, at, "escalated", note="Nobody took it after the last reminder: announced to "
                                                          "the escalation chats")
-        queue_notification(db, incident_id, "change", config["TELEGRAM_ESCALATE_CHAT_IDS"])
-    else:
-        db.execute("UPDATE incidents SET remind_at = NULL WHERE id = ?", (incident_id,))
+        queue_notification(db, incident_id, "change", chats)
 
 
 def pending_reminders(db):
     """Reminders to send or to take back, oldest first, each with what its message needs."""
     return db.execute(
-        """SELECT r.incident_id, r.chat_id, r.number, r.state, r.message_id, i.status, i.description,
-                  coalesce((SELECT max(at) FROM events WHERE incident_id = r.incident_id AND type = 'status_changed'
-                            AND to_status = 'new'), i.created_at) AS new_since,
-                  m.message_id AS reply_to
+        """SELECT r.id, r.incident_id, r.chat_id, r.number, r.state, r.message_id, i.status, i.description,
+                  i.assignee, coalesce(i.opened_at, i.created_at) AS opened_at, m.message_id AS reply_to
            FROM notify_reminders AS r JOIN incidents AS i ON i.id = r.incident_id
            LEFT JOIN notify_messages AS m ON m.incident_id = r.incident_id AND m.chat_id = r.chat_id
            WHERE r.state != 'sent' ORDER BY r.queued_at"""
@@ -2309,15 +2407,19 @@ def waited(seconds):
 
 def show_reminder(bot, row):
     """Send a reminder, a reply to the incident's message (an edit makes no phone ring); returns its id."""
-    header = (f"⏰ <b>Incident #{row['incident_id']}</b> has waited {waited(age_seconds(row['new_since']))} "
-              f"and nobody has taken it (reminder {row['number']} of {current_app.config['REMIND_MAX']})")
+    remind_max, wait = current_app.config["REMIND_MAX"], waited(age_seconds(row["opened_at"]))
+    nobody = (f"nobody has taken it (assigned to {html.escape(row['assignee'], quote=False)})" if row["assignee"]
+              else "nobody has taken it")
+    header = (f"⏰ <b>Incident #{row['incident_id']}</b> has waited {wait} and {nobody} "
+              f"(reminder {row['number']} of {remind_max})" if row["number"] <= remind_max else
+              f"⚠️ Escalated: <b>incident #{row['incident_id']}</b> has waited {wait} and {nobody}")
     room = TELEGRAM_TEXT_MAX - utf16_length(header) - 1
     message = {"chat_id": row["chat_id"], "text": f"{header}\n{fit_description(row['description'], room)}",
                "parse_mode": "HTML", **NO_PREVIEWS,
                "reply_markup": {"inline_keyboard": [[{"text": "Take", "callback_data": f"take:{row['incident_id']}"}]]}}
     if row["reply_to"] is not None:
         message["reply_parameters"] = {"message_id": row["reply_to"], "allow_sending_without_reply": True}
-    return bot.call("sendMessage", message)["message_id"]
+    return bot.send(message)
 
 
 def take_back_reminder(bot, row):
@@ -2338,14 +2440,12 @@ def record_reminder(db, message_id, row):
     """Remember a reminder Telegram accepted: sent, or stale at once if the incident was taken meanwhile."""
     db.execute("""UPDATE notify_reminders SET message_id = ?,
                       state = CASE (SELECT status FROM incidents WHERE id = ?) WHEN 'new' THEN 'sent' ELSE 'stale' END
-                  WHERE incident_id = ? AND chat_id = ? AND number = ?""",
-               (message_id, row["incident_id"], row["incident_id"], row["chat_id"], row["number"]))
+                  WHERE id = ?""", (message_id, row["incident_id"], row["id"]))
 
 
 def forget_reminder(db, _, row):
     """Drop a reminder that is done with: taken back, never to be sent, or refused by Telegram."""
-    db.execute("DELETE FROM notify_reminders WHERE incident_id = ? AND chat_id = ? AND number = ?",
-               (row["incident_id"], row["chat_id"], row["number"]))
+    db.execute("DELETE FROM notify_reminders WHERE id = ?", (row["id"],))
 
 
 def deliver_reminders(database, db, bot):
@@ -2420,6 +2520,7 @@ def telegram_notify_command():
     bot = telegram_bot()
     if not current_app.config["TELEGRAM_NOTIFY_CHAT_IDS"]:
         raise click.UsageError("Set TELEGRAM_NOTIFY_CHAT_IDS to the chats to notify, ids separated by commas.")
+    learn_username(current_app.extensions["incidents"], bot)  # for the webhook beside it
     with sole_sender(current_app.extensions["incidents"].path, bot.id):
         until_interrupted("Sending notifications; press Ctrl-C to stop.", lambda database, db: send_notifications(
             database, db, bot, current_app.config["NOTIFY_REPEAT_INTERVAL"], threading.Event()))
@@ -2566,6 +2667,229 @@ def describe_backup(replica):
 
 
 # ---------------------------------------------------------------------------
+# The API described: GET / and GET /openapi.json
+# ---------------------------------------------------------------------------
+
+PUBLIC_ENDPOINTS = ("front_door", "openapi_document", "health", "telegram_webhook")  # no API token asked
+ALERT_ACTIONS = ("created", "folded", "reopened", "resolved", "unchanged")
+EXAMPLE_INCIDENT = {"description": "Scooter #4521 does not respond", "source": "operator"}
+EXAMPLE_ALERTS = {"status": "firing", "alerts": [{
+    "status": "firing", "labels": {"alertname": "PointDown", "point": "7"},
+    "annotations": {"summary": "Point 7 does not respond"}, "startsAt": "2026-11-23T07:00:00Z",
+    "fingerprint": "a1b2c3d4e5f60718"}]}
+EXAMPLE_UPDATE = {"update_id": 1, "message": {"message_id": 77, "chat": {"id": 111, "type": "private"},
+                                              "from": {"id": 111, "first_name": "Ivan"}, "text": "Point 7 is down"}}
+
+
+def text_schema(limit):
+    return {"type": "string", "minLength": 1, "maxLength": limit, "pattern": VISIBLE_TEXT}
+
+
+def nullable(schema):
+    return {**schema, "type": [schema["type"], "null"]}
+
+
+def ref(name):
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def obj(required, properties, **extra):
+    """A JSON object schema; `required` names properties, and no other property is allowed unless said."""
+    return {"type": "object", "required": list(required), "properties": properties,
+            "additionalProperties": False, **extra}
+
+
+def openapi_schemas():
+    """Every body the API takes or sends, its enums and limits read from the module's constants."""
+    timestamp = {"type": "string", "format": "date-time", "pattern": f"^{STORED_TIMESTAMP}$"}
+    strings = {"type": "object", "propertyNames": {"pattern": "^[^\\u0000]*$"},
+               "additionalProperties": {"type": "string", "pattern": "^[^\\u0000]*$"}}
+    incident = {
+        "id": {"type": "integer", "minimum": 1, "maximum": MAX_ID},
+        "description": {"type": "string", "minLength": 1, "maxLength": DESCRIPTION_MAX},
+        "status": {"enum": list(STATUSES)}, "source": {"enum": list(SOURCES)},
+        "dedup_key": nullable({"type": "string", "maxLength": DEDUP_KEY_MAX}),
+        "occurrences": {"type": "integer", "minimum": 1}, "last_seen_at": timestamp,
+        "assignee": nullable({"type": "string", "maxLength": ACTOR_MAX}),
+        "acknowledged_at": nullable(timestamp), "resolved_at": nullable(timestamp),
+        "created_at": timestamp, "updated_at": timestamp}
+    event = {"id": {"type": "integer", "minimum": 1}, "at": timestamp, "type": {"enum": list(EVENT_TYPES)},
+             "from_status": {"enum": list(STATUSES)}, "to_status": {"enum": list(STATUSES)},
+             "note": {"type": "string", "maxLength": NOTE_MAX}, "actor": {"type": "string", "maxLength": ACTOR_MAX},
+             "count": {"type": "integer", "minimum": 1}, "last_at": timestamp,
+             "from_assignee": nullable({"type": "string", "maxLength": ACTOR_MAX}),
+             "to_assignee": nullable({"type": "string", "maxLength": ACTOR_MAX})}
+    alert = obj(["labels", "status"], {
+        "labels": strings, "annotations": strings, "status": {"enum": list(ALERT_STATUSES)},
+        "startsAt": {"type": "string", "format": "date-time"}, "endsAt": {"type": "string", "format": "date-time"},
+        "fingerprint": text_schema(DEDUP_KEY_MAX - len(ALERT_KEY_PREFIX))}, additionalProperties=True)
+    return {
+        "Incident": obj(incident, incident),
+        "IncidentPage": obj(["items", "next_cursor"], {"items": {"type": "array", "items": ref("Incident")},
+                                                       "next_cursor": {"type": ["string", "null"],
+                                                                       "pattern": f"^{LIST_CURSOR}$"}}),
+        "Event": obj(["id", "at", "type"], event),
+        "EventPage": obj(["items", "next_cursor"], {"items": {"type": "array", "items": ref("Event")},
+                                                    "next_cursor": {"type": ["string", "null"],
+                                                                    "pattern": f"^{EVENTS_CURSOR}$"}}),
+        "NewIncident": obj(["description", "source"], {
+            "description": text_schema(DESCRIPTION_MAX), "source": {"enum": list(SOURCES)},
+            "status": {"enum": list(STATUSES)}, "dedup_key": text_schema(DEDUP_KEY_MAX)}),
+        "IncidentChange": obj([], {
+            "status": {"enum": list(STATUSES)}, "description": text_schema(DESCRIPTION_MAX),
+            "assignee": nullable(text_schema(ACTOR_MAX)), "note": text_schema(NOTE_MAX), "actor": text_schema(ACTOR_MAX)},
+            anyOf=[{"required": [field]} for field in ("status", "description", "assignee", "note")]),
+        "AlertPayload": {"type": "object", "required": ["alerts"], "properties": {
+            "alerts": {"type": "array", "maxItems": ALERTS_MAX, "items": alert},
+            "status": {"enum": list(ALERT_STATUSES)}}},
+        "AlertResults": obj(["incidents"], {"incidents": {"type": "array", "items": obj(["id", "action"], {
+            "id": {"type": ["integer", "null"], "minimum": 1}, "action": {"enum": list(ALERT_ACTIONS)}})}}),
+        "Problem": obj(["type", "title", "status", "detail"], {
+            "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
+            "detail": {"type": "string"}, "open_incident_id": {"type": "integer"},
+            "reads": {"enum": ["ok"]}, "writes": {"enum": ["failing"]},
+            "errors": {"type": "array", "items": obj(["field", "message"], {
+                "field": {"type": "string"}, "message": {"type": "string"}})}}),
+        "Health": obj(["status"], {"status": {"enum": ["ok"]}}),
+        "FrontDoor": obj(["name", "version", "links"], {
+            "name": {"type": "string"}, "version": {"type": "string"},
+            "links": obj(FRONT_DOOR_LINKS, {name: {"type": "string"} for name in FRONT_DOOR_LINKS})}),
+        "TelegramUpdate": {"type": "object"},
+        "TelegramReply": {"type": "object"},
+    }
+
+
+def query_parameters(specs):
+    """Query parameters from (name, schema, description) triples; a list is sent as the name repeated."""
+    return [{"name": name, "in": "query", "required": False, "schema": schema, "description": description,
+             **({"style": "form", "explode": True} if schema["type"] == "array" else {})}
+            for name, schema, description in specs]
+
+
+INCIDENT_ID = {"name": "incident_id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
+LIST_PARAMETERS = (
+    ("status", {"type": "array", "items": {"enum": list(STATUSES)}}, "Only these statuses (or one comma-separated value)."),
+    ("source", {"type": "array", "items": {"enum": list(SOURCES)}}, "Only these sources (or one comma-separated value)."),
+    ("dedup_key", text_schema(DEDUP_KEY_MAX), "Only the incidents of this key."),
+    ("assignee", text_schema(ACTOR_MAX), "Only the incidents assigned to this person."),
+    ("since", {"type": "string", "format": "date-time"}, "Created at or after (a date alone means 00:00 UTC)."),
+    ("until", {"type": "string", "format": "date-time"}, "Created before; an empty window is an empty page."),
+    ("limit", {"type": "integer", "minimum": 1, "maximum": PAGE_LIMIT_MAX, "default": PAGE_LIMIT_DEFAULT},
+     "Incidents on a page."),
+    ("cursor", {"type": "string", "pattern": f"^{LIST_CURSOR}$"}, "next_cursor of the page before."),
+    ("q", {"type": "string", "maxLength": SEARCH_MAX, "pattern": SEARCH_PATTERN},
+     f'Words and "quoted phrases", each of {SEARCH_WORD_MIN} characters or more, all required.'),
+)
+EVENT_PARAMETERS = (
+    ("limit", {"type": "integer", "minimum": 1, "maximum": PAGE_LIMIT_MAX, "default": PAGE_LIMIT_DEFAULT},
+     "Events on a page."),
+    ("cursor", {"type": "string", "pattern": f"^{EVENTS_CURSOR}$"}, "next_cursor of the page before."),
+)
+ERROR_RESPONSES = {  # the same meaning on every route that answers them
+    400: "The body is not JSON, or not a JSON object, or could not be read.",
+    401: "INCIDENTS_API_TOKEN is set, and the request lacks Authorization: Bearer <token>.",
+    404: "No such incident (or, for the webhook, TELEGRAM_WEBHOOK_SECRET is not set).",
+    409: "Another open incident holds the dedup_key that reopening this one would take back.",
+    413: "The body is larger than the route takes (see x-max-body-bytes), or holds too many alerts.",
+    415: "The body is not declared Content-Type: application/json.",
+    422: "A field or query parameter is invalid; errors names each and says why.",
+    503: "The database takes no writes now: busy past the busy timeout, disk full, or read-only. Retry.",
+}
+ERROR_HEADERS = {401: "WWW-Authenticate", 503: "Retry-After"}
+WRITE_ERRORS = (400, 401, 413, 415, 422, 503)
+CREATED_LINKS = {name: {"operationId": operation, "parameters": {"incident_id": "$response.body#/id"}}
+                 for name, operation in (("GetIncident", "get_incident"), ("UpdateIncident", "update_incident"),
+                                         ("ListEvents", "list_events"))}
+API_DOCS = {  # per endpoint: request body (schema, byte limit, example), query parameters, responses
+    "front_door": {"responses": {200: ("Where to start: the service, its version and links.", "FrontDoor")}},
+    "openapi_document": {"responses": {200: ("This document.", None)}},
+    "health": {"responses": {200: ("Reads and writes work.", "Health"), 503: "Problem"}},
+    "create_incident": {"body": ("NewIncident", MAX_BODY_BYTES, EXAMPLE_INCIDENT), "responses": {
+        201: ("A new incident.", "Incident", "Location"),
+        200: ("Folded into the open incident with the same dedup_key.", "Incident", "Content-Location"),
+        **dict.fromkeys(WRITE_ERRORS, "Problem")}},
+    "list_incidents": {"query": LIST_PARAMETERS, "responses": {
+        200: ("A page of incidents, newest first.", "IncidentPage"), 401: "Problem", 422: "Problem"}},
+    "get_incident": {"path": True, "responses": {200: ("The incident.", "Incident"), 401: "Problem", 404: "Problem"}},
+    "update_incident": {"path": True, "body": ("IncidentChange", MAX_BODY_BYTES,
+                                               {"status": "in_progress", "actor": "ivan", "note": "On my way"}),
+                        "responses": {200: ("The incident as changed.", "Incident"), 404: "Problem", 409: "Problem",
+                                      **dict.fromkeys(WRITE_ERRORS, "Problem")}},
+    "list_events": {"path": True, "query": EVENT_PARAMETERS, "responses": {
+        200: ("A page of the timeline, oldest first.", "EventPage"), 401: "Problem", 404: "Problem",
+        422: "Problem"}},
+    "telegram_webhook": {"body": ("TelegramUpdate", MAX_BODY_BYTES, EXAMPLE_UPDATE), "secret": True, "responses": {
+        200: ("The reply as a Bot API call, or {}.", "TelegramReply"), 404: "Problem",
+        **dict.fromkeys((400, 401, 413, 415, 503), "Problem")}},
+    "receive_alerts": {"body": ("AlertPayload", ALERT_BODY_MAX, EXAMPLE_ALERTS), "responses": {
+        200: ("What each alert did, in the payload's order.", "AlertResults"), **dict.fromkeys(WRITE_ERRORS, "Problem")}},
+    "metrics": {"responses": {200: ("Prometheus' text format, version 0.0.4.", "text"), 401: "Problem"}},
+}
+
+
+def documented_response(status, spec):
+    """One response: its description, media type and schema, and the headers it always carries."""
+    if spec == "Problem":
+        spec = (ERROR_RESPONSES[status], "Problem", ERROR_HEADERS.get(status))
+    description, schema, header = (*spec, None)[:3]
+    media, body = {"Problem": ("application/problem+json", ref("Problem")), "text": ("text/plain", {"type": "string"}),
+                   None: ("application/json", {"type": "object"})}.get(schema, ("application/json", ref(schema or "")))
+    response = {"description": description, "content": {media: {"schema": body}}}
+    if header:
+        response["headers"] = {header: {"required": True, "schema": {"type": "string"}}}
+    return response
+
+
+def operation(endpoint):
+    """The document of one endpoint, from API_DOCS and its view's docstring."""
+    docs = API_DOCS[endpoint]
+    summary = current_app.view_functions[endpoint].__doc__.strip().splitlines()[0]
+    spec = {"operationId": endpoint, "summary": summary, "parameters": [
+        *([INCIDENT_ID] if docs.get("path") else []), *query_parameters(docs.get("query", ())),
+        *([{"name": "X-Telegram-Bot-Api-Secret-Token", "in": "header", "required": False,
+            "schema": {"type": "string"}, "description": "Must equal TELEGRAM_WEBHOOK_SECRET."}]
+          if docs.get("secret") else [])]}
+    if "body" in docs:
+        schema, limit, example = docs["body"]
+        spec["requestBody"] = {"required": True, "description": f"JSON, at most {limit} bytes.", "x-max-body-bytes": limit,
+                               "content": {"application/json": {"schema": ref(schema), "example": example}}}
+    spec["responses"] = {str(status): documented_response(status, response)
+                         for status, response in docs["responses"].items()}
+    if endpoint == "create_incident":
+        spec["responses"]["201"]["links"] = CREATED_LINKS
+    if endpoint in PUBLIC_ENDPOINTS:
+        spec["security"] = []
+    return spec
+
+
+def openapi_document():
+    """The OpenAPI 3.1 document of every route the app serves; it never needs a token."""
+    paths = {}
+    for rule in current_app.url_map.iter_rules():
+        if rule.endpoint != "static":
+            path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
+            for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+                paths.setdefault(path, {})[method.lower()] = operation(rule.endpoint)
+    return jsonify({
+        "openapi": "3.1.0",
+        "info": {"title": SERVICE, "version": VERSION,
+                 "description": "Report problems, fold repeats, take and resolve them; errors are RFC 9457 problems."},
+        "security": [{"bearer": []}, {}],
+        "paths": paths,
+        "components": {"schemas": openapi_schemas(), "securitySchemes": {"bearer": {
+            "type": "http", "scheme": "bearer", "description": "Only when the server sets INCIDENTS_API_TOKEN."}}},
+    })
+
+
+FRONT_DOOR_LINKS = {"openapi": "/openapi.json", "health": "/health", "incidents": "/incidents", "metrics": "/metrics"}
+
+
+def front_door():
+    """Where a person or a script starts: the service, its version, and where to go next; no token needed."""
+    return jsonify(name=SERVICE, version=VERSION, links=FRONT_DOOR_LINKS)
+
+
+# ---------------------------------------------------------------------------
 # The app factory
 # ---------------------------------------------------------------------------
 
@@ -2593,9 +2917,13 @@ def env_chat_ids(name):
 def env_url(name, default):
     """An http(s) address from the environment, or a startup error that names the setting."""
     text = os.environ.get(name, "").strip() or default
-    parts = urllib.parse.urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.netloc or not text.isascii() or any(
-            char.isspace() or not char.isprintable() for char in text):
+    try:
+        parts = urllib.parse.urlsplit(text)
+        parts.port  # raises ValueError for a port that is not a number in range
+    except ValueError:  # that, or a broken IPv6 address
+        parts = None
+    if not (parts and parts.scheme in ("http", "https") and parts.hostname and text.isascii() and text.isprintable()
+            and " " not in text):
         stop_startup(f"{name} must be an http:// or https:// address such as {default}, not {text!r}")
     return text
 
@@ -2677,7 +3005,7 @@ def raw_utf8_query(wsgi_app):
 
 def create_app(test_config=None):
     """Build the app, creating or migrating its database file."""
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)
     app.config.from_mapping(configuration())
     if test_config:
         app.config.update(test_config)
@@ -2700,6 +3028,8 @@ def create_app(test_config=None):
     app.register_error_handler(sqlite3.OperationalError, handle_database_error)
     app.register_error_handler(Exception, handle_unexpected)
 
+    app.get("/")(front_door)
+    app.get("/openapi.json")(openapi_document)
     app.get("/health")(health)
     app.post("/incidents")(create_incident)
     app.get("/incidents")(list_incidents)
