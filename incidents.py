@@ -527,7 +527,9 @@ class Writer:
         self.db = None  # opened by the writer thread, used by it alone
         self.problem = None  # why writes fail for want of storage, until a write commits again
         self.bulk = None  # a bulk job taken from the queue, to start the next transaction
-        threading.Thread(target=Writer.serve, args=(weakref.ref(self),), name="incidents-writer", daemon=True).start()
+        self.thread = threading.Thread(target=Writer.serve, args=(weakref.ref(self),), name="incidents-writer",
+                                       daemon=True)
+        self.thread.start()
 
     def submit(self, work, bulk=False):
         """work(db)'s result once its transaction is committed, or its exception."""
@@ -585,8 +587,9 @@ class Writer:
             self.queue.put(None)
 
     def close(self):
-        """Close the connection and the lock file once what is queued is done (the thread ends)."""
+        """Close the connection and the lock file once what is queued is done; return when the thread has."""
         self.queue.put(None)
+        self.thread.join()
 
     def transact(self, first):
         """BEGIN, each job in a SAVEPOINT (up to WRITE_BATCH_MAX of them), COMMIT; then wake the callers."""
@@ -849,7 +852,10 @@ def handle_database_error(error):
     if detail is None:
         return handle_unexpected(error)
     current_app.logger.warning("write refused: %s", error)
-    return problem(503, HTTP_TITLES[503], detail, {"Retry-After": "1"})
+    return problem(503, HTTP_TITLES[503], detail, RETRY_SOON)
+
+
+RETRY_SOON = {"Retry-After": "1"}  # every 503 says when to try again
 
 
 def handle_unexpected(error):
@@ -1341,10 +1347,10 @@ def health():
         get_db().execute("SELECT 1 FROM incidents LIMIT 1").fetchall()
     except sqlite3.Error as error:
         current_app.logger.error("health check failed: %s", error)
-        return problem(503, "Service Unavailable", "The database does not answer.")
+        return problem(503, HTTP_TITLES[503], "The database does not answer.", RETRY_SOON)
     write_problem = current_app.extensions["incidents"].write_problem
     if write_problem:
-        return problem(503, "Service Unavailable", write_problem, reads="ok", writes="failing")
+        return problem(503, HTTP_TITLES[503], write_problem, RETRY_SOON, reads="ok", writes="failing")
     return jsonify(status="ok")
 
 
@@ -2820,7 +2826,8 @@ API_DOCS = {  # per endpoint: request body (schema, byte limit, example), query 
         422: "Problem"}},
     "telegram_webhook": {"body": ("TelegramUpdate", MAX_BODY_BYTES, EXAMPLE_UPDATE), "secret": True, "responses": {
         200: ("The reply as a Bot API call, or {}.", "TelegramReply"), 404: "Problem",
-        **dict.fromkeys((400, 401, 413, 415, 503), "Problem")}},
+        401: ("X-Telegram-Bot-Api-Secret-Token does not match TELEGRAM_WEBHOOK_SECRET.", "Problem"),
+        **dict.fromkeys((400, 413, 415, 503), "Problem")}},
     "receive_alerts": {"body": ("AlertPayload", ALERT_BODY_MAX, EXAMPLE_ALERTS), "responses": {
         200: ("What each alert did, in the payload's order.", "AlertResults"), **dict.fromkeys(WRITE_ERRORS, "Problem")}},
     "metrics": {"responses": {200: ("Prometheus' text format, version 0.0.4.", "text"), 401: "Problem"}},

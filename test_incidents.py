@@ -6,6 +6,7 @@ import http.server
 import io
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -23,6 +24,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import click
+import flask
+import flask.testing
 import pytest
 from werkzeug.datastructures import MultiDict
 
@@ -46,6 +49,95 @@ def clean_environment(monkeypatch):
                  "TELEGRAM_API_URL", "TELEGRAM_ALLOWED_CHAT_IDS", "TELEGRAM_NOTIFY_CHAT_IDS",
                  "TELEGRAM_ESCALATE_CHAT_IDS"):
         monkeypatch.delenv(name, raising=False)
+
+
+# ---------------------------------------------------------------------------
+# Every response a test receives is checked against the OpenAPI document
+# ---------------------------------------------------------------------------
+
+
+def schema_errors(value, schema, document, where="body"):
+    """What in `value` breaks `schema`: the JSON Schema keywords the document uses, and no more."""
+    if "$ref" in schema:
+        schema = document["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    kinds = {"object": dict, "array": list, "string": str, "null": type(None), "boolean": bool}
+    types = schema.get("type", [])
+    types = [types] if isinstance(types, str) else types
+    if types and not any(value is None if kind == "null" else isinstance(value, kinds[kind]) and type(value) is not bool
+                         if kind in ("object", "array", "string") else type(value) is int if kind == "integer"
+                         else isinstance(value, kinds[kind]) for kind in types):
+        return [f"{where}: {value!r} is not of type {types}"]
+    errors = []
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(f"{where}: {value!r} not in {schema['enum']}")
+    if isinstance(value, str):
+        if not schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", len(value)):
+            errors.append(f"{where}: length {len(value)} out of bounds")
+        if "pattern" in schema and not re.search(schema["pattern"], value):
+            errors.append(f"{where}: {value!r} does not match {schema['pattern']}")
+    if type(value) is int and not schema.get("minimum", value) <= value <= schema.get("maximum", value):
+        errors.append(f"{where}: {value} out of bounds")
+    if isinstance(value, list):
+        if len(value) > schema.get("maxItems", len(value)):
+            errors.append(f"{where}: too many items")
+        for index, item in enumerate(value):
+            errors += schema_errors(item, schema.get("items", {}), document, f"{where}[{index}]")
+    if isinstance(value, dict):
+        errors += [f"{where}: {name} is missing" for name in schema.get("required", []) if name not in value]
+        for name, item in value.items():
+            extra = schema.get("additionalProperties", True)
+            if name in schema.get("properties", {}):
+                errors += schema_errors(item, schema["properties"][name], document, f"{where}.{name}")
+            elif extra is False:
+                errors.append(f"{where}: {name} is not allowed")
+            elif isinstance(extra, dict):
+                errors += schema_errors(item, extra, document, f"{where}.{name}")
+    if "anyOf" in schema and all(schema_errors(value, option, document, where) for option in schema["anyOf"]):
+        errors.append(f"{where}: {value!r} matches none of anyOf")
+    return errors
+
+
+OPENAPI = {}  # the document, fetched once
+
+
+def documented_operation(method, path):
+    """The document's operation for a request, or None for a route it does not describe."""
+    for template, operations in OPENAPI["paths"].items():
+        if re.fullmatch(re.sub(r"\\\{\w+\\\}", "[^/]+", re.escape(template)), path) and method.lower() in operations:
+            return operations[method.lower()]
+    return None
+
+
+def check_against_the_document(request, response):
+    """Fail a test whose response breaks the document: an undocumented status, media type, header or body."""
+    operation = documented_operation(request.method, request.path)
+    if operation is None or response.status_code in (405, 500):  # routing's own answer; the tests of the 500 path
+        return
+    documented = operation["responses"].get(str(response.status_code))
+    assert documented, f"{request.method} {request.path}: {response.status_code} is not in the document"
+    (media, content), = documented["content"].items()
+    assert response.mimetype == media, f"{request.method} {request.path}: {response.mimetype}, documented {media}"
+    for header in documented.get("headers", {}):
+        assert header in response.headers, f"{request.method} {request.path}: no {header} header"
+    if media != "text/plain":
+        errors = schema_errors(response.json, content["schema"], OPENAPI)
+        assert not errors, f"{request.method} {request.path} {response.status_code}: {errors}"
+
+
+class DocumentedClient(flask.testing.FlaskClient):
+    """The Flask test client, but every response is checked against the OpenAPI document."""
+
+    def open(self, *args, **kwargs):
+        response = super().open(*args, **kwargs)
+        if not OPENAPI:
+            OPENAPI.update(flask.testing.FlaskClient(self.application).get("/openapi.json").json)
+        check_against_the_document(response.request, response)
+        return response
+
+
+@pytest.fixture(autouse=True)
+def documented_responses(monkeypatch):
+    monkeypatch.setattr(flask.Flask, "test_client_class", DocumentedClient)
 
 
 @pytest.fixture(autouse=True)
@@ -1061,6 +1153,90 @@ def test_migration_fills_who_took_it_and_when_from_the_timeline(db_path):
 
 
 # ---------------------------------------------------------------------------
+# The front door and the OpenAPI document
+# ---------------------------------------------------------------------------
+
+
+def test_front_door_names_the_service_its_version_and_where_to_go(token_client):
+    response = token_client.get("/")  # no token needed
+    assert response.json == {"name": "incidents", "version": incidents.VERSION, "links": {
+        "openapi": "/openapi.json", "health": "/health", "incidents": "/incidents", "metrics": "/metrics"}}
+    for link in response.json["links"].values():
+        assert token_client.get(link, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_openapi_document_covers_every_route_the_app_serves_with_its_methods(app, token_client):
+    document = token_client.get("/openapi.json").json  # no token needed
+    assert document["openapi"] == "3.1.0" and document["info"]["version"] == incidents.VERSION
+    served = {(re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule), method.lower())
+              for rule in app.url_map.iter_rules() for method in rule.methods - {"HEAD", "OPTIONS"}}
+    described = {(path, method) for path, operations in document["paths"].items() for method in operations}
+    assert served == described and len(served) == 11
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            assert operation["summary"] and operation["responses"], (method, path)
+            if "requestBody" in operation:
+                assert operation["requestBody"]["content"]["application/json"]["example"], (method, path)
+                example = operation["requestBody"]["content"]["application/json"]
+                assert not schema_errors(example["example"], example["schema"], document), (method, path)
+
+
+def test_openapi_enums_and_limits_are_the_modules_constants(client):
+    document = client.get("/openapi.json").json
+    schemas, paths = document["components"]["schemas"], document["paths"]
+    incident = schemas["Incident"]["properties"]
+    assert incident["status"]["enum"] == list(incidents.STATUSES) and incident["source"]["enum"] == list(
+        incidents.SOURCES)
+    assert incident["description"]["maxLength"] == incidents.DESCRIPTION_MAX
+    assert incident["dedup_key"]["maxLength"] == incidents.DEDUP_KEY_MAX
+    assert incident["assignee"]["maxLength"] == incidents.ACTOR_MAX
+    assert schemas["Event"]["properties"]["type"]["enum"] == list(incidents.EVENT_TYPES)
+    assert schemas["IncidentChange"]["properties"]["note"]["maxLength"] == incidents.NOTE_MAX
+    assert schemas["AlertPayload"]["properties"]["alerts"]["maxItems"] == incidents.ALERTS_MAX
+    parameters = {p["name"]: p["schema"] for p in paths["/incidents"]["get"]["parameters"]}
+    assert set(parameters) == set(incidents.LIST_QUERY)
+    assert (parameters["limit"]["maximum"], parameters["limit"]["default"]) == (incidents.PAGE_LIMIT_MAX,
+                                                                              incidents.PAGE_LIMIT_DEFAULT)
+    assert parameters["q"]["maxLength"] == incidents.SEARCH_MAX and parameters["q"]["pattern"] == incidents.SEARCH_PATTERN
+    assert parameters["cursor"]["pattern"] == f"^{incidents.LIST_CURSOR}$"
+    events = {p["name"]: p["schema"] for p in paths["/incidents/{incident_id}/events"]["get"]["parameters"]}
+    assert set(events) == {"incident_id", *incidents.EVENTS_QUERY}
+    bodies = {path: operations["post"]["requestBody"]["x-max-body-bytes"] for path, operations in paths.items()
+              if "post" in operations}
+    assert bodies == {"/incidents": incidents.MAX_BODY_BYTES, "/telegram/webhook": incidents.MAX_BODY_BYTES,
+                      "/integrations/alertmanager": incidents.ALERT_BODY_MAX}
+
+
+def test_openapi_text_and_search_patterns_say_exactly_what_the_code_accepts():
+    spaces = re.compile(f"[{incidents.SPACES}]")
+    assert all((spaces.fullmatch(chr(code)) is not None) == chr(code).isspace() for code in range(0x3001))
+    generator = random.Random(16)
+    alphabet = ["a", "я", "🚨", " ", '"', "\t", "\x00", "\x01", "\x1c", "\x85", "\xa0", "\u2028", "\ufeff", "\x7f"]
+    for _ in range(3000):
+        text = "".join(generator.choice(alphabet) for _ in range(generator.randint(0, 8)))
+        assert (re.fullmatch(incidents.SEARCH_PATTERN, text) is not None) == accepted(incidents.parse_search, text), text
+        assert (re.fullmatch(incidents.VISIBLE_TEXT, text) is not None and len(text) <= 6) == accepted(
+            lambda value: incidents.clean_text(value, 6), text), text
+
+
+def accepted(parse, text):
+    try:
+        parse(text)
+        return True
+    except ValueError:
+        return False
+
+
+def test_a_response_off_the_document_fails_the_test_that_received_it(client):
+    create(client)
+    with pytest.raises(AssertionError, match="is not in the document"):
+        check_against_the_document(client.get("/incidents/1").request, flask.Response(status=418))
+    broken = flask.Response('{"id": "one"}', mimetype="application/json")
+    with pytest.raises(AssertionError, match="is not of type"):
+        check_against_the_document(client.get("/incidents/1").request, broken)
+
+
+# ---------------------------------------------------------------------------
 # Errors and health
 # ---------------------------------------------------------------------------
 
@@ -1181,9 +1357,6 @@ def open_files(folder):
 
 def test_app_start_leaves_nothing_open_for_a_server_that_forks_after_it(tmp_path):
     apps = [incidents.create_app({"DATABASE": str(tmp_path / f"{n}.db")}) for n in range(3)]  # each migrates a file
-    deadline = time.monotonic() + 5
-    while open_files(tmp_path) and time.monotonic() < deadline:  # the writer threads close what they opened
-        time.sleep(0.01)
     assert open_files(tmp_path) == [] and all(app.extensions["incidents"].writer is None for app in apps)
 
 
