@@ -2396,7 +2396,7 @@ def reminders_in(bot_api, chat=DUTY):
 
 
 def test_incident_nobody_takes_is_called_for_again_then_escalated_and_kept_current(db_path, bot_api, migrated):
-    app = app_on_copy(db_path, migrated, **reminders_config(db_path, bot_api))
+    app = app_on_copy(db_path, migrated, **reminders_config(db_path, bot_api, REMIND_AFTER=0.6))
     client = app.test_client()
     with sending(app):
         create(client, "Точка 7 не отвечает")
@@ -2498,7 +2498,7 @@ def test_reminders_do_not_pile_up_while_telegram_is_unreachable(db_path, bot_api
         create(client)
         bot_api.wait_for(lambda: len(bot_api.sent) == 1)
         bot_api.status = 502  # every call fails for three intervals
-        time.sleep(1)
+        time.sleep(0.7)
         assert [e["type"] for e in events(client, 1)["items"]] == ["created", "reminded"]
         bot_api.status = None
         bot_api.wait_for(lambda: len(reminders_in(bot_api)) == 1)
@@ -3775,7 +3775,7 @@ def test_writer_killed_while_holding_its_turn_does_not_stall_the_others(db_path)
             answers = []
             writer = threading.Thread(target=lambda: answers.append(post(url, "waits for its turn")))
             writer.start()
-            writer.join(1.0)
+            writer.join(0.5)
             assert writer.is_alive() and answers == []  # the turn is taken
             started = time.monotonic()
             holder.kill()
