@@ -8,6 +8,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -1234,6 +1235,65 @@ def test_a_response_off_the_document_fails_the_test_that_received_it(client):
     broken = flask.Response('{"id": "one"}', mimetype="application/json")
     with pytest.raises(AssertionError, match="is not of type"):
         check_against_the_document(client.get("/incidents/1").request, broken)
+
+
+# ---------------------------------------------------------------------------
+# The README's curl examples, replayed against the app
+# ---------------------------------------------------------------------------
+
+
+def readme_curls():
+    """Each curl command in the README's sh blocks, its continuation lines joined: (command, expected status)."""
+    readme = (HERE / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", readme, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.strip().startswith("curl "):
+                expected = re.search(r"#\s*expect (\d{3})\s*$", line)
+                commands.append((line[:expected.start()] if expected else line.strip(), expected and int(expected[1])))
+    return commands
+
+
+def curl_request(command):
+    """The request a curl command line makes, in the flags the README uses: (method, url, headers, body)."""
+    words, method, headers, body, query, get = shlex.split(command)[1:], None, {}, None, [], False
+    while words:
+        word = words.pop(0)
+        if word == "-X":
+            method = words.pop(0)
+        elif word == "-H":
+            name, _, value = words.pop(0).partition(":")
+            headers[name.strip()] = value.strip()
+        elif word == "--json":
+            body, headers = words.pop(0), {**headers, "Content-Type": "application/json", "Accept": "application/json"}
+        elif word in ("-d", "--data-urlencode"):
+            name, _, value = words.pop(0).partition("=")
+            query.append((name, value))
+        elif word == "-G":
+            get = True
+        elif word == "-i":
+            continue
+        else:
+            url = word
+    assert not query or get, f"form data without -G: {command}"
+    url += ("&" if "?" in url else "?") + urllib.parse.urlencode(query) if query else ""
+    return method or ("POST" if body is not None else "GET"), url, headers, body
+
+
+def test_every_curl_example_in_the_readme_answers_as_it_says(db_path, migrated):
+    app = app_on_copy(db_path, migrated, TELEGRAM_WEBHOOK_SECRET="change-me", TELEGRAM_ALLOWED_CHAT_IDS=(111,))
+    client = app.test_client()
+    replayed, elsewhere = 0, []
+    for command, expected in readme_curls():
+        method, url, headers, body = curl_request(command)
+        if not url.startswith("http://127.0.0.1:5000/"):
+            elsewhere.append(url)
+            continue
+        response = client.open(url.removeprefix("http://127.0.0.1:5000"), method=method, headers=headers, data=body)
+        assert (response.status_code == expected) if expected else 200 <= response.status_code < 300, (
+            command, response.status_code, response.get_data(as_text=True))
+        replayed += 1
+    assert replayed > 10 and [url.split("/bot")[0] for url in elsewhere] == ["https://api.telegram.org"]
 
 
 # ---------------------------------------------------------------------------
