@@ -370,63 +370,38 @@ MIGRATIONS = (
         """INSERT INTO incident_durations (metric, source)
             SELECT metrics.value, sources.value FROM json_each('["acknowledge", "resolve"]') AS metrics,
                                                      json_each('["operator", "monitoring", "partner"]') AS sources""",
-        """UPDATE incident_durations SET le_60 = observed.le_60, le_300 = observed.le_300, le_900 = observed.le_900,
-                le_1800 = observed.le_1800, le_3600 = observed.le_3600, le_14400 = observed.le_14400,
-                le_86400 = observed.le_86400,
-                count = observed.count, sum = observed.sum
-            FROM (SELECT source, sum(seconds <= 60) AS le_60, sum(seconds <= 300) AS le_300,
-                         sum(seconds <= 900) AS le_900, sum(seconds <= 1800) AS le_1800,
-                         sum(seconds <= 3600) AS le_3600, sum(seconds <= 14400) AS le_14400,
-                         sum(seconds <= 86400) AS le_86400, count(*) AS count, sum(seconds) AS sum
-                  FROM (SELECT source, max(round((julianday(acknowledged_at) - julianday(coalesce(opened_at, created_at))) * 86400, 3), 0) AS seconds
-                        FROM incidents WHERE acknowledged_at IS NOT NULL) GROUP BY source) AS observed
-            WHERE metric = 'acknowledge' AND incident_durations.source = observed.source""",
-        """UPDATE incident_durations SET le_60 = observed.le_60, le_300 = observed.le_300, le_900 = observed.le_900,
-                le_1800 = observed.le_1800, le_3600 = observed.le_3600, le_14400 = observed.le_14400,
-                le_86400 = observed.le_86400,
-                count = observed.count, sum = observed.sum
-            FROM (SELECT source, sum(seconds <= 60) AS le_60, sum(seconds <= 300) AS le_300,
-                         sum(seconds <= 900) AS le_900, sum(seconds <= 1800) AS le_1800,
-                         sum(seconds <= 3600) AS le_3600, sum(seconds <= 14400) AS le_14400,
-                         sum(seconds <= 86400) AS le_86400, count(*) AS count, sum(seconds) AS sum
-                  FROM (SELECT source, max(round((julianday(resolved_at) - julianday(coalesce(opened_at, created_at))) * 86400, 3), 0) AS seconds
-                        FROM incidents WHERE resolved_at IS NOT NULL) GROUP BY source) AS observed
-            WHERE metric = 'resolve' AND incident_durations.source = observed.source""",
+        # One place counts an observation: an insert into this view, from the migration and the triggers.
+        """CREATE VIEW incident_waits (metric, source, started_at, ended_at) AS
+            SELECT metric, source, NULL, NULL FROM incident_durations WHERE 0""",
+        """CREATE TRIGGER incident_waits_observe INSTEAD OF INSERT ON incident_waits BEGIN
+            UPDATE incident_durations SET le_60 = le_60 + (seconds <= 60), le_300 = le_300 + (seconds <= 300),
+                le_900 = le_900 + (seconds <= 900), le_1800 = le_1800 + (seconds <= 1800),
+                le_3600 = le_3600 + (seconds <= 3600), le_14400 = le_14400 + (seconds <= 14400),
+                le_86400 = le_86400 + (seconds <= 86400), count = count + 1, sum = sum + seconds
+            FROM (SELECT max(round((julianday(new.ended_at) - julianday(new.started_at)) * 86400, 3), 0) AS seconds)
+            WHERE metric = new.metric AND source = new.source;
+        END""",
+        """INSERT INTO incident_waits SELECT 'acknowledge', source, coalesce(opened_at, created_at), acknowledged_at
+            FROM incidents WHERE acknowledged_at IS NOT NULL""",
+        """INSERT INTO incident_waits SELECT 'resolve', source, coalesce(opened_at, created_at), resolved_at
+            FROM incidents WHERE resolved_at IS NOT NULL""",
         """CREATE TRIGGER incident_durations_insert AFTER INSERT ON incidents BEGIN
-            UPDATE incident_durations SET le_60 = le_60 + (seconds <= 60), le_300 = le_300 + (seconds <= 300),
-                le_900 = le_900 + (seconds <= 900), le_1800 = le_1800 + (seconds <= 1800),
-                le_3600 = le_3600 + (seconds <= 3600), le_14400 = le_14400 + (seconds <= 14400),
-                le_86400 = le_86400 + (seconds <= 86400),
-                count = count + 1, sum = sum + seconds
-            FROM (SELECT max(round((julianday(new.acknowledged_at) - julianday(coalesce(new.opened_at, new.created_at))) * 86400, 3), 0) AS seconds)
-            WHERE metric = 'acknowledge' AND source = new.source AND new.acknowledged_at IS NOT NULL;
-            UPDATE incident_durations SET le_60 = le_60 + (seconds <= 60), le_300 = le_300 + (seconds <= 300),
-                le_900 = le_900 + (seconds <= 900), le_1800 = le_1800 + (seconds <= 1800),
-                le_3600 = le_3600 + (seconds <= 3600), le_14400 = le_14400 + (seconds <= 14400),
-                le_86400 = le_86400 + (seconds <= 86400),
-                count = count + 1, sum = sum + seconds
-            FROM (SELECT max(round((julianday(new.resolved_at) - julianday(coalesce(new.opened_at, new.created_at))) * 86400, 3), 0) AS seconds)
-            WHERE metric = 'resolve' AND source = new.source AND new.resolved_at IS NOT NULL;
+            INSERT INTO incident_waits SELECT 'acknowledge', new.source, coalesce(new.opened_at, new.created_at),
+                                              new.acknowledged_at
+                WHERE new.acknowledged_at IS NOT NULL;
+            INSERT INTO incident_waits SELECT 'resolve', new.source, coalesce(new.opened_at, new.created_at),
+                                              new.resolved_at
+                WHERE new.resolved_at IS NOT NULL;
         END""",
         """CREATE TRIGGER incident_durations_acknowledged AFTER UPDATE OF acknowledged_at ON incidents
             WHEN old.acknowledged_at IS NULL AND new.acknowledged_at IS NOT NULL BEGIN
-            UPDATE incident_durations SET le_60 = le_60 + (seconds <= 60), le_300 = le_300 + (seconds <= 300),
-                le_900 = le_900 + (seconds <= 900), le_1800 = le_1800 + (seconds <= 1800),
-                le_3600 = le_3600 + (seconds <= 3600), le_14400 = le_14400 + (seconds <= 14400),
-                le_86400 = le_86400 + (seconds <= 86400),
-                count = count + 1, sum = sum + seconds
-            FROM (SELECT max(round((julianday(new.acknowledged_at) - julianday(coalesce(new.opened_at, new.created_at))) * 86400, 3), 0) AS seconds)
-            WHERE metric = 'acknowledge' AND source = new.source;
+            INSERT INTO incident_waits VALUES ('acknowledge', new.source, coalesce(new.opened_at, new.created_at),
+                                               new.acknowledged_at);
         END""",
         """CREATE TRIGGER incident_durations_resolved AFTER UPDATE OF resolved_at ON incidents
             WHEN old.resolved_at IS NULL AND new.resolved_at IS NOT NULL BEGIN
-            UPDATE incident_durations SET le_60 = le_60 + (seconds <= 60), le_300 = le_300 + (seconds <= 300),
-                le_900 = le_900 + (seconds <= 900), le_1800 = le_1800 + (seconds <= 1800),
-                le_3600 = le_3600 + (seconds <= 3600), le_14400 = le_14400 + (seconds <= 14400),
-                le_86400 = le_86400 + (seconds <= 86400),
-                count = count + 1, sum = sum + seconds
-            FROM (SELECT max(round((julianday(new.resolved_at) - julianday(coalesce(new.opened_at, new.created_at))) * 86400, 3), 0) AS seconds)
-            WHERE metric = 'resolve' AND source = new.source;
+            INSERT INTO incident_waits VALUES ('resolve', new.source, coalesce(new.opened_at, new.created_at),
+                                               new.resolved_at);
         END""",
     ),
 )
