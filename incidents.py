@@ -4,7 +4,9 @@ One Flask module over one SQLite file. Run it with
 
     flask --app incidents run
 
-The database file is created, or migrated to the current schema, when the app starts.
+(in production: gunicorn -w 4 'incidents:create_app()', with gunicorn.conf.py). The database file is
+created, or migrated to the current schema, when the app starts. GET / says where to begin, and
+GET /openapi.json describes every route.
 
 Alerts from Prometheus Alertmanager and Grafana come in through POST /integrations/alertmanager;
 Prometheus scrapes GET /metrics. A consistent copy of the live database, checked:
@@ -16,20 +18,26 @@ reach the server, by long polling:
 
     flask --app incidents telegram-poll
 
-and notifications, beside a webhook deployment, by
+and notifications and reminders go out, beside a webhook deployment, by
 
     flask --app incidents telegram-notify
 
-Environment:
-    INCIDENTS_DB             path of the SQLite file (default: incidents.db in the working directory)
-    INCIDENTS_API_TOKEN      when set, every route but /health needs "Authorization: Bearer <token>"
-    TELEGRAM_WEBHOOK_SECRET  enables the webhook; Telegram sends it in X-Telegram-Bot-Api-Secret-Token
-    TELEGRAM_BOT_TOKEN       the bot's token from BotFather, for telegram-poll
-    TELEGRAM_API_URL         the Bot API's address (default: https://api.telegram.org)
-    TELEGRAM_NOTIFY_CHAT_IDS chats (ids, separated by commas) that see every incident, kept current;
-                             sent by telegram-poll, or by telegram-notify beside the webhook
-    INCIDENTS_REOPEN_WINDOW  seconds after an alert's incident resolves in which the alert firing
-                             again reopens it (default 900; 0 turns reopening off)
+Environment (README.md says more):
+    INCIDENTS_DB                path of the SQLite file (default: incidents.db in the working directory)
+    INCIDENTS_API_TOKEN         when set, every route but /, /openapi.json, /health and the webhook needs
+                                "Authorization: Bearer <token>"
+    INCIDENTS_BUSY_TIMEOUT      seconds a write waits for its turn before a 503 (default 5)
+    INCIDENTS_REOPEN_WINDOW     seconds after an alert's incident resolves in which the alert firing
+                                again reopens it (default 900; 0 turns reopening off)
+    INCIDENTS_REMIND_AFTER      seconds an incident may stay new before a reminder, and between them
+                                (default 600; 0 turns reminders off)
+    INCIDENTS_REMIND_MAX        reminders before the incident is escalated (default 3)
+    TELEGRAM_WEBHOOK_SECRET     enables the webhook; Telegram sends it in X-Telegram-Bot-Api-Secret-Token
+    TELEGRAM_BOT_TOKEN          the bot's token from BotFather, for telegram-poll and telegram-notify
+    TELEGRAM_API_URL            the Bot API's address (default: https://api.telegram.org)
+    TELEGRAM_ALLOWED_CHAT_IDS   chats (ids, separated by commas) whose messages and taps the bot acts on
+    TELEGRAM_NOTIFY_CHAT_IDS    chats that see every incident, kept current, and its reminders
+    TELEGRAM_ESCALATE_CHAT_IDS  chats that get an incident nobody took after the last reminder
 """
 import contextlib
 import contextvars
@@ -2680,49 +2688,32 @@ def obj(required, properties, **extra):
             "additionalProperties": False, **extra}
 
 
-def openapi_schemas():
-    """Every body the API takes or sends, its enums and limits read from the module's constants."""
-    timestamp = {"type": "string", "format": "date-time", "pattern": f"^{STORED_TIMESTAMP}$"}
-    strings = {"type": "object", "propertyNames": {"pattern": "^[^\\u0000]*$"},
-               "additionalProperties": {"type": "string", "pattern": "^[^\\u0000]*$"}}
+TIMESTAMP_SCHEMA = {"type": "string", "format": "date-time", "pattern": f"^{STORED_TIMESTAMP}$"}
+
+
+def page_schema(item, cursor):
+    return obj(["items", "next_cursor"], {"items": {"type": "array", "items": ref(item)},
+                                          "next_cursor": {"type": ["string", "null"], "pattern": f"^{cursor}$"}})
+
+
+def answer_schemas():
+    """The bodies the API sends, its enums and limits read from the module's constants."""
+    timestamp, name = TIMESTAMP_SCHEMA, nullable({"type": "string", "maxLength": ACTOR_MAX})
     incident = {
         "id": {"type": "integer", "minimum": 1, "maximum": MAX_ID},
         "description": {"type": "string", "minLength": 1, "maxLength": DESCRIPTION_MAX},
         "status": {"enum": list(STATUSES)}, "source": {"enum": list(SOURCES)},
         "dedup_key": nullable({"type": "string", "maxLength": DEDUP_KEY_MAX}),
-        "occurrences": {"type": "integer", "minimum": 1}, "last_seen_at": timestamp,
-        "assignee": nullable({"type": "string", "maxLength": ACTOR_MAX}),
+        "occurrences": {"type": "integer", "minimum": 1}, "last_seen_at": timestamp, "assignee": name,
         "acknowledged_at": nullable(timestamp), "resolved_at": nullable(timestamp),
         "created_at": timestamp, "updated_at": timestamp}
     event = {"id": {"type": "integer", "minimum": 1}, "at": timestamp, "type": {"enum": list(EVENT_TYPES)},
              "from_status": {"enum": list(STATUSES)}, "to_status": {"enum": list(STATUSES)},
              "note": {"type": "string", "maxLength": NOTE_MAX}, "actor": {"type": "string", "maxLength": ACTOR_MAX},
-             "count": {"type": "integer", "minimum": 1}, "last_at": timestamp,
-             "from_assignee": nullable({"type": "string", "maxLength": ACTOR_MAX}),
-             "to_assignee": nullable({"type": "string", "maxLength": ACTOR_MAX})}
-    alert = obj(["labels", "status"], {
-        "labels": strings, "annotations": strings, "status": {"enum": list(ALERT_STATUSES)},
-        "startsAt": {"type": "string", "format": "date-time"}, "endsAt": {"type": "string", "format": "date-time"},
-        "fingerprint": text_schema(DEDUP_KEY_MAX - len(ALERT_KEY_PREFIX))}, additionalProperties=True)
+             "count": {"type": "integer", "minimum": 1}, "last_at": timestamp, "from_assignee": name, "to_assignee": name}
     return {
-        "Incident": obj(incident, incident),
-        "IncidentPage": obj(["items", "next_cursor"], {"items": {"type": "array", "items": ref("Incident")},
-                                                       "next_cursor": {"type": ["string", "null"],
-                                                                       "pattern": f"^{LIST_CURSOR}$"}}),
-        "Event": obj(["id", "at", "type"], event),
-        "EventPage": obj(["items", "next_cursor"], {"items": {"type": "array", "items": ref("Event")},
-                                                    "next_cursor": {"type": ["string", "null"],
-                                                                    "pattern": f"^{EVENTS_CURSOR}$"}}),
-        "NewIncident": obj(["description", "source"], {
-            "description": text_schema(DESCRIPTION_MAX), "source": {"enum": list(SOURCES)},
-            "status": {"enum": list(STATUSES)}, "dedup_key": text_schema(DEDUP_KEY_MAX)}),
-        "IncidentChange": obj([], {
-            "status": {"enum": list(STATUSES)}, "description": text_schema(DESCRIPTION_MAX),
-            "assignee": nullable(text_schema(ACTOR_MAX)), "note": text_schema(NOTE_MAX), "actor": text_schema(ACTOR_MAX)},
-            anyOf=[{"required": [field]} for field in ("status", "description", "assignee", "note")]),
-        "AlertPayload": {"type": "object", "required": ["alerts"], "properties": {
-            "alerts": {"type": "array", "maxItems": ALERTS_MAX, "items": alert},
-            "status": {"enum": list(ALERT_STATUSES)}}},
+        "Incident": obj(incident, incident), "IncidentPage": page_schema("Incident", LIST_CURSOR),
+        "Event": obj(["id", "at", "type"], event), "EventPage": page_schema("Event", EVENTS_CURSOR),
         "AlertResults": obj(["incidents"], {"incidents": {"type": "array", "items": obj(["id", "action"], {
             "id": {"type": ["integer", "null"], "minimum": 1}, "action": {"enum": list(ALERT_ACTIONS)}})}}),
         "Problem": obj(["type", "title", "status", "detail"], {
@@ -2734,9 +2725,31 @@ def openapi_schemas():
         "Health": obj(["status"], {"status": {"enum": ["ok"]}}),
         "FrontDoor": obj(["name", "version", "links"], {
             "name": {"type": "string"}, "version": {"type": "string"},
-            "links": obj(FRONT_DOOR_LINKS, {name: {"type": "string"} for name in FRONT_DOOR_LINKS})}),
-        "TelegramUpdate": {"type": "object"},
+            "links": obj(FRONT_DOOR_LINKS, {link: {"type": "string"} for link in FRONT_DOOR_LINKS})}),
         "TelegramReply": {"type": "object"},
+    }
+
+
+def request_schemas():
+    """The bodies the API takes: exactly what its validation accepts."""
+    strings = {"type": "object", "propertyNames": {"pattern": "^[^\\u0000]*$"},
+               "additionalProperties": {"type": "string", "pattern": "^[^\\u0000]*$"}}
+    alert = obj(["labels", "status"], {
+        "labels": strings, "annotations": strings, "status": {"enum": list(ALERT_STATUSES)},
+        "startsAt": {"type": "string", "format": "date-time"}, "endsAt": {"type": "string", "format": "date-time"},
+        "fingerprint": text_schema(DEDUP_KEY_MAX - len(ALERT_KEY_PREFIX))}, additionalProperties=True)
+    return {
+        "NewIncident": obj(["description", "source"], {
+            "description": text_schema(DESCRIPTION_MAX), "source": {"enum": list(SOURCES)},
+            "status": {"enum": list(STATUSES)}, "dedup_key": text_schema(DEDUP_KEY_MAX)}),
+        "IncidentChange": obj([], {
+            "status": {"enum": list(STATUSES)}, "description": text_schema(DESCRIPTION_MAX),
+            "assignee": nullable(text_schema(ACTOR_MAX)), "note": text_schema(NOTE_MAX), "actor": text_schema(ACTOR_MAX)},
+            anyOf=[{"required": [field]} for field in ("status", "description", "assignee", "note")]),
+        "AlertPayload": {"type": "object", "required": ["alerts"], "properties": {
+            "alerts": {"type": "array", "maxItems": ALERTS_MAX, "items": alert},
+            "status": {"enum": list(ALERT_STATUSES)}}},
+        "TelegramUpdate": {"type": "object"},
     }
 
 
@@ -2858,7 +2871,7 @@ def openapi_document():
                  "description": "Report problems, fold repeats, take and resolve them; errors are RFC 9457 problems."},
         "security": [{"bearer": []}, {}],
         "paths": paths,
-        "components": {"schemas": openapi_schemas(), "securitySchemes": {"bearer": {
+        "components": {"schemas": {**answer_schemas(), **request_schemas()}, "securitySchemes": {"bearer": {
             "type": "http", "scheme": "bearer", "description": "Only when the server sets INCIDENTS_API_TOKEN."}}},
     })
 
