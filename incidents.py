@@ -66,6 +66,7 @@ from datetime import datetime, timedelta, timezone
 import click
 from flask import Flask, Response, current_app, g, jsonify, request
 from flask.cli import FlaskGroup, with_appcontext
+from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 # ---------------------------------------------------------------------------
@@ -121,7 +122,7 @@ EARLIEST, LATEST = "0001-01-01T00:00:00.000Z", "9999-12-31T23:59:59.999Z"  # the
 LIST_CURSOR = STORED_TIMESTAMP + r"_[1-9][0-9]{0,18}"  # where a list page ends: created_at and id
 EVENTS_CURSOR = r"[1-9][0-9]{0,18}"  # where a page of events ends: an event's id
 DATETIME_PATTERN = re.compile(
-    r"\d{4}-\d{2}-\d{2}([Tt ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?([Zz]|[+-]\d{2}:\d{2})?)?"
+    r"(\d{4}-\d{2}-\d{2})(?:([Tt ]\d{2}:\d{2})(?::(\d{2})(\.\d+)?)?([Zz]|[+-]\d{2}:\d{2})?)?"
 )
 
 
@@ -709,7 +710,7 @@ class Database:
         if 0 < current < len(MIGRATIONS):
             count = db.execute("SELECT max(id) FROM incidents").fetchone()[0] or 0
             click.echo(f"Upgrading {self.path} from schema version {current} to {len(MIGRATIONS)} "
-                       f"(about {count} incidents; building an index takes up to a minute a million)...", err=True)
+                       f"(about {count} incidents; a step takes up to a minute a million)...", err=True)
 
     def migrate(self):
         """Create the file (for its owner only) or bring it to the newest schema, one transaction per step.
@@ -766,11 +767,12 @@ def utc_timestamp(moment):
     return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def stored_time(moment, round_up=False):
+def stored_time(moment, round_up=False, leap=False):
     """A moment as the stored format, held within its range (years 1 to 9999 in UTC); optionally rounded up to
-    a millisecond."""
+    a millisecond, or a second on for a leap second."""
     try:
-        return utc_timestamp(moment + timedelta(microseconds=-moment.microsecond % 1000 if round_up else 0))
+        return utc_timestamp(moment + timedelta(microseconds=-moment.microsecond % 1000 if round_up else 0,
+                                                seconds=1 if leap else 0))
     except OverflowError:  # past either end of the range once in UTC
         return EARLIEST if moment.year == 1 else LATEST
 
@@ -976,20 +978,23 @@ def validate_fields(body, required, optional):
 
 
 def parse_datetime(text):
-    """An RFC 3339 date-time (no offset means UTC) as the stored format, rounded up to a millisecond.
+    """An RFC 3339 date-time (a date alone is midnight; no offset means UTC) as the stored format.
 
-    Rounding up keeps both bounds exact: stored times have milliseconds, so
+    Fractions past microseconds are cut, a leap second is the next minute's first, and the time is
+    rounded up to a millisecond, which keeps both bounds exact: stored times have milliseconds, so
     created_at >= 10.1235 is created_at >= 10.124, and created_at < 10.1235 is created_at < 10.124.
     """
-    if not DATETIME_PATTERN.fullmatch(text):
+    match = DATETIME_PATTERN.fullmatch(text)
+    if not match:
         raise ValueError("must be an RFC 3339 date-time such as 2026-11-22T10:15:30Z")
+    date, minutes, seconds, fraction, offset = match.groups()
+    leap = seconds == "60"
     try:
-        moment = datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
+        moment = datetime.fromisoformat(f"{date}T{(minutes or 'T00:00')[1:]}:{'59' if leap else seconds or '00'}"
+                                        f"{(fraction or '')[:7]}{(offset or 'Z').upper().replace('Z', '+00:00')}")
     except ValueError as error:
         raise ValueError(f"is not a valid date-time: {error}") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return stored_time(moment, round_up=True)
+    return stored_time(moment, round_up=True, leap=leap)
 
 
 def parse_limit(text):
@@ -1950,8 +1955,8 @@ def alert_identity(alert):
 
 def alert_description(labels, annotations):
     """What the person on duty reads first: summary, description, then every label."""
-    title = (annotations.get("summary", "").strip() or labels.get("alertname", "").strip()
-             or "Alert without a name")
+    title = next((text.strip() for text in (annotations.get("summary", ""), labels.get("alertname", ""))
+                  if has_visible_text(text)), "Alert without a name")
     lines = [title, annotations.get("description", ""),
              " ".join(f"{name}={value}" for name, value in sorted(labels.items()))]
     return "\n".join(line.strip() for line in lines if line.strip())[:DESCRIPTION_MAX].strip()
@@ -2584,10 +2589,11 @@ def metrics():
         *metric_family("incidents_notifications_oldest_age_seconds", "gauge",
                        "Age of the oldest of those; 0 when none waits.", [({}, age_seconds(oldest_pending))]),
         *histogram_family("incidents_time_to_acknowledge_seconds",
-                          "Seconds from an incident's creation until it left new (taken, resolved or closed), by source.",
+                          "Seconds from when an incident was last opened until it left new (taken, resolved or "
+                          "closed), by source.",
                           [row for row in durations if row["metric"] == "acknowledge"]),
         *histogram_family("incidents_time_to_resolve_seconds",
-                          "Seconds from an incident's creation until it was resolved or closed, by source.",
+                          "Seconds from when an incident was last opened until it was resolved or closed, by source.",
                           [row for row in durations if row["metric"] == "resolve"]),
     ]
     return Response("\n".join(lines) + "\n", content_type=METRICS_CONTENT_TYPE)
@@ -2784,7 +2790,7 @@ ERROR_RESPONSES = {  # the same meaning on every route that answers them
     401: "INCIDENTS_API_TOKEN is set, and the request lacks Authorization: Bearer <token>.",
     404: "No such incident (or, for the webhook, TELEGRAM_WEBHOOK_SECRET is not set).",
     409: "Another open incident holds the dedup_key that reopening this one would take back.",
-    413: "The body is larger than the route takes (see x-max-body-bytes), or holds too many alerts.",
+    413: "The body is larger than the route takes (see x-max-body-bytes).",
     415: "The body is not declared Content-Type: application/json.",
     422: "A field or query parameter is invalid; errors names each and says why.",
     503: "The database takes no writes now: busy past the busy timeout, disk full, or read-only. Retry.",
@@ -2923,6 +2929,14 @@ def env_url(name, default):
     return text
 
 
+def env_secret(name, pattern, what):
+    """A secret from the environment, or a startup error that says what it must be (never the secret)."""
+    text = os.environ.get(name, "")
+    if text and not re.fullmatch(pattern, text):
+        stop_startup(f"{name} must be {what}; check it")
+    return text or None
+
+
 def env_bot_token(name):
     """A bot token from the environment (digits, a colon, then letters), or a startup error."""
     text = os.environ.get(name, "").strip()
@@ -2950,8 +2964,9 @@ def configuration():
     return dict(
         DATABASE=os.environ.get("INCIDENTS_DB", "incidents.db"),
         BUSY_TIMEOUT=env_number("INCIDENTS_BUSY_TIMEOUT", BUSY_TIMEOUT_S, least=1, most=3600),
-        API_TOKEN=os.environ.get("INCIDENTS_API_TOKEN") or None,
-        TELEGRAM_WEBHOOK_SECRET=os.environ.get("TELEGRAM_WEBHOOK_SECRET") or None,
+        API_TOKEN=env_secret("INCIDENTS_API_TOKEN", r"[!-~]{1,4096}", "visible ASCII characters, no spaces"),
+        TELEGRAM_WEBHOOK_SECRET=env_secret("TELEGRAM_WEBHOOK_SECRET", r"[A-Za-z0-9_-]{1,256}",
+                                           "1 to 256 of A-Z, a-z, 0-9, _ and - (what Telegram takes)"),
         TELEGRAM_BOT_TOKEN=env_bot_token("TELEGRAM_BOT_TOKEN"),
         TELEGRAM_API_URL=env_url("TELEGRAM_API_URL", TELEGRAM_API_URL),
         REOPEN_WINDOW=env_number("INCIDENTS_REOPEN_WINDOW", REOPEN_WINDOW_S),
@@ -2983,17 +2998,31 @@ def finding_a_command():
     return context is not None and isinstance(context.command, FlaskGroup)
 
 
-def raw_utf8_query(wsgi_app):
-    """Undo the second decoding Werkzeug's development server gives a query string sent as raw UTF-8.
+class JSONProvider(DefaultJSONProvider):
+    """Flask's JSON with text as written (no \\u escapes) and keys in their order; a lone surrogate, which
+    UTF-8 cannot hold (a client may send one, and an error may name it), goes back as its escape."""
 
-    It reads the request line as Latin-1, then encodes the query as UTF-8 and decodes it as Latin-1
-    once more; percent-encoded queries are ASCII and pass through both unchanged.
+    ensure_ascii = False
+    sort_keys = False
+
+    def dumps(self, obj, **kwargs):
+        return super().dumps(obj, **kwargs).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def query_as_sent(wsgi_app):
+    """A query string sent as raw bytes read as what they say: percent-encoded before Flask reads it.
+
+    Werkzeug's development server decodes raw UTF-8 twice (it reads the request line as Latin-1, then
+    encodes the query as UTF-8 and decodes it as Latin-1 once more): that is undone first. Bytes that
+    are not UTF-8 become U+FFFD, as in a percent-encoded query, instead of failing the request.
     """
     def app(environ, start_response):
         query = environ.get("QUERY_STRING", "")
-        if not query.isascii() and environ.get("SERVER_SOFTWARE", "").startswith("Werkzeug/"):
-            with contextlib.suppress(UnicodeError):
-                environ["QUERY_STRING"] = query.encode("latin-1").decode("utf-8")
+        with contextlib.suppress(UnicodeError):
+            if not query.isascii() and environ.get("SERVER_SOFTWARE", "").startswith("Werkzeug/"):
+                query = query.encode("latin-1").decode("utf-8")
+            raw = query.encode("latin-1")
+            environ["QUERY_STRING"] = re.sub(rb"[\x80-\xff]", lambda byte: b"%%%02X" % byte[0][0], raw).decode()
         return wsgi_app(environ, start_response)
     return app
 
@@ -3004,9 +3033,8 @@ def create_app(test_config=None):
     app.config.from_mapping(configuration())
     if test_config:
         app.config.update(test_config)
-    app.json.ensure_ascii = False
-    app.json.sort_keys = False
-    app.wsgi_app = raw_utf8_query(app.wsgi_app)
+    app.json = JSONProvider(app)
+    app.wsgi_app = query_as_sent(app.wsgi_app)
 
     app.extensions["incidents"] = Database(app.config["DATABASE"], app.config["BUSY_TIMEOUT"])
     if not finding_a_command():

@@ -276,6 +276,19 @@ def test_create_rejects_lone_surrogate_with_422(client):
     assert error_fields(response) == ["description"]
 
 
+def test_field_name_no_utf8_can_hold_is_named_back_escaped_in_the_422(client):
+    body = '{"description": "x", "source": "operator", "\\ud800": 1}'  # a lone surrogate, as JSON escapes it
+    response = client.post("/incidents", data=body, content_type="application/json")
+    assert error_fields(response) == ["\ud800"] and b'"field":"\\ud800"' in response.data
+
+
+def test_query_string_of_raw_bytes_that_are_no_utf8_is_read_not_failed(client):
+    create(client)
+    for query in ("q=\xff\xfeabc", "limit=\xff", "q=abc&x=\xe9"):  # as a server hands raw bytes to the app
+        response = client.get("/incidents", environ_overrides={"QUERY_STRING": query})
+        assert response.status_code in (200, 422), (query, response.status_code)
+
+
 def test_create_names_server_fields_as_server_set(client):
     response = client.post("/incidents", json={"description": "x", "source": "operator", "updated_at": "x"})
     assert "set by the server" in response.json["errors"][0]["message"]
@@ -513,6 +526,12 @@ def test_list_accepts_the_cursor_it_issued_and_any_position_of_that_form(client)
     assert client.get("/incidents?cursor=2026-02-30T00:00:00.000Z_1").json["items"] == []
 
 
+def test_list_takes_any_rfc3339_fraction_and_a_leap_second(client):
+    create(client)
+    for bound in ("since=2026-11-23T10:00:00.1234567891Z", "since=2016-12-31T23:59:60Z", "until=2999-01-01T00:00:00Z"):
+        assert client.get(f"/incidents?{bound}").status_code == 200
+
+
 @pytest.mark.parametrize("params", ["since=2026-01-02&until=2026-01-01", "since=2026-01-02&until=2026-01-02",
                                     "since=9999-12-31T23:59:59.9999Z", "since=9999-12-31T23:00:00-23:59",
                                     "until=0001-01-01T00:00:00%2B23:59"])
@@ -712,7 +731,7 @@ def test_migration_builds_the_search_index_for_existing_incidents_and_says_so(db
     file_at_version(db_path, 3, [("Старая ёлка у точки", "new", "operator", "2025-05-01T08:00:00.000Z")])
     capsys.readouterr()
     client = incidents.create_app({"DATABASE": str(db_path), "TESTING": True}).test_client()
-    upgrade = f"from schema version 3 to {len(incidents.MIGRATIONS)} (about 1 incidents; building an index takes"
+    upgrade = f"from schema version 3 to {len(incidents.MIGRATIONS)} (about 1 incidents; a step takes up to a minute"
     assert upgrade in capsys.readouterr().err
     assert search(client, "елка точк") == [1]
     incidents.create_app({"DATABASE": str(db_path), "TESTING": True})
@@ -1893,6 +1912,12 @@ def test_report_text_that_cannot_be_stored_is_refused_saying_why(hook, db_path, 
     assert query(db_path, "SELECT count(*) FROM incidents") == [(0,)]
 
 
+def test_tap_whose_id_no_utf8_can_hold_is_answered_not_failed(hook):
+    response = hook.client.post("/telegram/webhook", data='{"update_id": 1, "callback_query": {"id": "\\ud800"}}',
+                                content_type="application/json", headers={"X-Telegram-Bot-Api-Secret-Token": SECRET})
+    assert response.status_code == 200 and response.json["text"] == "Not allowed in this chat"
+
+
 def test_an_update_that_fails_halfway_leaves_nothing_behind(notify_app, db_path, monkeypatch):
     notify_app.config["PROPAGATE_EXCEPTIONS"] = False
     monkeypatch.setattr(incidents, "add_event", lambda *args, **kwargs: 1 / 0)
@@ -2768,6 +2793,15 @@ def test_malformed_bot_api_url_stops_the_command_in_one_line_naming_the_setting(
                              "https://api.telegram.org, not 'localhost:8081'\n")
 
 
+@pytest.mark.parametrize("name, value", [("INCIDENTS_API_TOKEN", "s3cret-Token "), ("INCIDENTS_API_TOKEN", "токен-секрет"),
+                                         ("TELEGRAM_WEBHOOK_SECRET", "with space"), ("TELEGRAM_WEBHOOK_SECRET", "x" * 257)])
+def test_secret_no_request_could_match_stops_startup_without_showing_it(db_path, monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit, match=f"{name} must be") as stopped:
+        incidents.create_app({"DATABASE": str(db_path)})
+    assert value not in str(stopped.value)
+
+
 @pytest.mark.parametrize("url", ["http://local host:8081", "ftp://api.telegram.org", "http://",
                                  "https://api.telegram.org/\x7f", "https://api.telegram.org/ä", "http://[::1",
                                  "http://127.0.0.1:abc", "http://:80", "http://127.0.0.1:99999"])
@@ -3090,9 +3124,10 @@ def test_malformed_alert_payload_is_422_naming_alert_and_field_and_writes_nothin
     assert query(db_path, "SELECT count(*) FROM incidents") == [(0,)]
 
 
-def test_alert_without_labels_or_summary_becomes_an_incident_that_says_so(alert, client):
-    answer = alert(am_payload(am_alert(labels={}, annotations={"summary": " "})))
-    assert client.get(f"/incidents/{answer['incidents'][0]['id']}").json["description"] == "Alert without a name"
+@pytest.mark.parametrize("summary", [" ", "\x01\x02"])
+def test_alert_without_labels_or_summary_becomes_an_incident_that_says_so(alert, client, summary):
+    answer = alert(am_payload(am_alert(labels={}, annotations={"summary": summary})))
+    assert client.get(f"/incidents/{answer['incidents'][0]['id']}").json["description"].startswith("Alert without a name")
 
 
 def test_lone_surrogate_in_labels_is_422(client, db_path):
@@ -4075,6 +4110,7 @@ def test_real_server_reads_raw_utf8_queries_and_refuses_large_chunked_bodies(db_
         assert (status, [item["description"] for item in page["items"]]) == (200, ["Нет связи с точкой 7"])
         status, problem = raw_request(url, "GET /incidents?q=св HTTP/1.1".encode())
         assert status == 422 and "'св'" in problem["errors"][0]["message"]
+        assert raw_request(url, b"GET /incidents?q=\xff\xfeabc HTTP/1.1")[0] == 200  # not UTF-8: read, not failed
         for path, limit in (("/incidents", incidents.MAX_BODY_BYTES),
                             ("/integrations/alertmanager", incidents.ALERT_BODY_MAX)):
             body = json.dumps({"description": "x" * limit, "source": "operator", "alerts": []}).encode()
