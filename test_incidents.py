@@ -2135,11 +2135,12 @@ def test_poller_backs_off_on_network_errors_then_goes_on(db_path, bot_api):
     assert query(db_path, "SELECT description FROM incidents") == [("after the outage",)]
 
 
-def test_poller_stops_with_message_on_wrong_token(db_path, bot_api):
-    with poller(db_path, bot_api, token="999:wrong") as process:
+def test_poller_stops_with_message_on_wrong_token_and_says_once_that_no_chat_is_allowed(db_path, bot_api):
+    with poller(db_path, bot_api, token="999:wrong", TELEGRAM_ALLOWED_CHAT_IDS="") as process:
         output, _ = process.communicate(timeout=15)
     assert process.returncode == 1
     assert "401" in output and "wrong" not in output
+    assert output.count("no chat may use the bot") == 1 and "TELEGRAM_ALLOWED_CHAT_IDS (or TELEGRAM_NOTIFY_CHAT_IDS)" in output
 
 
 def test_poller_needs_a_token(db_path):
@@ -2870,6 +2871,27 @@ def test_messages_go_out_without_link_previews(notify_app, bot_api):
 def test_sender_lock_file_is_for_its_owner_only(db_path, bot_api):
     with incidents.sole_sender(str(db_path), 123456):
         assert os.stat(f"{db_path}-telegram-sender-123456.lock").st_mode & 0o777 == 0o600
+
+
+def test_sender_killed_while_sending_reminders_repeats_at_most_one(db_path, bot_api, migrated):
+    client = app_on_copy(db_path, migrated, **reminders_config(db_path, bot_api, REMIND_AFTER=1, REMIND_MAX=1,
+                                                               TELEGRAM_ESCALATE_CHAT_IDS=())).test_client()
+    for n in range(30):
+        create(client, f"Point {n}")
+    time.sleep(1.1)  # every reminder is due before the sender starts
+    bot_api.delay = 0.02
+    settings = {"INCIDENTS_REMIND_AFTER": "1", "INCIDENTS_REMIND_MAX": "1"}
+    sender = bot_command(db_path, bot_api, "telegram-notify", **settings)
+    bot_api.wait_for(lambda: len(reminders_in(bot_api)) >= 5)
+    sender.kill()
+    sender.communicate(timeout=10)
+    restarted = bot_command(db_path, bot_api, "telegram-notify", **settings)
+    try:
+        bot_api.wait_for(lambda: query(db_path, "SELECT count(*) FROM notify_reminders WHERE state = 'sent'") == [(30,)])
+    finally:
+        stop_command(restarted)
+    numbers = [int(re.search(r"Incident #(\d+)", message["text"])[1]) for message in reminders_in(bot_api)]
+    assert sorted(set(numbers)) == list(range(1, 31)) and len(numbers) - 30 <= 1
 
 
 def test_second_sender_for_a_bot_is_refused_naming_the_running_one(db_path, bot_api):
