@@ -1,5 +1,6 @@
 """Tests for incidents.py: the spec of the HTTP API, its storage and its behaviour under load."""
 import base64
+import functools
 import hashlib
 import http.client
 import http.server
@@ -101,10 +102,17 @@ def schema_errors(value, schema, document, where="body"):
 OPENAPI = {}  # the document, fetched once
 
 
+@functools.lru_cache(maxsize=None)
+def documented_paths():
+    """Each path of the document as a regex, with its operations."""
+    return [(re.compile(re.sub(r"\\\{\w+\\\}", "[^/]+", re.escape(template))), operations)
+            for template, operations in OPENAPI["paths"].items()]
+
+
 def documented_operation(method, path):
     """The document's operation for a request, or None for a route it does not describe."""
-    for template, operations in OPENAPI["paths"].items():
-        if re.fullmatch(re.sub(r"\\\{\w+\\\}", "[^/]+", re.escape(template)), path) and method.lower() in operations:
+    for pattern, operations in documented_paths():
+        if pattern.fullmatch(path) and method.lower() in operations:
             return operations[method.lower()]
     return None
 
@@ -2878,7 +2886,7 @@ def test_sender_killed_while_sending_reminders_repeats_at_most_one(db_path, bot_
                                                                TELEGRAM_ESCALATE_CHAT_IDS=())).test_client()
     for n in range(30):
         create(client, f"Point {n}")
-    time.sleep(1.1)  # every reminder is due before the sender starts
+    query(db_path, "UPDATE incidents SET remind_at = '2026-01-01T00:00:00.000Z'")  # all due before the sender starts
     bot_api.delay = 0.02
     settings = {"INCIDENTS_REMIND_AFTER": "1", "INCIDENTS_REMIND_MAX": "1"}
     sender = bot_command(db_path, bot_api, "telegram-notify", **settings)
