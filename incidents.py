@@ -976,6 +976,14 @@ def validate_fields(body, required, optional):
     return values
 
 
+def rfc3339_moment(date_time, fraction, offset):
+    """An aware datetime from the parts of an RFC 3339 time: digits past microseconds cut, Z read as +00:00."""
+    try:
+        return datetime.fromisoformat(f"{date_time}{(fraction or '')[:7]}{offset.upper().replace('Z', '+00:00')}")
+    except ValueError as error:
+        raise ValueError(f"is not a valid date-time: {error}") from None
+
+
 def parse_datetime(text):
     """An RFC 3339 date-time (a date alone is midnight; no offset means UTC) as the stored format.
 
@@ -988,11 +996,8 @@ def parse_datetime(text):
         raise ValueError("must be an RFC 3339 date-time such as 2026-11-22T10:15:30Z")
     date, minutes, seconds, fraction, offset = match.groups()
     leap = seconds == "60"
-    try:
-        moment = datetime.fromisoformat(f"{date}T{(minutes or 'T00:00')[1:]}:{'59' if leap else seconds or '00'}"
-                                        f"{(fraction or '')[:7]}{(offset or 'Z').upper().replace('Z', '+00:00')}")
-    except ValueError as error:
-        raise ValueError(f"is not a valid date-time: {error}") from None
+    moment = rfc3339_moment(f"{date}T{(minutes or 'T00:00')[1:]}:{'59' if leap else seconds or '00'}", fraction,
+                            offset or "Z")
     return stored_time(moment, round_up=True, leap=leap)
 
 
@@ -1928,12 +1933,7 @@ def parse_alert_text_time(value):
     match = ALERT_TIME_PATTERN.fullmatch(value)
     if match is None:
         raise ValueError("must be an RFC 3339 date-time such as 2026-11-23T07:00:00.123Z")
-    seconds, fraction, offset = match.groups()
-    try:
-        moment = datetime.fromisoformat(seconds + (fraction or "")[:7] + offset.upper().replace("Z", "+00:00"))
-    except ValueError as error:
-        raise ValueError(f"is not a valid date-time: {error}") from None
-    return stored_time(moment)
+    return stored_time(rfc3339_moment(*match.groups()))
 
 
 def clean_string_map(value):
@@ -2046,7 +2046,7 @@ def handle_alerts(db, alerts, sender):
     """Open, fold, reopen or resolve an incident for each alert: [{"id", "action"}] in their order."""
     window = current_app.config["REOPEN_WINDOW"]
     at = now()
-    reopen_after = window and utc_timestamp(datetime.now(timezone.utc) - timedelta(seconds=window))
+    reopen_after = window and later(at, -window)
     results = []
     for alert in alerts:
         dedup_key = ALERT_KEY_PREFIX + alert["identity"]
@@ -2170,7 +2170,7 @@ def show_incident(bot, row, text, markup):
         except BotApiError as error:
             if "message is not modified" in str(error):
                 return row["message_id"]
-            if error.code != 400 or error.migrate_to or chat_is_gone(error):
+            if not message_refused(error):
                 raise
             # Any other refusal is about the message (deleted, too old, MESSAGE_ID_INVALID): show it afresh.
     return bot.send(message)
@@ -2179,6 +2179,11 @@ def show_incident(bot, row, text, markup):
 def chat_is_gone(error):
     """Whether Telegram says the bot can no longer write to the chat (removed, blocked, no such chat)."""
     return error.code == 403 or (error.code == 400 and "chat not found" in str(error))
+
+
+def message_refused(error):
+    """Whether Telegram refuses the call for its message alone (deleted, too old, a bad request), not the chat."""
+    return error.code == 400 and not error.migrate_to and not chat_is_gone(error)
 
 
 def mark_delivered(db, message_id, row):
@@ -2253,7 +2258,7 @@ def send_and_record(database, chat_id, send, record, dropped, what):
     except BotApiError as error:
         if chat_refused(database, chat_id, error):
             return False
-        if error.code != 400:
+        if not message_refused(error):
             raise
         current_app.logger.error("%s: not sent (%s)", what, error)
         record, result = dropped, None
@@ -2344,10 +2349,10 @@ def remind(db, incident_id):
     at, config = now(), current_app.config
     if incident["remind_at"] is None or incident["remind_at"] > at:
         return  # taken, or put off, since the pass read it
-    unsent = db.execute("SELECT 1 FROM notify_reminders WHERE incident_id = ? AND state = 'due'", (incident_id,))
     if incident["status"] != "new" or (not config["REMIND_MAX"] and not config["TELEGRAM_ESCALATE_CHAT_IDS"]):
         db.execute("UPDATE incidents SET remind_at = NULL WHERE id = ?", (incident_id,))
-    elif unsent.fetchone():
+    elif db.execute("SELECT 1 FROM notify_reminders WHERE incident_id = ? AND state = 'due'",
+                    (incident_id,)).fetchone():
         db.execute("UPDATE incidents SET remind_at = ? WHERE id = ?", (later(at, config["REMIND_AFTER"]), incident_id))
     elif incident["reminders"] < config["REMIND_MAX"]:
         number = incident["reminders"] + 1
@@ -2425,7 +2430,7 @@ def take_back_reminder(bot, row):
             bot.call(method, payload)
             return
         except BotApiError as error:
-            if error.code != 400 or error.migrate_to or chat_is_gone(error):
+            if not message_refused(error):
                 raise
 
 
@@ -2550,7 +2555,7 @@ def metric_family(name, kind, help_text, samples):
 
 def histogram_family(name, help_text, rows):
     """A histogram per source, from incident_durations rows: cumulative buckets, then +Inf, sum and count."""
-    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+    lines = metric_family(name, "histogram", help_text, [])
     for row in rows:
         source = {"source": row["source"]}
         lines += [sample_line(f"{name}_bucket", {**source, "le": bound}, row[f"le_{bound}"]) for bound in DURATION_BUCKETS]
