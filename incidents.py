@@ -39,19 +39,23 @@ Environment (README.md says more):
     TELEGRAM_NOTIFY_CHAT_IDS    chats that see every incident, kept current, and its reminders
     TELEGRAM_ESCALATE_CHAT_IDS  chats that get an incident nobody took after the last reminder
 """
+import collections
 import contextlib
 import contextvars
 import copy
+import errno
 import fcntl
 import functools
 import hashlib
 import hmac
 import html
 import json
+import logging
 import os
 import queue
 import re
 import sqlite3
+import stat
 import sys
 import threading
 import time
@@ -94,6 +98,11 @@ MAX_ID = 2**63 - 1  # SQLite's largest INTEGER; larger ids cannot exist
 BUSY_TIMEOUT_S = 5.0
 IDLE_CONNECTIONS = 16
 WRITE_BATCH_MAX = 16  # blocks that share one COMMIT, at most
+BULK_BUDGET_S = 0.02  # a transaction takes further slices of large payloads while younger than this
+CHECKPOINT_IDLE_S = 1.0  # the writer copies the WAL back once idle, at most this often
+CHECKPOINT_FORCE_S = 4.0  # and at the latest this long after a write, idle or not
+CLOCK_TICK_S = 0.5  # how often each process's clock looks for deadlines that passed
+HEALTH_PROBE_S = 1.0  # while writes fail, /health tries a write turn at most this often
 SERVER_FIELDS = ("id", "created_at", "updated_at", "occurrences", "last_seen_at", "acknowledged_at", "resolved_at")
 TELEGRAM_API_URL = "https://api.telegram.org"
 TELEGRAM_POLL_TIMEOUT_S = 30  # how long one getUpdates call waits for news
@@ -412,6 +421,13 @@ MIGRATIONS = (
                                                new.resolved_at);
         END""",
     ),
+    (
+        # A row /health writes while writes fail, to learn without a client's write that they work again.
+        """CREATE TABLE write_checks (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            at TEXT NOT NULL CHECK (at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z')
+        ) STRICT""",
+    ),
 )
 
 INCIDENT_JSON = """json_object(
@@ -442,6 +458,8 @@ STORAGE_PROBLEMS = {
 }
 # Every write the database refuses for now, with what to tell the client.
 WRITE_REFUSALS = {**dict.fromkeys((sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED), "The database is busy; retry shortly."),
+                  sqlite3.SQLITE_IOERR: "The storage failed to write (an I/O error, or a lock the kernel refused); "
+                                        "retry shortly.",
                   **STORAGE_PROBLEMS}
 
 
@@ -462,20 +480,90 @@ def open_private(path, flags=os.O_RDWR | os.O_CREAT):
     return os.open(path, flags, 0o600)
 
 
+def open_lock_file(path):
+    """A lock file beside the database, for its owner only, never opened through a link planted at its name.
+
+    A symbolic link there is removed (its target is left alone) and a plain file made in its place. A
+    plain file is used as it is, never truncated or deleted: another process may hold its lock.
+    """
+    try:
+        fd = open_private(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW)
+    except OSError as error:
+        if error.errno != errno.ELOOP:
+            raise
+        os.unlink(path)
+        fd = open_private(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a plain file; remove it", path)
+    return fd
+
+
 def connect(path, timeout):
     """Open a connection in autocommit mode; transactions are begun explicitly."""
     db = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA synchronous = FULL")  # a COMMIT returns once the WAL is on disk
     db.execute("PRAGMA foreign_keys = ON")
+    db.execute("PRAGMA wal_autocheckpoint = 0")  # no COMMIT copies the WAL back: the writer does, after it
     db.row_factory = sqlite3.Row
     return db
 
 
-class WriteJob:
-    """A function handed to the writer, and what became of it."""
+NO_TURN = ("Writes get no turn within INCIDENTS_BUSY_TIMEOUT: another process, or a sqlite3 shell, holds the "
+           "database; they are answered 503 meanwhile.")
 
-    def __init__(self, work, bulk):
-        self.work, self.bulk = work, bulk
+
+def write_failure(error):
+    """What a failed write says about storage, for /health: None when the write itself was at fault."""
+    if not (isinstance(error, (sqlite3.OperationalError, OSError)) or type(error) is sqlite3.DatabaseError):
+        return None
+    code = sqlite_error_code(error)
+    if code in STORAGE_PROBLEMS:
+        return STORAGE_PROBLEMS[code]
+    return NO_TURN if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) else f"Writes fail: {error}."
+
+
+class Turns:
+    """This process's turn to write, among the processes that share the database: a kernel lock (flock) on a
+    file beside it, which the kernel drops for a process that dies holding it.
+
+    Taken in line: a writer holds a second lock while it waits for the turn, so that a process that
+    has just written lines up behind one that waits, instead of taking the turn again at once.
+    """
+
+    def __init__(self, base):
+        self.line = open_lock_file(f"{base}-writer-line.lock")
+        self.turn = open_lock_file(f"{base}-writer.lock")
+
+    def take(self):
+        fcntl.flock(self.line, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(self.turn, fcntl.LOCK_EX)
+        finally:
+            fcntl.flock(self.line, fcntl.LOCK_UN)
+
+    def give(self):
+        fcntl.flock(self.turn, fcntl.LOCK_UN)
+
+    def wanted(self):
+        """Whether another process waits for the turn (it holds the line lock meanwhile)."""
+        try:
+            fcntl.flock(self.line, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(self.line, fcntl.LOCK_UN)
+        return False
+
+    def close(self):
+        os.close(self.line)
+        os.close(self.turn)
+
+
+class WriteJob:
+    """A function handed to the writer, and what became of it; `after` is the job it must follow."""
+
+    def __init__(self, work, bulk, after):
+        self.work, self.bulk, self.after = work, bulk, after
         self.context = contextvars.copy_context()  # the caller's, so that work sees current_app
         self.state = "queued"  # then "running" (the writer took it) or "dropped" (its caller gave up)
         self.result = self.error = None
@@ -486,121 +574,174 @@ class WriteJob:
         self.error = error
         self.done.set()
 
+    def blocked(self):
+        """Whether the job it follows failed or was given up: then this one never runs."""
+        return self.after is not None and (self.after.error is not None or self.after.state == "dropped")
+
 
 class Writer:
     """The one thread of a process that writes, and the connection it owns.
 
-    Request threads queue a function (a job) and wait. The writer runs what is queued (up to
-    WRITE_BATCH_MAX functions) in one BEGIN IMMEDIATE transaction, each function in a SAVEPOINT so
-    that a failing one is rolled back alone, COMMITs once, and then wakes each caller with its result
-    or its exception: nothing is acknowledged before it is on disk, and one fsync serves many
-    jobs. Processes take turns with a kernel lock (flock) on a file beside the database, taken
-    here only, around each transaction; the kernel drops it for a process that dies holding it.
-    A caller whose function has not started within `timeout` takes it back and gets a busy error.
-    A bulk job (a slice of a large payload) only ever starts a transaction, never joins one: a write
-    waits behind one slice at most, and is never held back from its COMMIT by one.
+    Request threads queue functions (jobs) and wait. In this process's turn (Turns), the writer runs
+    what is queued in one BEGIN IMMEDIATE transaction, each function in a SAVEPOINT so that a
+    failing one is rolled back alone, COMMITs once, and then wakes each caller with its result or
+    its exception: nothing is acknowledged before it is on disk, and one fsync serves many jobs. A
+    caller whose function has not started within `timeout` takes it back and gets a busy error.
+
+    Bulk jobs (the slices of a large payload) wait while any other job does: a transaction takes
+    them only while it holds no other job, is younger than BULK_BUDGET_S and no other process
+    waits for the turn, so a write, here or in another process, waits for one slice at most.
+
+    After a COMMIT, and in the same turn, the writer copies the WAL back into the database file (a
+    checkpoint) once it is idle (nothing queued, no other process waiting for the turn), or at the
+    latest CHECKPOINT_FORCE_S after it wrote: no caller waits for a checkpoint inside its COMMIT.
+
+    The thread never ends for a failure: a lock, a BEGIN or a COMMIT that fails answers the jobs it
+    concerns and the next turn tries again. `failing` says why writes fail until a write commits.
     """
 
-    def __init__(self, path, timeout):
+    def __init__(self, path, lock_base, timeout):
         self.path, self.timeout = path, timeout
-        self.turns = open_private(f"{path}-writer.lock")
-        self.close_turns = weakref.finalize(self, os.close, self.turns)
-        self.queue = queue.SimpleQueue()  # jobs; None asks the writer to close
-        self.states = threading.Lock()  # guards the state of every job
+        self.turns = Turns(lock_base)
+        self.close_turns = weakref.finalize(self, self.turns.close)
+        self.queues = {False: collections.deque(), True: collections.deque()}  # jobs, and bulk jobs
+        self.arrived = threading.Condition()  # guards the queues and every job's state
+        self.closing = False
         self.db = None  # opened by the writer thread, used by it alone
-        self.problem = None  # why writes fail for want of storage, until a write commits again
-        self.bulk = None  # a bulk job taken from the queue, to start the next transaction
+        self.failing = None  # why writes fail, for a reason not the client's, until a write commits again
+        self.failed_at = 0.0
+        self.unsaved = False  # whether the WAL holds commits of this process not yet checkpointed
+        self.checkpointed = time.monotonic()
         self.thread = threading.Thread(target=Writer.serve, args=(weakref.ref(self),), name="incidents-writer",
                                        daemon=True)
         self.thread.start()
 
-    def submit(self, work, bulk=False):
-        """work(db)'s result once its transaction is committed, or its exception."""
-        job = WriteJob(work, bulk)
-        self.queue.put(job)
+    def submit(self, works, bulk=False, timeout=None):
+        """The result of each work(db) once its transaction is committed, in order, or the first exception.
+
+        Each job runs only after the one before it succeeded: after a failure, the rest never run.
+        """
+        jobs, after = [], None
+        for work in works:
+            jobs.append(after := WriteJob(work, bulk, after))
+        with self.arrived:
+            self.queues[bulk].extend(jobs)
+            self.arrived.notify()
         try:
-            if not job.done.wait(self.timeout) and self.move(job, "dropped"):
-                raise busy_error(f"database is locked: no turn to write came within {self.timeout:g} s")
-            job.done.wait()  # the writer runs it: its transaction ends soon
-        except BaseException:
-            self.move(job, "dropped")  # interrupted while waiting (Ctrl-C): the writer skips it
-            raise
+            return [self.outcome(job, timeout or self.timeout) for job in jobs]
+        finally:
+            for job in jobs:
+                self.move(job, "dropped")  # what has not started never will: answered, or interrupted (Ctrl-C)
+
+    def outcome(self, job, timeout):
+        """A job's result once done; a busy error if it has not started within `timeout`."""
+        if not job.done.wait(timeout) and self.move(job, "dropped"):
+            self.note_failure(NO_TURN)
+            raise busy_error(f"database is locked: no turn to write came within {timeout:g} s")
+        job.done.wait()  # the writer runs it: its transaction ends soon
         if job.error is not None:
             raise job.error
         return job.result
 
     def move(self, job, state):
         """Move a queued job to `state`; False when it has left the queue already."""
-        with self.states:
+        with self.arrived:
             if job.state != "queued":
                 return False
             job.state = state
             return True
 
+    def take(self, bulk=True):
+        """The next job to run, others before bulk ones (those only if `bulk`), moved to running; or None."""
+        with self.arrived:
+            for jobs in (self.queues[False], self.queues[True]) if bulk else (self.queues[False],):
+                while jobs:
+                    job = jobs.popleft()
+                    if job.state == "queued":
+                        job.state = "running"
+                        if not job.blocked():
+                            return job
+                        job.finish(job.after.error or busy_error("The write before it was given up; retry."))
+        return None
+
+    def take_all(self):
+        """Every job still queued, moved to running (to be answered without running)."""
+        jobs = []
+        while (job := self.take()) is not None:
+            jobs.append(job)
+        return jobs
+
     @staticmethod
     def serve(ref):
         """The writer thread, until its Writer is closed or no longer in use (a weak reference lets it go)."""
-        while (writer := ref()) is not None and writer.serve_once():
-            del writer
+        writer = None
+        try:
+            while (writer := ref()) is not None and writer.serve_once():
+                writer = None
+        except BaseException as error:  # only what no failure handling expects (an exit raised in this thread)
+            logging.getLogger(__name__).error("the writer thread ended: %r", error)
+            writer.abandon(error)
 
     def serve_once(self):
-        """One transaction, in this process's turn, of what is queued, or an idle second; False once closed."""
-        try:
-            first, self.bulk = self.bulk or self.queue.get(timeout=1), None
-        except queue.Empty:
-            return True
-        if first is None:
-            if self.db is not None:
-                self.db.close()
-            self.close_turns()
-            return False
-        fcntl.flock(self.turns, fcntl.LOCK_EX)
-        try:
-            self.transact(first)
-        finally:
-            fcntl.flock(self.turns, fcntl.LOCK_UN)
+        """One turn: a transaction of what is queued, or a checkpoint once idle; False once closed."""
+        with self.arrived:
+            waiting = self.arrived.wait_for(lambda: self.closing or any(self.queues.values()), self.idle_wait())
+            if self.closing and not any(self.queues.values()):
+                self.shut()
+                return False
+        if waiting or self.checkpoint_due(idle=lambda: True):
+            try:
+                self.take_turn(waiting)
+            except Exception as error:  # nothing else expects it (the lock's release failed): the next turn tries
+                self.note_failure(write_failure(error) or f"Writes fail: {error}; see the server's log.")
         return True
 
-    def queued(self, first):
-        """The first job, then each job queued until the transaction takes it (a close waits its turn)."""
-        yield first
-        with contextlib.suppress(queue.Empty):
-            while (job := self.queue.get_nowait()) is not None:
-                yield job
-            self.queue.put(None)
+    def idle_wait(self):
+        """How long to wait for jobs: until a checkpoint is due once idle, else a second (to notice a close)."""
+        return max(0.0, CHECKPOINT_IDLE_S - (time.monotonic() - self.checkpointed)) if self.unsaved else 1.0
 
-    def close(self):
-        """Close the connection and the lock file once what is queued is done; return when the thread has."""
-        self.queue.put(None)
-        self.thread.join()
+    def take_turn(self, waiting):
+        """In this process's turn: the queued jobs' transaction, then a checkpoint if one is due."""
+        try:
+            self.turns.take()
+        except OSError as error:  # the kernel refused the lock (ENOLCK on a network file system)
+            self.fail(self.take_all(), lock_error(error))
+            return
+        try:
+            if waiting:
+                self.transact()
+            if self.checkpoint_due(idle=lambda: not self.queues[False] and not self.turns.wanted()):
+                self.checkpoint()
+        finally:
+            self.turns.give()
 
-    def transact(self, first):
+    def transact(self):
         """BEGIN, each job in a SAVEPOINT (up to WRITE_BATCH_MAX of them), COMMIT; then wake the callers."""
         try:
             self.db = self.db or connect(self.path, self.timeout)
             self.db.execute("BEGIN IMMEDIATE")  # waits up to the timeout for a writer outside the app
         except Exception as error:
-            self.fail([job for job in self.queued(first) if self.move(job, "running")], error)
+            self.fail(self.take_all(), error)
             return
-        ran = []
-        try:
-            for job in self.queued(first):
-                if job.bulk and ran:
-                    self.bulk = job  # it starts the next transaction
-                    break
-                if self.move(job, "running"):
-                    ran.append(job)
-                    self.run(job)
-                if len(ran) == WRITE_BATCH_MAX:
-                    break
+        ran, began = [], time.monotonic()  # jobs are taken once the transaction is theirs: a caller waits
+        try:                                # for the turn no longer than its timeout
+            while len(ran) < WRITE_BATCH_MAX and (job := self.take(self.bulk_fits(ran, began))) is not None:
+                ran.append(job)
+                self.run(job)
             self.db.execute("COMMIT")
         except BaseException as error:
             self.abort([job for job in ran if not job.done.is_set()], error)
             return
         if any(job.wrote for job in ran):
-            self.problem = None
+            self.failing, self.unsaved = None, True
         for job in ran:
             job.done.set()
+
+    def bulk_fits(self, ran, began):
+        """Whether the transaction may take a bulk job: it is empty, or it holds no other kind, began under
+        BULK_BUDGET_S ago, and no other process waits for the turn."""
+        return not ran or (all(job.bulk for job in ran) and time.monotonic() - began < BULK_BUDGET_S
+                           and not self.turns.wanted())
 
     def run(self, job):
         """Run one job in a SAVEPOINT; a failing one is rolled back alone and answered at once."""
@@ -632,50 +773,150 @@ class Writer:
         self.fail(jobs, error)
 
     def fail(self, jobs, error):
-        """Answer each job with its own copy of `error`, and note a storage problem for /health."""
-        self.problem = STORAGE_PROBLEMS.get(sqlite_error_code(error), self.problem)
+        """Answer each job with its own copy of `error`; note for /health a failure that is not the client's."""
+        if write_failure(error) is not None:
+            self.note_failure(write_failure(error))
         for job in jobs:
             job.finish(copy.copy(error) if len(jobs) > 1 else error)
 
+    def note_failure(self, why):
+        """Writes fail, and why: /health says so until a write commits again."""
+        self.failing, self.failed_at = why, time.monotonic()
+
+    def checkpoint_due(self, idle):
+        """Whether to copy the WAL back now: after this process wrote, once idle() or at the latest when forced."""
+        waited = time.monotonic() - self.checkpointed
+        return self.unsaved and self.db is not None and waited >= CHECKPOINT_IDLE_S and (
+            waited >= CHECKPOINT_FORCE_S or idle())
+
+    def checkpoint(self):
+        """A PASSIVE checkpoint: it waits for no reader and blocks no one, Litestream included. Taken in this
+        process's turn, no other writer of the service appends meanwhile, so it can catch up with the WAL and
+        the next transaction starts it over: the WAL stays small under any steady load."""
+        self.unsaved, self.checkpointed = False, time.monotonic()
+        with contextlib.suppress(sqlite3.Error):  # a reader or Litestream holds part of it: the next one goes on
+            self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def close(self):
+        """Close the connection and the lock files once what is queued is done; return when the thread has."""
+        with self.arrived:
+            self.closing = True
+            self.arrived.notify()
+        self.thread.join()
+
+    def shut(self):
+        if self.db is not None:
+            self.db.close()
+        self.close_turns()
+
+    def abandon(self, error):
+        """The thread ends unexpectedly: whatever it holds is let go and every job waiting is answered busy."""
+        with contextlib.suppress(Exception):
+            self.shut()
+        self.fail(self.take_all(), busy_error("The writer stopped; retry."))
+        self.note_failure(f"The writer stopped ({type(error).__name__}); it starts again on the next write.")
+
+
+def lock_error(error):
+    """A lock the kernel refused, as a write that failed for want of storage (503)."""
+    refused = sqlite3.OperationalError(f"the writers' lock could not be taken: {error}")
+    refused.sqlite_errorcode = sqlite3.SQLITE_IOERR
+    return refused
+
+
+class Clock:
+    """work() every CLOCK_TICK_S, in a thread of its own and in the app's context, until stopped."""
+
+    def __init__(self, app, work):
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=Clock.run, args=(weakref.ref(app), work, self.stopped),
+                                       name="incidents-clock", daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def run(app_ref, work, stopped):
+        """Tick until stopped or until the app is no longer in use (a weak reference lets it go)."""
+        while not stopped.wait(CLOCK_TICK_S) and (app := app_ref()) is not None:
+            with app.app_context():
+                try:
+                    work()
+                except sqlite3.Error as error:  # busy, or storage that fails: the next tick tries again
+                    app.logger.warning("clock: %s; trying again in %s s", error, CLOCK_TICK_S)
+                except Exception:
+                    app.logger.exception("clock: unexpected error; trying again in %s s", CLOCK_TICK_S)
+            del app
+
+    def stop(self):
+        self.stopped.set()
+        self.thread.join()
+
 
 class Database:
-    """The app's SQLite file: reusable connections for reads, and this process's writer.
+    """The app's SQLite file: reusable connections for reads, this process's writer, and its clock.
 
     Opening a connection costs more than Flask's own work for a request, so connections are kept
     and handed to one request at a time. Nothing is opened until first used, and a forked child
     opens its own: SQLite forbids using a connection across fork(), and a lock file shared with the
-    parent would let both hold the writers' lock at once.
+    parent would let both hold the writers' lock at once. A process that forks (a gunicorn master
+    under --preload) hands its clock to its children.
     """
 
     def __init__(self, path, timeout=BUSY_TIMEOUT_S):
         self.path, self.timeout = path, timeout
+        self.lock_base = os.path.realpath(path)  # one set of locks for every name of the file (a link, ../x)
         self.inherited = []  # what a parent process opened: never used here, nor closed (closing is a use)
+        self.clock, self.clock_work = None, None
         self.start_afresh()
         database = weakref.ref(self)
-        os.register_at_fork(after_in_child=lambda: database() and database().forked())
+        os.register_at_fork(before=lambda: database() and database().before_fork(),
+                            after_in_child=lambda: database() and database().forked())
 
     def start_afresh(self):
         self.idle = queue.LifoQueue(IDLE_CONNECTIONS)
         self.writer = None
+        self.probed = 0.0  # when /health last tried a write turn
         self.opening = threading.Lock()
 
+    def start_clock(self, app, work):
+        """Run work() on the clock (see Clock) from now on, in this process or, once it forks, in its children."""
+        self.clock_work = (weakref.ref(app), work)
+        self.clock = Clock(app, work)
+
+    def stop_clock(self):
+        if self.clock is not None:
+            self.clock.stop()
+            self.clock = None
+
+    def before_fork(self):
+        """The clock goes to the children (none of its work is halfway at the fork), and idle connections close."""
+        self.stop_clock()
+        self.close_idle()
+
     def forked(self):
-        """In a forked child: set aside what the parent opened, to open anew on first use."""
+        """In a forked child: set aside what the parent opened, to open anew on first use, and start the clock."""
         if self.writer is not None:
             self.writer.close_turns()  # the parent's lock stays the parent's: unlocking here would drop it
         self.inherited.append((self.idle, self.writer))
         self.start_afresh()
+        app = self.clock_work and self.clock_work[0]()
+        if app is not None:
+            self.clock = Clock(app, self.clock_work[1])
 
     def close(self):
-        """Close every connection, and the writer, while nothing else uses them; they reopen on first use.
+        """Stop the clock, close every connection and the writer while nothing else uses them; they reopen on
+        first use.
 
         The app's start does so, so that a server that forks its workers after loading the app
         (gunicorn --preload) leaves them nothing open of its own.
         """
+        self.stop_clock()
         with self.opening:
             if self.writer is not None:
                 self.writer.close()
                 self.writer = None
+        self.close_idle()
+
+    def close_idle(self):
         with contextlib.suppress(queue.Empty):
             while True:
                 self.idle.get_nowait().close()
@@ -692,17 +933,38 @@ class Database:
         except queue.Full:
             db.close()
 
-    def write(self, work, bulk=False):
+    def write(self, work, bulk=False, timeout=None):
         """work(db) run by this process's writer in a transaction: its result once committed, or its error."""
-        if self.writer is None:
-            with self.opening:
-                self.writer = self.writer or Writer(self.path, self.timeout)
-        return self.writer.submit(work, bulk)
+        return self.write_all([work], bulk, timeout)[0]
 
-    @property
+    def write_all(self, works, bulk=False, timeout=None):
+        """Each work(db) in turn, each after the one before succeeded (see Writer.submit): their results."""
+        return self.running_writer().submit(works, bulk, timeout)
+
+    def running_writer(self):
+        """This process's writer, started on first use and again if its thread ended."""
+        writer = self.writer
+        if writer is None or not writer.thread.is_alive():
+            with self.opening:
+                if self.writer is None or not self.writer.thread.is_alive():
+                    try:
+                        self.writer = Writer(self.path, self.lock_base, self.timeout)
+                    except OSError as error:  # a lock file that cannot be opened
+                        raise lock_error(error) from None
+                writer = self.writer
+        return writer
+
     def write_problem(self):
-        """Why writes fail for want of storage, since the last one that did; None while they work."""
-        return self.writer and self.writer.problem
+        """Why writes fail (None while they work, or before any was tried): while they fail, a turn is
+        tried again at most every HEALTH_PROBE_S, so that it clears without a client's write."""
+        writer = self.writer
+        if writer is None or (writer.failing is None and writer.thread.is_alive()):
+            return None
+        if time.monotonic() - max(self.probed, writer.failed_at) >= HEALTH_PROBE_S:  # a failed write is a try too
+            self.probed = time.monotonic()
+            with contextlib.suppress(sqlite3.Error):
+                self.write(record_write_check, timeout=HEALTH_PROBE_S)
+        return self.writer.failing
 
     def announce_upgrade(self, db, current):
         """Say so before upgrading a file that holds incidents: a step may take a while on a large one."""
@@ -720,10 +982,15 @@ class Database:
         os.close(open_private(self.path))
         db = self.acquire()
         try:
-            current = db.execute("PRAGMA user_version").fetchone()[0]
+            try:
+                current = db.execute("PRAGMA user_version").fetchone()[0]
+            except sqlite3.DatabaseError as error:
+                stop_startup(f"INCIDENTS_DB names {self.path}, which is not an SQLite database ({error}); "
+                             "set it to the service's database file, or to a new path")
+            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                db.execute("PRAGMA journal_mode = WAL")  # a new file, or one restored from a backup's copy
             if current == len(MIGRATIONS):
                 return  # up to date: no write, so a start never waits for a writer
-            db.execute("PRAGMA journal_mode = WAL")
             self.announce_upgrade(db, current)
             for version, statements in enumerate(MIGRATIONS, start=1):
                 self.write(lambda step: self.upgrade(step, version, statements))
@@ -756,9 +1023,15 @@ def close_db(exception=None):
         current_app.extensions["incidents"].release(db)
 
 
-def write(work, bulk=False):
+def write(work):
     """work(db) in the app's shared write transaction; see Writer."""
-    return current_app.extensions["incidents"].write(work, bulk)
+    return current_app.extensions["incidents"].write(work)
+
+
+def record_write_check(db):
+    """A write of its own, for /health to learn that writes work again: when it last did."""
+    db.execute("INSERT INTO write_checks (id, at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+               (now(),))
 
 
 def utc_timestamp(moment):
@@ -1340,7 +1613,7 @@ def health():
     except sqlite3.Error as error:
         current_app.logger.error("health check failed: %s", error)
         return problem(503, HTTP_TITLES[503], "The database does not answer.", RETRY_SOON)
-    write_problem = current_app.extensions["incidents"].write_problem
+    write_problem = current_app.extensions["incidents"].write_problem()
     if write_problem:
         return problem(503, HTTP_TITLES[503], write_problem, RETRY_SOON, reads="ok", writes="failing")
     return jsonify(status="ok")
@@ -2061,19 +2334,20 @@ def handle_alerts(db, alerts, sender):
 def receive_alerts():
     """Alertmanager's or Grafana's webhook: each alert opens, folds, reopens or resolves an incident.
 
-    The payload is checked whole first, then written ALERT_CHUNK alerts a transaction, so that no
-    other write waits behind a large one. A failure halfway answers 503 with the earlier alerts
-    stored: Alertmanager sends the payload again, and those fold.
+    The payload is checked whole first, then written in slices of ALERT_CHUNK alerts, each after the
+    one before it succeeded; the slices of a payload of more than one wait while other writes are
+    queued (bulk jobs: see Writer), so that no other write waits behind more than one. A failure
+    halfway answers 503 with the earlier slices stored: Alertmanager sends the payload again, and
+    those fold.
     """
     body = read_json_object(ALERT_BODY_MAX, f"The payload is over {ALERT_BODY_MAX} bytes; set max_alerts lower in "
                                             "the receiver's webhook_configs so that Alertmanager sends fewer at once.")
     alerts = clean_alerts(body)
     sender = "grafana" if "orgId" in body else "alertmanager"
-    results = []
-    for start in range(0, len(alerts), ALERT_CHUNK):
-        chunk = alerts[start:start + ALERT_CHUNK]
-        results += write(lambda db: handle_alerts(db, chunk, sender), bulk=True)
-    return json_response(json.dumps({"incidents": results}))
+    slices = [functools.partial(handle_alerts, alerts=alerts[start:start + ALERT_CHUNK], sender=sender)
+              for start in range(0, len(alerts), ALERT_CHUNK)]
+    results = current_app.extensions["incidents"].write_all(slices, bulk=len(slices) > 1)
+    return json_response(json.dumps({"incidents": [result for chunk in results for result in chunk]}))
 
 
 # ---------------------------------------------------------------------------

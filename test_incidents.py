@@ -1,5 +1,6 @@
 """Tests for incidents.py: the spec of the HTTP API, its storage and its behaviour under load."""
 import base64
+import errno
 import functools
 import hashlib
 import http.client
@@ -142,6 +143,16 @@ class DocumentedClient(flask.testing.FlaskClient):
             OPENAPI.update(flask.testing.FlaskClient(self.application).get("/openapi.json").json)
         check_against_the_document(response.request, response)
         return response
+
+
+@pytest.fixture(autouse=True)
+def apps_closed(monkeypatch):
+    """Every app a test makes is closed after it: no writer, clock or connection outlives its test."""
+    made, real = [], incidents.create_app
+    monkeypatch.setattr(incidents, "create_app", lambda *args, **kwargs: made.append(real(*args, **kwargs)) or made[-1])
+    yield
+    for app in made:
+        app.extensions["incidents"].close()
 
 
 @pytest.fixture(autouse=True)
@@ -1457,7 +1468,7 @@ def test_existing_database_keeps_its_mode(db_path):
 # Each migration's text as released: files in the field ran exactly this; a new file must get the same.
 MIGRATION_PINS = ["1824ad64a8d090a8", "2568b4ef34d03c25", "03652428789037dc", "37ea07775b9a208c",
                   "142188eb6d97c5d4", "8fd34c596f0a7476", "c9660475526e049d", "08f0cf11d0c36ab0",
-                  "e942c9e400084136"]
+                  "e942c9e400084136", "9500e9b4e7b902b4"]
 
 
 def test_migrations_are_frozen_text():
@@ -2719,7 +2730,8 @@ def test_poller_and_sender_outlive_a_database_locked_past_the_busy_timeout_repea
     finally:
         said = stop_command(sender), stop_command(polling)
     assert sorted(shown_incidents(bot_api)) == [1, 2, 3, 4], said
-    assert "not yet recorded: database is locked" in said[0] and "update 1 not stored: database is locked" in said[1]
+    assert "not yet recorded: database is locked" in said[0], said
+    assert "update 1 not stored: database is locked" in said[1]
     assert query(db_path, "SELECT description FROM incidents WHERE id = 5") == [("Самокат 12 сломан",)]
     assert [m["text"] for m in bot_api.sent if "reply_to_message_id" in m] == ["Incident #5 registered"]
 
@@ -3211,13 +3223,17 @@ def test_alert_payload_of_1000_alerts_is_accepted_and_1001_refused_naming_max_al
     assert len(alert(many_alerts(1000))["incidents"]) == 1000
 
 
-def test_large_alert_payload_is_written_in_transactions_of_a_few_alerts(app, alert):
-    assert incidents.ALERT_CHUNK <= 100
+@pytest.mark.parametrize("budget, transactions", [(0, 25), (60, 2)])
+def test_large_alert_payload_goes_in_slices_that_share_transactions_within_the_budget(
+        app, alert, monkeypatch, budget, transactions):
+    """With nothing else to write, slices share a transaction while it is younger than the budget (16 at most)."""
+    assert incidents.ALERT_CHUNK == 10
+    monkeypatch.setattr(incidents, "BULK_BUDGET_S", budget)
     counted = commits(app.extensions["incidents"])
     answer = alert(many_alerts(250))
     assert [item["action"] for item in answer["incidents"]] == ["created"] * 250
     assert [item["id"] for item in answer["incidents"]] == list(range(1, 251))
-    assert counted() == -(-250 // incidents.ALERT_CHUNK)
+    assert counted() == transactions
 
 
 def test_alert_payload_failing_halfway_keeps_what_was_written_and_its_retry_folds(app, client, db_path, monkeypatch):
@@ -3556,9 +3572,11 @@ def test_writers_in_processes_take_turns_on_a_kernel_lock_taken_by_the_writer_th
     calls = []
     real = incidents.fcntl.flock
     monkeypatch.setattr(incidents.fcntl, "flock", lambda fd, op: calls.append(
-        (op, threading.current_thread().name)) or real(fd, op))
+        (fd, op, threading.current_thread().name)) or real(fd, op))
     create(client)
-    assert calls == [(incidents.fcntl.LOCK_EX, "incidents-writer"), (incidents.fcntl.LOCK_UN, "incidents-writer")]
+    turns, writer = app.extensions["incidents"].writer.turns, "incidents-writer"
+    assert calls[:4] == [(turns.line, incidents.fcntl.LOCK_EX, writer), (turns.turn, incidents.fcntl.LOCK_EX, writer),
+                         (turns.line, incidents.fcntl.LOCK_UN, writer), (turns.turn, incidents.fcntl.LOCK_UN, writer)]
 
 
 def opened_writer(database):
@@ -3587,12 +3605,15 @@ class Writes:
         thread.start()
         self.threads.append(thread)
 
+    def queued(self):
+        return sum(len(jobs) for jobs in self.database.writer.queues.values())
+
     def start(self, name, work):
         """Run work() in a thread; return once its job waits in the writer's queue."""
-        queued = self.database.writer.queue.qsize()
+        queued = self.queued()
         self.run(name, work)
         deadline = time.monotonic() + 10
-        while self.database.writer.queue.qsize() == queued and time.monotonic() < deadline:
+        while self.queued() == queued and time.monotonic() < deadline:
             time.sleep(0.001)
 
     def post(self, name, description):
@@ -3728,30 +3749,34 @@ def test_failed_commit_answers_every_write_in_it_503_and_stores_none(app, client
     assert client.get("/health").json == {"status": "ok"}
 
 
-def test_bulk_job_never_holds_back_the_commit_of_writes_before_it(app, db_path):
+def test_bulk_jobs_wait_while_other_writes_are_queued_and_a_write_waits_for_one_slice_at_most(
+        app, db_path, monkeypatch):
+    monkeypatch.setattr(incidents, "BULK_BUDGET_S", 60)  # a transaction would take every slice it could
     writes = Writes(app)
-    release_first, release_bulk = writes.hold("held"), threading.Event()
+    release_first, release_slice, slice_taken = writes.hold("held"), threading.Event(), threading.Event()
     counted = commits(writes.database)
-    writes.post("a", "report a")
-    bulk_taken = threading.Event()
 
-    def bulk(db):
-        bulk_taken.set()
-        release_bulk.wait(10)
-        return "bulk"
-    writes.start("bulk", lambda: writes.database.write(bulk, bulk=True))
-    writes.post("c", "report c")
+    def slice_of_payload(number):
+        def work(db):
+            db.execute("""INSERT INTO incidents (description, status, source, created_at, updated_at, last_seen_at)
+                          VALUES (?, 'new', 'operator', ?, ?, ?)""", (f"slice {number}", *[incidents.now()] * 3))
+            if number == 0:
+                slice_taken.set()
+                release_slice.wait(10)
+            return number
+        return work
+    writes.start("bulk", lambda: writes.database.write_all([slice_of_payload(n) for n in range(3)], bulk=True))
+    writes.post("a", "report a")  # queued after the payload, yet written before it
     release_first.set()
-    assert bulk_taken.wait(10)
-    deadline = time.monotonic() + 5
-    while "a" not in writes.results and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert writes.results["a"].status_code == 201 and "c" not in writes.results  # a committed before the bulk job
-    release_bulk.set()
+    assert slice_taken.wait(10)
+    assert writes.results["a"].status_code == 201 and "bulk" not in writes.results
+    writes.post("c", "report c")  # arrives while a slice runs: joins its transaction, ahead of the later slices
+    release_slice.set()
     results = writes.join()
-    assert (results["bulk"], results["c"].status_code) == ("bulk", 201)
-    assert counted() == 2
-    assert query(db_path, "SELECT description FROM incidents ORDER BY id") == [("held",), ("report a",), ("report c",)]
+    assert (results["bulk"], results["c"].status_code) == ([0, 1, 2], 201)
+    assert query(db_path, "SELECT description FROM incidents ORDER BY id") == [
+        ("held",), ("report a",), ("slice 0",), ("report c",), ("slice 1",), ("slice 2",)]
+    assert counted() == 3  # held with a (queued meanwhile); slice 0 with c; the rest of the payload
 
 
 def test_job_whose_rollback_fails_takes_its_transaction_down_and_nothing_of_it_stays(app, client, db_path):
@@ -3884,9 +3909,150 @@ def test_health_says_writes_work_only_after_a_write_commits_again(app, client, d
     limit_pages(app, None)
     assert client.patch("/incidents/1", json={"status": "new"}).status_code == 200  # changes nothing
     assert_problem(client.patch("/incidents/99", json={"status": "closed"}), 404)
-    assert assert_problem(client.get("/health"), 503)["writes"] == "failing"
+    assert assert_problem(client.get("/health"), 503)["writes"] == "failing"  # the failure is under a second old
     create(client)
     assert client.get("/health").json == {"status": "ok"}
+
+
+def test_health_tries_a_write_turn_at_most_once_a_second_and_clears_without_client_writes(db_path, migrated,
+                                                                                             monkeypatch):
+    monkeypatch.setattr(incidents, "HEALTH_PROBE_S", 0.3)
+    app = app_on_copy(db_path, migrated, BUSY_TIMEOUT=0.2)
+    client = app.test_client()
+    outside = sqlite3.connect(db_path, isolation_level=None)
+    outside.execute("BEGIN IMMEDIATE")  # a sqlite3 shell holding the write lock
+    turns = []
+    real = incidents.Database.write
+    monkeypatch.setattr(incidents.Database, "write", lambda self, work, **kw: turns.append(work) or real(self, work, **kw))
+    assert "busy" in assert_problem(client.post("/incidents", json={"description": "x", "source": "operator"}),
+                                    503)["detail"]
+    failing = assert_problem(client.get("/health"), 503)
+    assert (failing["reads"], failing["writes"]) == ("ok", "failing") and "sqlite3 shell" in failing["detail"]
+    assert len(turns) == 1  # the failed create was the last try: none within HEALTH_PROBE_S of it
+    time.sleep(0.35)
+    assert_problem(client.get("/health"), 503)  # tried a turn: still held
+    assert_problem(client.get("/health"), 503)  # and not again within HEALTH_PROBE_S
+    assert turns[1:] == [incidents.record_write_check]
+    outside.rollback()
+    outside.close()
+    time.sleep(0.35)
+    assert client.get("/health").json == {"status": "ok"}  # no client wrote anything
+    assert turns[1:] == [incidents.record_write_check] * 2
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(0,)]
+    assert len(query(db_path, "SELECT at FROM write_checks")) == 1
+
+
+def no_locks(fd, operation):
+    """flock as on a network file system that has run out of locks."""
+    raise OSError(errno.ENOLCK, "No locks available")
+
+
+def test_writer_that_cannot_take_its_lock_answers_503_tells_health_and_comes_back(app, client, db_path, monkeypatch):
+    monkeypatch.setattr(incidents, "HEALTH_PROBE_S", 0.2)
+    create(client, "Before")
+    real = incidents.fcntl.flock
+    monkeypatch.setattr(incidents.fcntl, "flock", no_locks)
+    for _ in range(2):  # the writer lives on after a failure, and fails again
+        response = client.post("/incidents", json={"description": "Refused", "source": "operator"})
+        assert "a lock the kernel refused" in assert_problem(response, 503)["detail"]
+        assert response.headers["Retry-After"] == "1"
+    health = assert_problem(client.get("/health"), 503)
+    assert health["writes"] == "failing" and "No locks available" in health["detail"]
+    time.sleep(0.25)
+    assert_problem(client.get("/health"), 503)  # its own try failed too
+    assert app.extensions["incidents"].writer.thread.is_alive()
+    monkeypatch.setattr(incidents.fcntl, "flock", real)
+    time.sleep(0.25)
+    assert client.get("/health").json == {"status": "ok"}  # with no client's write
+    assert create(client, "After")["id"] == 2
+    assert query(db_path, "SELECT description FROM incidents ORDER BY id") == [("Before",), ("After",)]
+
+
+def test_writer_thread_that_ends_answers_what_waits_503_and_a_new_one_takes_over(app, client, db_path, monkeypatch):
+    monkeypatch.setattr(incidents, "HEALTH_PROBE_S", 0.2)
+    monkeypatch.setattr(incidents, "WRITE_BATCH_MAX", 1)  # the queued write waits for a transaction of its own
+    create(client, "Before")
+    database = app.extensions["incidents"]
+    writes = Writes(app)
+    release = writes.hold("held")
+
+    def exit_thread(*args):
+        raise SystemExit("the writer thread is made to end")
+    real = incidents.Writer.take_turn
+    monkeypatch.setattr(incidents.Writer, "take_turn", exit_thread)
+    writes.post("waiting", "Queued when the writer ended")
+    release.set()
+    results = writes.join()
+    database.writer.thread.join(5)
+    assert not database.writer.thread.is_alive()
+    assert results["held"] == "committed"
+    assert "retry" in assert_problem(results["waiting"], 503)["detail"]
+    health = assert_problem(client.get("/health"), 503)
+    assert "writer stopped" in health["detail"]
+    monkeypatch.setattr(incidents.Writer, "take_turn", real)
+    time.sleep(0.25)
+    assert client.get("/health").json == {"status": "ok"}  # the probe started a new writer
+    assert create(client, "After")["id"] == 3
+    assert query(db_path, "SELECT description FROM incidents ORDER BY id") == [("Before",), ("held",), ("After",)]
+
+
+def test_no_commit_checkpoints_and_a_write_is_answered_before_the_checkpoint_after_it(app, client, monkeypatch):
+    monkeypatch.setattr(incidents, "CHECKPOINT_IDLE_S", 0)
+    started, release = threading.Event(), threading.Event()
+    real = incidents.Writer.checkpoint
+
+    def slow_checkpoint(writer):
+        started.set()
+        release.wait(10)
+        real(writer)
+    monkeypatch.setattr(incidents.Writer, "checkpoint", slow_checkpoint)
+    answered = timed(lambda: create(client))[1]
+    assert started.wait(5) and answered < 1  # the checkpoint began after the answer, and still runs
+    release.set()
+    assert app.extensions["incidents"].writer.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+
+
+def wal_frames(db_path):
+    """How many frames the WAL holds now, as a checkpoint that copies none of them reports."""
+    with sqlite3.connect(db_path) as outside:
+        outside.execute("BEGIN")
+        outside.execute("SELECT count(*) FROM incidents").fetchone()  # a reader: nothing can be copied past it
+        return sqlite3.connect(db_path).execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
+
+
+def test_the_writer_keeps_the_wal_small_under_a_steady_load(app, db_path, monkeypatch):
+    monkeypatch.setattr(incidents, "CHECKPOINT_IDLE_S", 0.05)
+    monkeypatch.setattr(incidents, "CHECKPOINT_FORCE_S", 0.1)
+    threads = [threading.Thread(target=lambda: [create(app.test_client()) for _ in range(100)]) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(400,)]
+    written = 400 * 5  # at least five pages a create: the incident, its event, the search index, the counts
+    assert wal_frames(db_path) < written / 4
+    assert os.path.getsize(f"{db_path}-wal") < written / 2 * 4096
+
+
+def test_a_process_waiting_for_the_turn_is_seen_holding_the_line(app, db_path):
+    turns = opened_writer(app.extensions["incidents"]).turns
+    assert not turns.wanted()
+    line = os.open(f"{db_path}-writer-line.lock", os.O_RDWR)  # another open file: another process, to flock
+    incidents.fcntl.flock(line, incidents.fcntl.LOCK_EX)  # what a process holds while it waits for the turn
+    try:
+        assert turns.wanted()
+    finally:
+        os.close(line)
+    assert not turns.wanted()
+
+
+def test_bulk_slices_give_the_turn_up_as_soon_as_another_process_waits_for_it(app, alert, monkeypatch):
+    monkeypatch.setattr(incidents, "BULK_BUDGET_S", 60)
+    monkeypatch.setattr(incidents.Turns, "wanted", lambda turns: True)
+    counted = commits(app.extensions["incidents"])
+    answer = alert(many_alerts(50))
+    assert [item["action"] for item in answer["incidents"]] == ["created"] * 50
+    assert counted() == 5  # a slice a transaction, where alone they would share one
 
 
 def test_writer_killed_while_holding_its_turn_does_not_stall_the_others(db_path):
