@@ -523,6 +523,9 @@ def write_failure(error):
     return NO_TURN if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) else f"Writes fail: {error}."
 
 
+WRITER_LOCKS = ("-writer-line.lock", "-writer.lock")  # beside the database: the line, and the turn
+
+
 class Turns:
     """This process's turn to write, among the processes that share the database: a kernel lock (flock) on a
     file beside it, which the kernel drops for a process that dies holding it.
@@ -532,8 +535,7 @@ class Turns:
     """
 
     def __init__(self, base):
-        self.line = open_lock_file(f"{base}-writer-line.lock")
-        self.turn = open_lock_file(f"{base}-writer.lock")
+        self.line, self.turn = (open_lock_file(f"{base}{suffix}") for suffix in WRITER_LOCKS)
 
     def take(self):
         fcntl.flock(self.line, fcntl.LOCK_EX)
@@ -933,6 +935,16 @@ class Database:
         except queue.Full:
             db.close()
 
+    def check_lock_files(self):
+        """Open the writers' lock files once, a link planted at their names replaced (see open_lock_file), or
+        stop in one line."""
+        for suffix in WRITER_LOCKS:
+            try:
+                os.close(open_lock_file(f"{self.lock_base}{suffix}"))
+            except OSError as error:
+                stop_startup(f"the lock file {error.filename or self.lock_base + suffix} beside the database cannot "
+                             f"be used ({error.strerror}); remove it, or let the server's user write there")
+
     def write(self, work, bulk=False, timeout=None):
         """work(db) run by this process's writer in a transaction: its result once committed, or its error."""
         return self.write_all([work], bulk, timeout)[0]
@@ -980,13 +992,13 @@ class Database:
         on one file apply every step exactly once.
         """
         os.close(open_private(self.path))
-        db = self.acquire()
         try:
-            try:
-                current = db.execute("PRAGMA user_version").fetchone()[0]
-            except sqlite3.DatabaseError as error:
-                stop_startup(f"INCIDENTS_DB names {self.path}, which is not an SQLite database ({error}); "
-                             "set it to the service's database file, or to a new path")
+            db = self.acquire()
+            current = db.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.DatabaseError as error:
+            self.close_idle()
+            stop_startup(not_a_database(self.path, error))
+        try:
             if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 db.execute("PRAGMA journal_mode = WAL")  # a new file, or one restored from a backup's copy
             if current == len(MIGRATIONS):
@@ -1077,6 +1089,11 @@ class ApiError(Exception):
         self.detail = detail
         self.headers = headers
         self.extensions = extensions
+
+
+def not_a_database(path, error):
+    return (f"INCIDENTS_DB names {path}, which is not an SQLite database ({error}); set it to the service's "
+            "database file, or to a new path")
 
 
 def stop_startup(message):
@@ -2180,7 +2197,7 @@ def telegram_poll_command():
     learn_username(current_app.extensions["incidents"], bot)
     with contextlib.ExitStack() as stack:
         if current_app.config["TELEGRAM_NOTIFY_CHAT_IDS"]:
-            stack.enter_context(sole_sender(current_app.extensions["incidents"].path, bot.id))
+            stack.enter_context(sole_sender(current_app.extensions["incidents"].lock_base, bot.id))
             stack.enter_context(notifications_in_background(bot))
         until_interrupted("Polling Telegram for reports; press Ctrl-C to stop.",
                           lambda database, db: poll_telegram(database, db, bot))
@@ -2740,12 +2757,12 @@ def deliver_reminders(database, db, bot):
 
 
 @contextmanager
-def sole_sender(database_path, bot_id):
+def sole_sender(lock_base, bot_id):
     """Hold the right to send for this bot, or refuse, naming the sender that holds it.
 
     A kernel lock on a file beside the database: released when its process ends, however it ends.
     """
-    turn = open_private(f"{database_path}-telegram-sender-{bot_id}.lock")
+    turn = open_lock_file(f"{lock_base}-telegram-sender-{bot_id}.lock")
     try:
         try:
             fcntl.flock(turn, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -2793,7 +2810,7 @@ def telegram_notify_command():
     if not current_app.config["TELEGRAM_NOTIFY_CHAT_IDS"]:
         raise click.UsageError("Set TELEGRAM_NOTIFY_CHAT_IDS to the chats to notify, ids separated by commas.")
     learn_username(current_app.extensions["incidents"], bot)  # for the webhook beside it
-    with sole_sender(current_app.extensions["incidents"].path, bot.id):
+    with sole_sender(current_app.extensions["incidents"].lock_base, bot.id):
         until_interrupted("Sending notifications; press Ctrl-C to stop.", lambda database, db: send_notifications(
             database, db, bot, current_app.config["NOTIFY_REPEAT_INTERVAL"], threading.Event()))
 
@@ -2878,7 +2895,7 @@ def metrics():
 
 
 # The files SQLite and this service keep beside the database, by the suffix after its name.
-BESIDE_DATABASE = re.compile(r"(-wal|-shm|-journal|-writer\.lock|-telegram-sender-[0-9]+\.lock)?")
+BESIDE_DATABASE = re.compile(r"(-wal|-shm|-journal|-writer(-line)?\.lock|-telegram-sender-[0-9]+\.lock)?")
 
 
 def check_backup_target(database_path, path):
@@ -2901,8 +2918,10 @@ def check_backup_target(database_path, path):
 def backup_command(path, force):
     """Copy the live database to PATH, check the copy and say what it holds; the database is only read."""
     database_path = current_app.config["DATABASE"]
+    check_database_name(database_path)
     if not os.path.isfile(database_path):
         raise click.ClickException(f"there is no database {database_path}; set INCIDENTS_DB to the server's")
+    read_only(database_path).close()
     check_backup_target(database_path, path)
     partial = f"{path}.partial"
     for existing in (path, partial):
@@ -2912,8 +2931,8 @@ def backup_command(path, force):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(partial)  # with --force: left by a failed run, or a link planted there; removed, never followed
         os.close(open_private(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW))
-        source = sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(database_path))}?mode=ro", uri=True)
-        with contextlib.closing(source), contextlib.closing(sqlite3.connect(partial)) as replica:
+        with contextlib.closing(read_only(database_path)) as source, \
+                contextlib.closing(sqlite3.connect(partial)) as replica:
             source.backup(replica)  # one step: a snapshot of one moment, while writers go on in the WAL
             replica.execute("PRAGMA journal_mode = DELETE")  # the copy is one file, complete by itself
             summary = describe_backup(replica)
@@ -2923,6 +2942,17 @@ def backup_command(path, force):
             os.remove(partial)  # only a checked copy ever takes the name PATH
         raise click.ClickException(f"the backup failed, nothing was written to {path}: {error}") from None
     click.echo(f"Backed up {database_path} to {path}: {summary}.")
+
+
+def read_only(database_path):
+    """The database opened read-only (never created, never migrated); ClickException for a file that is none."""
+    source = sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(database_path))}?mode=ro", uri=True)
+    try:
+        source.execute("PRAGMA user_version")
+    except sqlite3.DatabaseError as error:
+        source.close()
+        raise click.ClickException(not_a_database(database_path, error)) from None
+    return source
 
 
 def describe_backup(replica):
@@ -3223,12 +3253,30 @@ def env_bot_token(name):
     return text or None
 
 
-def check_database_path(path):
-    """Stop at startup, in one line, where SQLite could only fail later with an obscure error."""
+def check_database_name(path):
+    """Stop, in one line naming INCIDENTS_DB, where SQLite could only fail later with an obscure error, or
+    where one file would be two databases: what every command that opens the database checks first."""
+    if not path.strip():
+        stop_startup("INCIDENTS_DB is empty; set it to the database file's path, such as "
+                     "/var/lib/incidents/incidents.db")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         stop_startup(f"the folder of the database {path} does not exist; create it (mkdir -p {folder}) "
                      "with the server's user as owner, or set INCIDENTS_DB to a path in an existing folder")
+    if os.path.exists(path) and not os.path.isfile(path):
+        stop_startup(f"INCIDENTS_DB names {path}, which is {'a folder' if os.path.isdir(path) else 'no plain file'}; "
+                     "set it to the database file's path")
+    if os.path.exists(path) and os.stat(path).st_nlink > 1:
+        stop_startup(f"INCIDENTS_DB names {path}, a file with {os.stat(path).st_nlink} hard links: SQLite keeps a "
+                     "write-ahead log per name, so each name would be a database of its own; remove the other "
+                     "links (a symbolic link is fine)")
+
+
+def check_database_path(path):
+    """check_database_name, and that the server's user can write the file and its folder: the start of every
+    command that writes."""
+    check_database_name(path)
+    folder = os.path.dirname(os.path.abspath(path))
     if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
         stop_startup(f"the database {path} is read-only for this user; make it readable and writable by the "
                      f"server's user (chown or chmod u+rw {path})")
@@ -3259,9 +3307,10 @@ def configuration():
 
 
 def open_database():
-    """Check the database's path, then create or migrate the file: the app's start."""
+    """Check the database's path and its lock files, then create or migrate the file: the app's start."""
     check_database_path(current_app.config["DATABASE"])
     database = current_app.extensions["incidents"]
+    database.check_lock_files()
     database.migrate()
     database.close()
 

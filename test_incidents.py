@@ -3551,6 +3551,115 @@ def test_read_only_database_stops_startup_with_one_line_naming_it(db_path, monke
         f"server's user (chown or chmod u+rw {db_path})")
 
 
+def not_a_database(folder):
+    path = folder / "notes.txt"
+    path.write_text("shopping: bread, milk\n" * 100)
+    return path
+
+
+def hard_linked(folder):
+    incidents.create_app({"DATABASE": str(folder / "incidents.db")})
+    os.link(folder / "incidents.db", folder / "also.db")
+    return folder / "incidents.db"
+
+
+BAD_DATABASES = [
+    (lambda folder: "", "INCIDENTS_DB is empty"),
+    (lambda folder: folder, "which is a folder"),
+    (not_a_database, "which is not an SQLite database (file is not a database)"),
+    (hard_linked, "a file with 2 hard links"),
+]
+
+
+@pytest.mark.parametrize("bad, said", BAD_DATABASES)
+def test_bad_database_setting_stops_the_server_in_one_line_naming_it(tmp_path, bad, said):
+    with pytest.raises(SystemExit) as stopped:
+        incidents.create_app({"DATABASE": str(bad(tmp_path))})
+    assert said in str(stopped.value) and "INCIDENTS_DB" in str(stopped.value) and "\n" not in str(stopped.value)
+
+
+@pytest.mark.parametrize("command", [["telegram-poll"], ["telegram-notify"], ["backup", "copy.db"]])
+@pytest.mark.parametrize("bad, said", BAD_DATABASES)
+def test_bad_database_setting_stops_every_command_in_one_line_naming_it(tmp_path, command, bad, said, monkeypatch):
+    database = str(bad(tmp_path))
+    monkeypatch.setattr(incidents, "finding_a_command", lambda: True)  # as the flask command loads the app
+    app = incidents.create_app({"DATABASE": database, "TELEGRAM_BOT_TOKEN": TOKEN})
+    result = app.test_cli_runner().invoke(args=command)
+    assert result.exit_code == 1 and said in result.output and "INCIDENTS_DB" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_file_that_is_no_database_stops_flask_run_in_one_line(tmp_path):
+    result = run_flask(not_a_database(tmp_path), "run", "--port", str(free_port()))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"incidents: INCIDENTS_DB names {tmp_path}/notes.txt, which is not an SQLite database (file is not a "
+        "database); set it to the service's database file, or to a new path"]
+
+
+def test_every_name_of_the_database_file_takes_the_same_locks(tmp_path, monkeypatch):
+    real = tmp_path / "data" / "incidents.db"
+    real.parent.mkdir()
+    (tmp_path / "link.db").symlink_to(real)
+    monkeypatch.chdir(real.parent)
+    apps = [incidents.create_app({"DATABASE": name}) for name in (str(real), str(tmp_path / "link.db"), "incidents.db",
+                                                                  "../data/../data/incidents.db")]
+    databases = [app.extensions["incidents"] for app in apps]
+    assert {database.lock_base for database in databases} == {str(real)}
+    turns = [os.fstat(opened_writer(database).turns.turn).st_ino for database in databases]
+    assert len(set(turns)) == 1
+    with incidents.sole_sender(databases[0].lock_base, 123456):
+        for database in databases[1:]:
+            with pytest.raises(click.ClickException, match="Another sender for this bot is running"):
+                with incidents.sole_sender(database.lock_base, 123456):
+                    pass
+
+
+def test_second_sender_through_a_link_to_the_database_is_refused(db_path, bot_api, tmp_path):
+    incidents.create_app({"DATABASE": str(db_path)})
+    (tmp_path / "link.db").symlink_to(db_path)
+    first = bot_command(db_path, bot_api, "telegram-notify")
+    try:
+        bot_api.wait_for(lambda: os.path.exists(f"{db_path}-telegram-sender-123456.lock") and os.path.getsize(
+            f"{db_path}-telegram-sender-123456.lock"))
+        second = bot_command(tmp_path / "link.db", bot_api, "telegram-notify")
+        assert second.wait(20) == 1
+        assert "Another sender for this bot is running" in second.stdout.read()
+        second.stdout.close()
+    finally:
+        stop_command(first)
+
+
+@pytest.mark.parametrize("lock", ["-writer.lock", "-writer-line.lock", "-telegram-sender-123456.lock"])
+def test_a_link_planted_at_a_lock_file_is_replaced_and_its_target_left_alone(db_path, tmp_path, lock):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    Path(f"{db_path}{lock}").symlink_to(victim)
+    app = incidents.create_app({"DATABASE": str(db_path)})
+    create(app.test_client())
+    with incidents.sole_sender(app.extensions["incidents"].lock_base, 123456):
+        pass
+    assert victim.read_text() == "precious"
+    assert not os.path.islink(f"{db_path}{lock}") and os.path.isfile(f"{db_path}{lock}")
+    assert os.stat(f"{db_path}{lock}").st_mode & 0o777 == 0o600
+
+
+def test_a_live_lock_file_is_never_replaced_and_what_cannot_be_one_stops_the_start(db_path, tmp_path):
+    incidents.create_app({"DATABASE": str(db_path)})
+    held = os.open(f"{db_path}-writer.lock", os.O_RDWR)
+    incidents.fcntl.flock(held, incidents.fcntl.LOCK_EX)  # another server's writer in its turn
+    inode = os.fstat(held).st_ino
+    incidents.create_app({"DATABASE": str(db_path)})
+    assert os.stat(f"{db_path}-writer.lock").st_ino == inode
+    os.close(held)
+    os.remove(f"{db_path}-writer-line.lock")
+    os.mkdir(f"{db_path}-writer-line.lock")
+    with pytest.raises(SystemExit) as stopped:
+        incidents.create_app({"DATABASE": str(db_path)})
+    assert str(stopped.value) == (f"incidents: the lock file {db_path}-writer-line.lock beside the database cannot "
+                                  "be used (Is a directory); remove it, or let the server's user write there")
+
+
 def test_read_only_file_at_write_time_is_503_saying_so(app, client, db_path, monkeypatch):
     create(client)
     real = incidents.Database.write
@@ -4084,40 +4193,84 @@ def test_writer_killed_while_holding_its_turn_does_not_stall_the_others(db_path)
 # ---------------------------------------------------------------------------
 
 
-def test_backup_of_a_live_database_is_consistent_and_holds_every_acknowledged_incident(db_path, tmp_path):
+def load_while(url, work, writers=3):
+    """Creates posted by `writers` threads while work() runs: [(when acknowledged, id, description)], and its result."""
     acknowledged, stop = [], threading.Event()
-    target = tmp_path / "backup.db"
 
-    def writer(url, name):
+    def writer(name):
         i = 0
         while not stop.is_set():
             i += 1
             status, incident = post(url, f"{name}-{i}")
             acknowledged.append((time.monotonic(), incident["id"], incident["description"]))
-
-    with server(db_path) as (url, _):
-        threads = [threading.Thread(target=writer, args=(url, f"w{t}")) for t in range(3)]
-        for thread in threads:
-            thread.start()
-        time.sleep(0.5)
-        began = time.monotonic()
-        result = run_flask(db_path, "backup", str(target))
+    threads = [threading.Thread(target=writer, args=(f"w{t}",)) for t in range(writers)]
+    for thread in threads:
+        thread.start()
+    try:
+        return acknowledged, work()
+    finally:
         stop.set()
         for thread in threads:
             thread.join()
+
+
+def as_stored(path, table, json_sql, last_id):
+    """Every row of a table up to an id, as the API shows it, read straight from a file."""
+    with sqlite3.connect(path) as db:
+        return [json.loads(row[0]) for row in db.execute(f"SELECT {json_sql} FROM {table} WHERE id <= ? ORDER BY id",
+                                                          (last_id,))]
+
+
+def answered_pages(url, path):
+    """Every item of a paged list, page after page."""
+    items, cursor = [], None
+    while True:
+        page = send(url, f"{path}{'&' if '?' in path else '?'}limit=200" + (f"&cursor={cursor}" if cursor else ""))[2]
+        items += page["items"]
+        if not (cursor := page["next_cursor"]):
+            return items
+
+
+def restore_as_the_readme_says(copy, database):
+    """The README's restore: the copy put in place for the server's user only, no old -wal or -shm beside it."""
+    steps = f"install -m 600 {copy} {database} && rm -f {database}-wal {database}-shm"
+    subprocess.run(steps, shell=True, check=True)
+
+
+def test_backup_under_load_restores_whole_in_wal_mode_and_answers_as_the_original_did(db_path, tmp_path):
+    copy, began = tmp_path / "backup.db", []
+    with server(db_path) as (url, _):
+        acknowledged, result = load_while(url, lambda: time.sleep(0.5) or began.append(time.monotonic()) or run_flask(
+            db_path, "backup", str(copy)))
     assert result.returncode == 0, result.stderr
-    before = [(i, d) for at, i, d in acknowledged if at < began]
-    after = [(i, d) for at, i, d in acknowledged if at > time.monotonic()]
-    assert len(before) > 20 and not after
-    with sqlite3.connect(target) as copy:
-        assert copy.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-        stored = dict(copy.execute("SELECT id, description FROM incidents"))
-        events = copy.execute("SELECT count(*) FROM events").fetchone()[0]
-        version = copy.execute("PRAGMA user_version").fetchone()[0]
-    assert [pair for pair in before if stored.get(pair[0]) != pair[1]] == []
-    assert re.fullmatch(
-        rf"Backed up {db_path} to {target}: {len(stored)} incidents, {events} events, {target.stat().st_size} bytes, "
-        rf"schema version {version}, integrity check ok\.\n", result.stdout)
+    before = [(i, d) for at, i, d in acknowledged if at < began[0]]
+    with sqlite3.connect(copy) as backup:
+        assert backup.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        ids = [row[0] for row in backup.execute("SELECT id FROM incidents ORDER BY id")]
+        last_event, version = backup.execute("SELECT max(id), (SELECT user_version FROM pragma_user_version) "
+                                             "FROM events").fetchone()
+        stored = dict(backup.execute("SELECT id, description FROM incidents"))
+    assert len(before) > 20 and [pair for pair in before if stored.get(pair[0]) != pair[1]] == []
+    assert ids == list(range(1, len(ids) + 1)) and len(ids) < len(acknowledged)  # one moment: a prefix of them
+    assert result.stdout == (f"Backed up {db_path} to {copy}: {len(ids)} incidents, {last_event} events, "
+                             f"{copy.stat().st_size} bytes, schema version {version}, integrity check ok.\n")
+    restored = tmp_path / "new-machine" / "incidents.db"
+    restored.parent.mkdir()
+    restore_as_the_readme_says(copy, restored)
+    with server(restored) as (url, _):
+        assert query(restored, "PRAGMA journal_mode") == [("wal",)]
+        assert answered_pages(url, "/incidents")[::-1] == as_stored(db_path, "incidents", incidents.INCIDENT_JSON,
+                                                                    len(ids))
+        timelines = [event for n in ids for event in answered_pages(url, f"/incidents/{n}/events")]
+        assert sorted(timelines, key=lambda event: event["id"]) == as_stored(db_path, "events", incidents.EVENT_JSON,
+                                                                             last_event)
+        reader = sqlite3.connect(restored)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM incidents").fetchone()  # a long reader, which a rollback journal obeys
+        (status, _, _), seconds = timed(lambda: send(url, "/incidents", {"description": "After", "source": "operator"}))
+        reader.close()
+    assert status == 201 and seconds < 1
+    assert restored.stat().st_mode & 0o777 == 0o600
 
 
 def test_failed_backup_says_why_in_one_line_and_leaves_nothing(db_path, tmp_path, client):
@@ -4154,19 +4307,20 @@ def backup(app, *args):
     return app.test_cli_runner().invoke(args=["backup", *map(str, args)])
 
 
-@pytest.mark.parametrize("target", [
-    lambda db: db,
-    lambda db: db.parent / ".." / db.parent.name / db.name,
-    lambda db: Path(f"{db}-wal"),
-    lambda db: Path(f"{db}-shm"),
-    lambda db: Path(f"{db}-writer.lock"),
-    lambda db: (db.parent / "link.db").symlink_to(db) or db.parent / "link.db",
-    lambda db: os.link(db, db.parent / "hard.db") or db.parent / "hard.db",
+@pytest.mark.parametrize("target, said", [
+    (lambda db: db, "is the live database"),
+    (lambda db: db.parent / ".." / db.parent.name / db.name, "is the live database"),
+    (lambda db: Path(f"{db}-wal"), "is the live database"),
+    (lambda db: Path(f"{db}-shm"), "is the live database"),
+    (lambda db: Path(f"{db}-writer.lock"), "is the live database"),
+    (lambda db: Path(f"{db}-writer-line.lock"), "is the live database"),
+    (lambda db: (db.parent / "link.db").symlink_to(db) or db.parent / "link.db", "is the live database"),
+    (lambda db: os.link(db, db.parent / "hard.db") or db.parent / "hard.db", "a file with 2 hard links"),
 ])
-def test_backup_refuses_the_live_database_however_named(app, client, db_path, target):
+def test_backup_refuses_the_live_database_however_named(app, client, db_path, target, said):
     create(client)
     result = backup(app, target(db_path), "--force")
-    assert result.exit_code == 1 and "is the live database" in result.output, result.output
+    assert result.exit_code == 1 and said in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1
     assert client.get("/incidents/1").status_code == 200
     assert query(db_path, "PRAGMA wal_checkpoint(TRUNCATE)")[0][0] == 0  # what was acknowledged is in the file
