@@ -115,6 +115,11 @@ ALERT_BODY_MAX = 4 * 1024 * 1024  # room for ALERTS_MAX alerts of 4 KiB; every o
 ALERT_CHUNK = 10  # alerts per transaction: no other write waits behind more than these
 ALERT_STATUSES = ("firing", "resolved")
 ALERT_KEY_PREFIX = "alertmanager:"
+HEARTBEAT_STATUSES = ("up", "late", "down", "paused")
+HEARTBEAT_SECONDS_MAX = 31 * 24 * 3600  # the longest period, and the longest grace
+HEARTBEAT_DEFAULTS = {"grace": 60, "source": "monitoring", "paused": False}
+HEARTBEAT_SERVER_FIELDS = ("name", "status", "last_ping_at", "next_due_at", "incident_id", "created_at", "updated_at")
+HEARTBEATS_DUE_BATCH = 100  # heartbeats the clock reads at a time
 REOPEN_WINDOW_S = 900  # a resolved alert that fires again this soon reopens its incident
 REMIND_AFTER_S = 600  # an incident still new this long after it became new is called for again
 REMIND_MAX = 3  # reminders before the incident is escalated
@@ -427,6 +432,45 @@ MIGRATIONS = (
             id INTEGER PRIMARY KEY CHECK (id = 1),
             at TEXT NOT NULL CHECK (at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z')
         ) STRICT""",
+    ),
+    (
+        # Heartbeats: things that check in on a schedule. late_at is when the period is over, next_due_at when
+        # the grace is too (both null while paused); down once its silence or a failure opened incident_id.
+        """CREATE TABLE heartbeats (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE CHECK (length(name) BETWEEN 1 AND 100 AND name NOT GLOB '*[^A-Za-z0-9._-]*'),
+            description TEXT NOT NULL CHECK (length(description) BETWEEN 1 AND 10000),
+            period INTEGER NOT NULL CHECK (period BETWEEN 1 AND 2678400),
+            grace INTEGER NOT NULL CHECK (grace BETWEEN 0 AND 2678400),
+            source TEXT NOT NULL CHECK (source IN ('operator', 'monitoring', 'partner')),
+            paused INTEGER NOT NULL CHECK (paused IN (0, 1)),
+            down INTEGER NOT NULL CHECK (down IN (0, 1)),
+            last_ping_at TEXT CHECK (last_ping_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z'),
+            late_at TEXT CHECK (late_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z'),
+            next_due_at TEXT CHECK (next_due_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z'),
+            incident_id INTEGER REFERENCES incidents (id),
+            created_at TEXT NOT NULL CHECK (created_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z'),
+            updated_at TEXT NOT NULL CHECK (updated_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z'),
+            CHECK ((paused = 1) = (next_due_at IS NULL) AND (late_at IS NULL) = (next_due_at IS NULL))
+        ) STRICT""",
+        # The clock finds the deadlines that passed at one end of this index; a status filter reads one each.
+        "CREATE INDEX heartbeats_due ON heartbeats (next_due_at) WHERE down = 0",
+        "CREATE INDEX heartbeats_late ON heartbeats (late_at) WHERE down = 0",
+        "CREATE INDEX heartbeats_down ON heartbeats (name) WHERE down = 1 AND paused = 0",
+        "CREATE INDEX heartbeats_paused ON heartbeats (name) WHERE paused = 1",
+        # For /metrics: how many there are, and the check-ins received, kept as they happen.
+        """CREATE TABLE heartbeat_counts (
+            heartbeats INTEGER NOT NULL CHECK (heartbeats >= 0),
+            pings INTEGER NOT NULL CHECK (pings >= 0),
+            failures INTEGER NOT NULL CHECK (failures >= 0)
+        ) STRICT""",
+        "INSERT INTO heartbeat_counts (heartbeats, pings, failures) VALUES (0, 0, 0)",
+        """CREATE TRIGGER heartbeat_counts_insert AFTER INSERT ON heartbeats BEGIN
+            UPDATE heartbeat_counts SET heartbeats = heartbeats + 1;
+        END""",
+        """CREATE TRIGGER heartbeat_counts_delete AFTER DELETE ON heartbeats BEGIN
+            UPDATE heartbeat_counts SET heartbeats = heartbeats - 1;
+        END""",
     ),
 )
 
@@ -1190,6 +1234,19 @@ def has_visible_text(value):
     return any(not char.isspace() and unicodedata.category(char) != "Cc" for char in value)
 
 
+def clean_whole(value, least, most):
+    """A JSON integer (not 60.0, not "60", not true) from least to most."""
+    if type(value) is not int or not least <= value <= most:
+        raise ValueError(f"must be a whole number (a JSON integer) from {least} to {most}")
+    return value
+
+
+def clean_flag(value):
+    if type(value) is not bool:
+        raise ValueError("must be true or false")
+    return value
+
+
 def clean_choice(value, choices):
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"must be one of: {', '.join(choices)}")
@@ -1204,6 +1261,9 @@ FIELD_RULES = {
     "note": lambda value: clean_text(value, NOTE_MAX),
     "actor": lambda value: clean_text(value, ACTOR_MAX),
     "assignee": lambda value: None if value is None else clean_text(value, ACTOR_MAX),
+    "period": lambda value: clean_whole(value, 1, HEARTBEAT_SECONDS_MAX),
+    "grace": lambda value: clean_whole(value, 0, HEARTBEAT_SECONDS_MAX),
+    "paused": lambda value: clean_flag(value),
 }
 
 
@@ -1243,11 +1303,11 @@ def invalid(what, errors):
     return ApiError(422, f"Some {what} are invalid; see errors.", errors=errors)
 
 
-def validate_fields(body, required, optional):
+def validate_fields(body, required, optional, server_fields=SERVER_FIELDS):
     """Clean values for the fields of `body`, or 422 listing every problem."""
     allowed = required + optional
     errors = [
-        {"field": field, "message": f"{'is set by the server' if field in SERVER_FIELDS else 'is not a known field'}; "
+        {"field": field, "message": f"{'is set by the server' if field in server_fields else 'is not a known field'}; "
                                     f"send only {', '.join(allowed)}"}
         for field in body
         if field not in allowed
@@ -1609,13 +1669,24 @@ def page_response(rows, limit, position):
     return json_response(f'{{"items":[{items}],"next_cursor":{json.dumps(next_cursor)}}}')
 
 
+def accepted_tokens():
+    """The bearer tokens the request's route takes: none on the PUBLIC_ENDPOINTS (the webhook has its own
+    secret), the API token everywhere else, and the ping token too on a check-in."""
+    config = current_app.config
+    if request.endpoint in PUBLIC_ENDPOINTS:
+        return []
+    tokens = [config["API_TOKEN"], config["PING_TOKEN"]] if request.endpoint == "check_in" else [config["API_TOKEN"]]
+    return [token for token in tokens if token]
+
+
 def check_token():
-    """Require the bearer token, where INCIDENTS_API_TOKEN is set, on every route but the PUBLIC_ENDPOINTS."""
-    token = current_app.config["API_TOKEN"]
-    if not token or request.endpoint in PUBLIC_ENDPOINTS:  # the webhook has its own secret
+    """Require a bearer token that the route takes, where one is set; every token is compared in full."""
+    tokens = accepted_tokens()
+    if not tokens:
         return
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+    matches = [hmac.compare_digest(given.strip().encode(), token.encode()) for token in tokens]
+    if scheme.lower() != "bearer" or not any(matches):
         raise ApiError(
             401,
             "Send the API token as the header Authorization: Bearer <token>.",
@@ -1774,6 +1845,7 @@ def list_events(incident_id):
 TELEGRAM_HELP = """Send me a problem and I register it as an incident.
 In a private chat, any text is a report. In a group: /incident <text>.
 /incidents - the newest unresolved incidents
+/heartbeats - the heartbeats that are late or down
 /take <id> - take an incident (in_progress)
 /resolve <id> - resolve an incident"""
 NO_PREVIEWS = {"link_preview_options": {"is_disabled": True}}  # a URL in a message does not unfurl
@@ -1996,6 +2068,8 @@ def telegram_command(db, message, command, argument):
         return telegram_report(db, message, argument) if argument else "Describe the problem: /incident <text>"
     if command == "/incidents":
         return telegram_open_incidents(db)
+    if command == "/heartbeats":
+        return heartbeats_needing_attention(db)
     if command in ("/take", "/resolve"):
         return telegram_set_status(db, message, argument, "in_progress" if command == "/take" else "resolved")
     return TELEGRAM_HELP if private else None
@@ -2365,6 +2439,254 @@ def receive_alerts():
               for start in range(0, len(alerts), ALERT_CHUNK)]
     results = current_app.extensions["incidents"].write_all(slices, bulk=len(slices) > 1)
     return json_response(json.dumps({"incidents": [result for chunk in results for result in chunk]}))
+
+
+# ---------------------------------------------------------------------------
+# Heartbeats: a device, a point or a job that stops checking in opens an incident by itself
+# ---------------------------------------------------------------------------
+
+HEARTBEAT_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
+CHECK_IN_SIGNAL = re.compile(r"ping|fail|0|[1-9][0-9]{0,2}")  # an exit status, 0 to 255, as $? prints it
+HEARTBEAT_KEY_PREFIX = "heartbeat:"
+# The status of a heartbeat, from its columns and the time :now.
+HEARTBEAT_STATUS_SQL = """CASE WHEN paused THEN 'paused' WHEN down OR next_due_at <= :now THEN 'down'
+                               WHEN late_at <= :now THEN 'late' ELSE 'up' END"""
+HEARTBEAT_JSON = f"""json_object(
+    'name', name, 'description', description, 'period', period, 'grace', grace, 'source', source,
+    'paused', json(CASE paused WHEN 1 THEN 'true' ELSE 'false' END), 'status', {HEARTBEAT_STATUS_SQL},
+    'last_ping_at', last_ping_at, 'next_due_at', next_due_at,
+    'incident_id', (SELECT id FROM incidents WHERE id = heartbeats.incident_id AND {IS_OPEN}),
+    'created_at', created_at, 'updated_at', updated_at)"""
+# Each status as ordered streams (see list_heartbeats_sql): an index for each, named so that SQLite reads the few
+# that are late, down or paused from their own index instead of walking every name; those up are most, read by name
+# (unary + keeps SQLite from reading the late_at index for them).
+HEARTBEAT_STREAMS = {
+    "up": [("", ["paused = 0", "down = 0", "+late_at > :now"])],
+    "late": [("INDEXED BY heartbeats_late", ["down = 0", "late_at <= :now", "next_due_at > :now"])],
+    "down": [("INDEXED BY heartbeats_down", ["down = 1", "paused = 0"]),
+             ("INDEXED BY heartbeats_due", ["down = 0", "next_due_at <= :now"])],
+    "paused": [("INDEXED BY heartbeats_paused", ["paused = 1"])],
+}
+DUE_HEARTBEATS_SQL = "SELECT name FROM heartbeats WHERE down = 0 AND next_due_at <= ? ORDER BY next_due_at LIMIT ?"
+
+
+def heartbeat_name(name, where="the URL"):
+    """A heartbeat's name as the URL gives it, or 404 (422 for PUT, which would create it)."""
+    if HEARTBEAT_NAME.fullmatch(name):
+        return name
+    raise invalid("fields", [{"field": "name", "message": "must be 1 to 100 of A-Z a-z 0-9 . _ - (as in "
+                                                          "/heartbeats/scooter-4521)"}]) if where == "PUT" else \
+        no_such_heartbeat(name)
+
+
+def no_such_heartbeat(name):
+    return ApiError(404, f"There is no heartbeat {name!r}; create it with PUT /heartbeats/<name> (names are "
+                         "case-sensitive).")
+
+
+def deadlines(since, period, grace):
+    """When a heartbeat that checked in at `since` goes late (period over) and down (grace over too)."""
+    return later(since, period), later(since, period + grace)
+
+
+def heartbeat_json(db, name):
+    row = db.execute(f"SELECT {HEARTBEAT_JSON} FROM heartbeats WHERE name = :name", {"name": name, "now": now()})
+    return row.fetchone()[0]
+
+
+def save_heartbeat(db, name, values):
+    """Create or replace a heartbeat: (its JSON, whether new). A replacement keeps the last check-in, its
+    incident and whether it is down, and computes the deadlines afresh from that check-in (or the creation)."""
+    at = now()
+    current = db.execute("SELECT coalesce(last_ping_at, created_at) FROM heartbeats WHERE name = ?", (name,)).fetchone()
+    late_at, next_due_at = (None, None) if values["paused"] else deadlines(
+        current[0] if current else at, values["period"], values["grace"])
+    columns = {**values, "late_at": late_at, "next_due_at": next_due_at, "updated_at": at}
+    if current:
+        assignments = ", ".join(f"{column} = :{column}" for column in columns)  # names from the code alone
+        db.execute(f"UPDATE heartbeats SET {assignments} WHERE name = :name", {**columns, "name": name})
+    else:
+        names = ["name", "created_at", "down", *columns]
+        db.execute(f"INSERT INTO heartbeats ({', '.join(names)}) VALUES ({', '.join(':' + n for n in names)})",
+                   {**columns, "name": name, "created_at": at, "down": 0})
+    return heartbeat_json(db, name), current is None
+
+
+def open_incident_of(db, heartbeat):
+    """The heartbeat's incident while it is open; None once someone resolved or closed it, or if it has none."""
+    return heartbeat["incident_id"] and db.execute(
+        f"SELECT id FROM incidents WHERE id = ? AND {IS_OPEN}", (heartbeat["incident_id"],)).fetchone() and \
+        heartbeat["incident_id"]
+
+
+def report_silence(db, heartbeat, note):
+    """Open the heartbeat's incident (or fold into the open one with its dedup_key), the note on its timeline."""
+    values = {"description": heartbeat["description"], "source": heartbeat["source"],
+              "dedup_key": HEARTBEAT_KEY_PREFIX + heartbeat["name"]}
+    incident_id, _, created = report_incident(db, values, note, "heartbeat")
+    if not created:
+        add_event(db, incident_id, now(), "note", note=note, actor="heartbeat")
+    return incident_id
+
+
+def open_silent(db, name):
+    """The clock's write: an incident for a heartbeat whose deadline passed, unless that changed meanwhile
+    (a check-in, a pause, another process that opened it first)."""
+    at = now()
+    heartbeat = db.execute("SELECT * FROM heartbeats WHERE name = ? AND down = 0 AND next_due_at <= ?",
+                           (name, at)).fetchone()
+    if heartbeat is None:
+        return
+    last = heartbeat["last_ping_at"]
+    note = (f"No check-in since {short_time(last)}" if last else
+            f"No check-in since it was created, {short_time(heartbeat['created_at'])}") + \
+        f"; expected every {waited(heartbeat['period'])} with {waited(heartbeat['grace'])} of grace"
+    incident_id = report_silence(db, heartbeat, note)
+    db.execute("UPDATE heartbeats SET down = 1, incident_id = ?, updated_at = ? WHERE id = ?",
+               (incident_id, at, heartbeat["id"]))
+
+
+def record_check_in(db, name, failure):
+    """A check-in: a success resolves the open incident (and the heartbeat is up again), a failure (its note,
+    or None for a success) opens one at once. Either resumes a paused heartbeat and moves its deadlines."""
+    heartbeat = db.execute("SELECT * FROM heartbeats WHERE name = ?", (name,)).fetchone()
+    if heartbeat is None:
+        raise no_such_heartbeat(name)
+    at, incident_id = now(), open_incident_of(db, heartbeat)
+    if failure is not None:
+        incident_id = report_silence(db, heartbeat, failure)
+    elif incident_id:
+        silent = age_seconds(heartbeat["last_ping_at"] or heartbeat["created_at"])
+        change_incident(db, incident_id, {"status": "resolved"}, f"Checked in again after {waited(silent)} of silence",
+                        "heartbeat")
+    db.execute("""UPDATE heartbeats SET last_ping_at = ?, late_at = ?, next_due_at = ?, paused = 0, down = ?,
+                  incident_id = ?, updated_at = ? WHERE id = ?""",
+               (at, *deadlines(at, heartbeat["period"], heartbeat["grace"]), int(failure is not None),
+                incident_id or None, at, heartbeat["id"]))
+    db.execute("UPDATE heartbeat_counts SET pings = pings + ?, failures = failures + ?",
+               (int(failure is None), int(failure is not None)))
+    return db.execute(f"SELECT json_object('name', name, 'status', {HEARTBEAT_STATUS_SQL}, 'next_due_at', next_due_at) "
+                      "FROM heartbeats WHERE id = :id", {"id": heartbeat["id"], "now": now()}).fetchone()[0]
+
+
+def remove_heartbeat(db, name):
+    """Delete a heartbeat; its incidents stay, and an open one is told on its timeline."""
+    heartbeat = db.execute("SELECT id, incident_id FROM heartbeats WHERE name = ?", (name,)).fetchone()
+    if heartbeat is None:
+        raise no_such_heartbeat(name)
+    if incident_id := open_incident_of(db, heartbeat):
+        add_event(db, incident_id, now(), "note", actor="heartbeat",
+                  note=f"Its heartbeat {name} was deleted: no check-in will resolve this incident now")
+    db.execute("DELETE FROM heartbeats WHERE id = ?", (heartbeat["id"],))
+
+
+def failure_note(signal):
+    """What a failed check-in says: the body as UTF-8 text (bad bytes replaced), cut to a note; else the status."""
+    text = read_body(MAX_BODY_BYTES, None).decode("utf-8", "replace").replace("\x00", "\ufffd")[:NOTE_MAX].strip()
+    if has_visible_text(text):
+        return text
+    return f"The check-in reported a failure (exit status {signal})" if signal.isdigit() else \
+        "The check-in reported a failure"
+
+
+def list_heartbeats_sql(query):
+    """One page of heartbeats by name: the ordered streams of the statuses asked for, merged (as for incidents)."""
+    streams = [stream for status in query.get("status", ()) for stream in HEARTBEAT_STREAMS[status]] or [("", [])]
+    selects = [f"""SELECT * FROM (SELECT name FROM heartbeats {index} WHERE {' AND '.join([*conditions, 'name > :after'])}
+                   ORDER BY name LIMIT :fetch)""" for index, conditions in streams]
+    return f"""SELECT name, {HEARTBEAT_JSON} FROM heartbeats
+               WHERE name IN (SELECT name FROM ({' UNION ALL '.join(selects)}) ORDER BY name LIMIT :fetch)
+               ORDER BY name"""
+
+
+def open_silent_heartbeats():
+    """The clock's work: incidents for the heartbeats whose deadline passed, found by an index (never a scan)
+    and opened in slices of ALERT_CHUNK, as bulk jobs, so that no other write waits behind many."""
+    database = current_app.extensions["incidents"]
+    while due := [row[0] for row in get_db().execute(DUE_HEARTBEATS_SQL, (now(), HEARTBEATS_DUE_BATCH))]:
+        database.write_all([functools.partial(open_each_silent, names=due[start:start + ALERT_CHUNK])
+                            for start in range(0, len(due), ALERT_CHUNK)], bulk=True)
+        if len(due) < HEARTBEATS_DUE_BATCH:
+            return
+
+
+def open_each_silent(db, names):
+    for name in names:
+        open_silent(db, name)
+
+
+def heartbeats_needing_attention(db):
+    """/heartbeats in Telegram: those late or down, by name."""
+    rows = db.execute(list_heartbeats_sql({"status": ["late", "down"]}),
+                      {"after": "", "fetch": TELEGRAM_LIST_MAX + 1, "now": now()}).fetchall()
+    if not rows:
+        return "Every heartbeat checks in on time."
+    lines = []
+    for row in rows[:TELEGRAM_LIST_MAX]:
+        heartbeat = json.loads(row[1])
+        last = heartbeat["last_ping_at"]
+        lines.append(f"{heartbeat['name']} [{heartbeat['status']}] last check-in "
+                     f"{short_time(last) if last else 'never'}" +
+                     (f", incident #{heartbeat['incident_id']}" if heartbeat["incident_id"] else ""))
+    return "\n".join(lines + (["… and more: GET /heartbeats?status=late,down"] if len(rows) > TELEGRAM_LIST_MAX else []))
+
+
+def heartbeat_cursor(text):
+    if not HEARTBEAT_NAME.fullmatch(text):
+        raise ValueError("is not a cursor this server returned; start again without it")
+    return text
+
+
+HEARTBEAT_QUERY = {
+    "status": (lambda values: parse_choices(values, HEARTBEAT_STATUSES), True),
+    "limit": (parse_limit, False),
+    "cursor": (heartbeat_cursor, False),
+}
+
+
+def put_heartbeat(name):
+    """Create or replace a heartbeat: 201 and Location when new, 200 when replaced."""
+    name = heartbeat_name(name, "PUT")
+    values = {**HEARTBEAT_DEFAULTS, **validate_fields(read_json_object(), ["description", "period"],
+                                                      ["grace", "source", "paused"], HEARTBEAT_SERVER_FIELDS)}
+    body, created = write(lambda db: save_heartbeat(db, name, values))
+    return json_response(body, 201, {"Location": f"/heartbeats/{name}"}) if created else json_response(body)
+
+
+def get_heartbeat(name):
+    """One heartbeat, or 404."""
+    row = get_db().execute(f"SELECT {HEARTBEAT_JSON} FROM heartbeats WHERE name = :name",
+                           {"name": heartbeat_name(name), "now": now()}).fetchone()
+    if row is None:
+        raise no_such_heartbeat(name)
+    return json_response(row[0])
+
+
+def delete_heartbeat(name):
+    """Delete a heartbeat: 204; its incidents stay."""
+    write(lambda db: remove_heartbeat(db, heartbeat_name(name)))
+    response = Response(status=204)
+    del response.headers["Content-Type"]  # no body, of no type
+    return response
+
+
+def list_heartbeats():
+    """Heartbeats by name, filtered by status, one keyset page at a time."""
+    query = parse_query(request.args, HEARTBEAT_QUERY)
+    limit = query.get("limit", PAGE_LIMIT_DEFAULT)
+    rows = get_db().execute(list_heartbeats_sql(query), {"after": query.get("cursor", ""), "fetch": limit + 1,
+                                                         "now": now()}).fetchall()
+    return page_response(rows, limit, lambda row: [row["name"]])
+
+
+def check_in(name, signal):
+    """A check-in: ping (or exit status 0) records it, fail (or an exit status 1 to 255) reports a failure."""
+    name = heartbeat_name(name)
+    if not CHECK_IN_SIGNAL.fullmatch(signal) or (signal.isdigit() and int(signal) > 255):
+        raise ApiError(404, f"There is no check-in {signal!r}: use /heartbeats/{name}/ping, /fail, or /<exit status "
+                            "0 to 255>.")
+    failure = None if signal in ("ping", "0") else failure_note(signal)
+    return json_response(write(lambda db: record_check_in(db, name, failure)))
 
 
 # ---------------------------------------------------------------------------
@@ -2890,8 +3212,30 @@ def metrics():
         *histogram_family("incidents_time_to_resolve_seconds",
                           "Seconds from when an incident was last opened until it was resolved or closed, by source.",
                           [row for row in durations if row["metric"] == "resolve"]),
+        *heartbeat_families(db),
     ]
     return Response("\n".join(lines) + "\n", content_type=METRICS_CONTENT_TYPE)
+
+
+# Heartbeats by status: the counts kept as they change, and one range of an index for each status but up.
+HEARTBEAT_COUNTS_SQL = """SELECT heartbeats, pings, failures,
+    (SELECT count(*) FROM heartbeats WHERE paused = 1) AS paused,
+    (SELECT count(*) FROM heartbeats WHERE down = 1 AND paused = 0)
+        + (SELECT count(*) FROM heartbeats WHERE down = 0 AND next_due_at <= :now) AS down,
+    (SELECT count(*) FROM heartbeats WHERE down = 0 AND late_at <= :now AND next_due_at > :now) AS late
+    FROM heartbeat_counts"""
+
+
+def heartbeat_families(db):
+    """Heartbeats by status (a gauge) and the check-ins received (a counter, by kind)."""
+    counts = db.execute(HEARTBEAT_COUNTS_SQL, {"now": now()}).fetchone()
+    up = counts["heartbeats"] - counts["paused"] - counts["down"] - counts["late"]
+    return [*metric_family("incidents_heartbeats", "gauge", "Heartbeats, by status.",
+                           [({"status": status}, up if status == "up" else counts[status])
+                            for status in HEARTBEAT_STATUSES]),
+            *metric_family("incidents_heartbeat_checkins_total", "counter",
+                           "Check-ins received, by kind: ping (a success) or fail (a failure reported).",
+                           [({"kind": "ping"}, counts["pings"]), ({"kind": "fail"}, counts["failures"])])]
 
 
 # The files SQLite and this service keep beside the database, by the suffix after its name.
@@ -2980,6 +3324,7 @@ EXAMPLE_ALERTS = {"status": "firing", "alerts": [{
     "status": "firing", "labels": {"alertname": "PointDown", "point": "7"},
     "annotations": {"summary": "Point 7 does not respond"}, "startsAt": "2026-11-23T07:00:00Z",
     "fingerprint": "a1b2c3d4e5f60718"}]}
+EXAMPLE_HEARTBEAT = {"description": "Scooter #4521 stopped checking in", "period": 300, "grace": 60}
 EXAMPLE_UPDATE = {"update_id": 1, "message": {"message_id": 77, "chat": {"id": 111, "type": "private"},
                                               "from": {"id": 111, "first_name": "Ivan"}, "text": "Point 7 is down"}}
 
@@ -3037,11 +3382,27 @@ def answer_schemas():
             "errors": {"type": "array", "items": obj(["field", "message"], {
                 "field": {"type": "string"}, "message": {"type": "string"}})}}),
         "Health": obj(["status"], {"status": {"enum": ["ok"]}}),
+        **heartbeat_schemas(),
         "FrontDoor": obj(["name", "version", "links"], {
             "name": {"type": "string"}, "version": {"type": "string"},
             "links": obj(FRONT_DOOR_LINKS, {link: {"type": "string"} for link in FRONT_DOOR_LINKS})}),
         "TelegramReply": {"type": "object"},
     }
+
+
+def heartbeat_schemas():
+    """A heartbeat, a page of them, and what a check-in answers."""
+    timestamp, name = TIMESTAMP_SCHEMA, {"type": "string", "pattern": f"^{HEARTBEAT_NAME.pattern}$"}
+    heartbeat = {
+        "name": name, "description": {"type": "string", "minLength": 1, "maxLength": DESCRIPTION_MAX},
+        "period": {"type": "integer", "minimum": 1, "maximum": HEARTBEAT_SECONDS_MAX},
+        "grace": {"type": "integer", "minimum": 0, "maximum": HEARTBEAT_SECONDS_MAX},
+        "source": {"enum": list(SOURCES)}, "paused": {"type": "boolean"}, "status": {"enum": list(HEARTBEAT_STATUSES)},
+        "last_ping_at": nullable(timestamp), "next_due_at": nullable(timestamp),
+        "incident_id": {"type": ["integer", "null"], "minimum": 1}, "created_at": timestamp, "updated_at": timestamp}
+    return {"Heartbeat": obj(heartbeat, heartbeat), "HeartbeatPage": page_schema("Heartbeat", HEARTBEAT_NAME.pattern),
+            "CheckIn": obj(["name", "status", "next_due_at"], {
+                "name": name, "status": {"enum": list(HEARTBEAT_STATUSES)}, "next_due_at": nullable(timestamp)})}
 
 
 def request_schemas():
@@ -3064,6 +3425,13 @@ def request_schemas():
             "alerts": {"type": "array", "maxItems": ALERTS_MAX, "items": alert},
             "status": {"enum": list(ALERT_STATUSES)}}},
         "TelegramUpdate": {"type": "object"},
+        "HeartbeatSettings": obj(["description", "period"], {
+            "description": text_schema(DESCRIPTION_MAX), "period": {"type": "integer", "minimum": 1,
+                                                                   "maximum": HEARTBEAT_SECONDS_MAX},
+            "grace": {"type": "integer", "minimum": 0, "maximum": HEARTBEAT_SECONDS_MAX,
+                      "default": HEARTBEAT_DEFAULTS["grace"]},
+            "source": {"enum": list(SOURCES), "default": HEARTBEAT_DEFAULTS["source"]},
+            "paused": {"type": "boolean", "default": False}}),
     }
 
 
@@ -3075,6 +3443,19 @@ def query_parameters(specs):
 
 
 INCIDENT_ID = {"name": "incident_id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
+HEARTBEAT = {"name": "name", "in": "path", "required": True, "description": "Case-sensitive.",
+             "schema": {"type": "string", "pattern": f"^{HEARTBEAT_NAME.pattern}$"}}
+CHECK_IN = {"name": "signal", "in": "path", "required": True,
+            "description": "ping (or 0) for a success; fail (or an exit status 1 to 255) for a failure, whose POST "
+                           "body (any type, read as UTF-8, cut to 2000 characters) is its note.",
+            "schema": {"type": "string", "pattern": "^(ping|fail|[0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])$"}}
+HEARTBEAT_PARAMETERS = (
+    ("status", {"type": "array", "items": {"enum": list(HEARTBEAT_STATUSES)}},
+     "Only these statuses (or one comma-separated value)."),
+    ("limit", {"type": "integer", "minimum": 1, "maximum": PAGE_LIMIT_MAX, "default": PAGE_LIMIT_DEFAULT},
+     "Heartbeats on a page."),
+    ("cursor", {"type": "string", "pattern": f"^{HEARTBEAT_NAME.pattern}$"}, "next_cursor of the page before."),
+)
 LIST_PARAMETERS = (
     ("status", {"type": "array", "items": {"enum": list(STATUSES)}}, "Only these statuses (or one comma-separated value)."),
     ("source", {"type": "array", "items": {"enum": list(SOURCES)}}, "Only these sources (or one comma-separated value)."),
@@ -3095,8 +3476,9 @@ EVENT_PARAMETERS = (
 )
 ERROR_RESPONSES = {  # the same meaning on every route that answers them
     400: "The body is not JSON, or not a JSON object, or could not be read.",
-    401: "INCIDENTS_API_TOKEN is set, and the request lacks Authorization: Bearer <token>.",
-    404: "No such incident (or, for the webhook, TELEGRAM_WEBHOOK_SECRET is not set).",
+    401: "INCIDENTS_API_TOKEN (or, for a check-in, INCIDENTS_PING_TOKEN) is set, and the request lacks "
+         "Authorization: Bearer <token>.",
+    404: "No such incident, heartbeat or check-in (or, for the webhook, TELEGRAM_WEBHOOK_SECRET is not set).",
     409: "Another open incident holds the dedup_key that reopening this one would take back.",
     413: "The body is larger than the route takes (see x-max-body-bytes).",
     415: "The body is not declared Content-Type: application/json.",
@@ -3118,12 +3500,12 @@ API_DOCS = {  # per endpoint: request body (schema, byte limit, example), query 
         **dict.fromkeys(WRITE_ERRORS, "Problem")}},
     "list_incidents": {"query": LIST_PARAMETERS, "responses": {
         200: ("A page of incidents, newest first.", "IncidentPage"), 401: "Problem", 422: "Problem"}},
-    "get_incident": {"path": True, "responses": {200: ("The incident.", "Incident"), 401: "Problem", 404: "Problem"}},
-    "update_incident": {"path": True, "body": ("IncidentChange", MAX_BODY_BYTES,
+    "get_incident": {"path": [INCIDENT_ID], "responses": {200: ("The incident.", "Incident"), 401: "Problem", 404: "Problem"}},
+    "update_incident": {"path": [INCIDENT_ID], "body": ("IncidentChange", MAX_BODY_BYTES,
                                                {"status": "in_progress", "actor": "ivan", "note": "On my way"}),
                         "responses": {200: ("The incident as changed.", "Incident"), 404: "Problem", 409: "Problem",
                                       **dict.fromkeys(WRITE_ERRORS, "Problem")}},
-    "list_events": {"path": True, "query": EVENT_PARAMETERS, "responses": {
+    "list_events": {"path": [INCIDENT_ID], "query": EVENT_PARAMETERS, "responses": {
         200: ("A page of the timeline, oldest first.", "EventPage"), 401: "Problem", 404: "Problem",
         422: "Problem"}},
     "telegram_webhook": {"body": ("TelegramUpdate", MAX_BODY_BYTES, EXAMPLE_UPDATE), "secret": True, "responses": {
@@ -3133,6 +3515,18 @@ API_DOCS = {  # per endpoint: request body (schema, byte limit, example), query 
     "receive_alerts": {"body": ("AlertPayload", ALERT_BODY_MAX, EXAMPLE_ALERTS), "responses": {
         200: ("What each alert did, in the payload's order.", "AlertResults"), **dict.fromkeys(WRITE_ERRORS, "Problem")}},
     "metrics": {"responses": {200: ("Prometheus' text format, version 0.0.4.", "text"), 401: "Problem"}},
+    "list_heartbeats": {"query": HEARTBEAT_PARAMETERS, "responses": {
+        200: ("A page of heartbeats, by name.", "HeartbeatPage"), 401: "Problem", 422: "Problem"}},
+    "put_heartbeat": {"path": [HEARTBEAT], "body": ("HeartbeatSettings", MAX_BODY_BYTES, EXAMPLE_HEARTBEAT),
+                      "responses": {201: ("A new heartbeat.", "Heartbeat", "Location"),
+                                    200: ("The heartbeat, replaced.", "Heartbeat"),
+                                    **dict.fromkeys(WRITE_ERRORS, "Problem")}},
+    "get_heartbeat": {"path": [HEARTBEAT], "responses": {
+        200: ("The heartbeat.", "Heartbeat"), 401: "Problem", 404: "Problem"}},
+    "delete_heartbeat": {"path": [HEARTBEAT], "responses": {
+        204: ("Deleted; its incidents stay.", "empty"), 401: "Problem", 404: "Problem", 503: "Problem"}},
+    "check_in": {"path": [HEARTBEAT, CHECK_IN], "body": ("text", MAX_BODY_BYTES, "backup: disk full"), "responses": {
+        200: ("The check-in is recorded.", "CheckIn"), **dict.fromkeys((400, 401, 404, 413, 503), "Problem")}},
 }
 
 
@@ -3143,25 +3537,27 @@ def documented_response(status, spec):
     description, schema, header = (*spec, None)[:3]
     media, body = {"Problem": ("application/problem+json", ref("Problem")), "text": ("text/plain", {"type": "string"}),
                    None: ("application/json", {"type": "object"})}.get(schema, ("application/json", ref(schema or "")))
-    response = {"description": description, "content": {media: {"schema": body}}}
+    response = {"description": description, **({"content": {media: {"schema": body}}} if schema != "empty" else {})}
     if header:
         response["headers"] = {header: {"required": True, "schema": {"type": "string"}}}
     return response
 
 
-def operation(endpoint):
-    """The document of one endpoint, from API_DOCS and its view's docstring."""
+def operation(endpoint, method):
+    """The document of one endpoint and method, from API_DOCS and its view's docstring."""
     docs = API_DOCS[endpoint]
     summary = current_app.view_functions[endpoint].__doc__.strip().splitlines()[0]
     spec = {"operationId": endpoint, "summary": summary, "parameters": [
-        *([INCIDENT_ID] if docs.get("path") else []), *query_parameters(docs.get("query", ())),
+        *docs.get("path", ()), *query_parameters(docs.get("query", ())),
         *([{"name": "X-Telegram-Bot-Api-Secret-Token", "in": "header", "required": False,
             "schema": {"type": "string"}, "description": "Must equal TELEGRAM_WEBHOOK_SECRET."}]
           if docs.get("secret") else [])]}
-    if "body" in docs:
+    if "body" in docs and method != "GET":
         schema, limit, example = docs["body"]
-        spec["requestBody"] = {"required": True, "description": f"JSON, at most {limit} bytes.", "x-max-body-bytes": limit,
-                               "content": {"application/json": {"schema": ref(schema), "example": example}}}
+        media, body = ("*/*", {"type": "string"}) if schema == "text" else ("application/json", ref(schema))
+        spec["requestBody"] = {"required": schema != "text", "x-max-body-bytes": limit,
+                               "description": f"{'Any text' if schema == 'text' else 'JSON'}, at most {limit} bytes.",
+                               "content": {media: {"schema": body, "example": example}}}
     spec["responses"] = {str(status): documented_response(status, response)
                          for status, response in docs["responses"].items()}
     if endpoint == "create_incident":
@@ -3178,7 +3574,7 @@ def openapi_document():
         if rule.endpoint != "static":
             path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
             for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
-                paths.setdefault(path, {})[method.lower()] = operation(rule.endpoint)
+                paths.setdefault(path, {})[method.lower()] = operation(rule.endpoint, method)
     return jsonify({
         "openapi": "3.1.0",
         "info": {"title": SERVICE, "version": VERSION,
@@ -3186,11 +3582,13 @@ def openapi_document():
         "security": [{"bearer": []}, {}],
         "paths": paths,
         "components": {"schemas": {**answer_schemas(), **request_schemas()}, "securitySchemes": {"bearer": {
-            "type": "http", "scheme": "bearer", "description": "Only when the server sets INCIDENTS_API_TOKEN."}}},
+            "type": "http", "scheme": "bearer", "description": "Only when the server sets INCIDENTS_API_TOKEN (a "
+                                                               "check-in takes INCIDENTS_PING_TOKEN too)."}}},
     })
 
 
-FRONT_DOOR_LINKS = {"openapi": "/openapi.json", "health": "/health", "incidents": "/incidents", "metrics": "/metrics"}
+FRONT_DOOR_LINKS = {"openapi": "/openapi.json", "health": "/health", "incidents": "/incidents",
+                    "heartbeats": "/heartbeats", "metrics": "/metrics"}
 
 
 def front_door():
@@ -3291,6 +3689,7 @@ def configuration():
         DATABASE=os.environ.get("INCIDENTS_DB", "incidents.db"),
         BUSY_TIMEOUT=env_number("INCIDENTS_BUSY_TIMEOUT", BUSY_TIMEOUT_S, least=1, most=3600),
         API_TOKEN=env_secret("INCIDENTS_API_TOKEN", r"[!-~]{1,4096}", "visible ASCII characters, no spaces"),
+        PING_TOKEN=env_secret("INCIDENTS_PING_TOKEN", r"[!-~]{1,4096}", "visible ASCII characters, no spaces"),
         TELEGRAM_WEBHOOK_SECRET=env_secret("TELEGRAM_WEBHOOK_SECRET", r"[A-Za-z0-9_-]{1,256}",
                                            "1 to 256 of A-Z, a-z, 0-9, _ and - (what Telegram takes)"),
         TELEGRAM_BOT_TOKEN=env_bot_token("TELEGRAM_BOT_TOKEN"),
@@ -3361,6 +3760,7 @@ def create_app(test_config=None):
     if test_config:
         app.config.update(test_config)
     app.json = JSONProvider(app)
+    app.url_map.merge_slashes = False  # /heartbeats//ping is no route: a 404, not a redirect to another
     app.wsgi_app = query_as_sent(app.wsgi_app)
 
     app.extensions["incidents"] = Database(app.config["DATABASE"], app.config["BUSY_TIMEOUT"])
@@ -3369,6 +3769,7 @@ def create_app(test_config=None):
             open_database()
             if app.config["TELEGRAM_WEBHOOK_SECRET"]:
                 warn_if_no_chat_allowed(app.logger.warning)
+        app.extensions["incidents"].start_clock(app, open_silent_heartbeats)
     app.teardown_appcontext(close_db)
     app.before_request(check_token)
     app.before_request(check_incident_id)
@@ -3389,6 +3790,11 @@ def create_app(test_config=None):
     app.post("/telegram/webhook")(telegram_webhook)
     app.post("/integrations/alertmanager")(receive_alerts)
     app.get("/metrics")(metrics)
+    app.get("/heartbeats")(list_heartbeats)
+    app.put("/heartbeats/<name>")(put_heartbeat)
+    app.get("/heartbeats/<name>")(get_heartbeat)
+    app.delete("/heartbeats/<name>")(delete_heartbeat)
+    app.route("/heartbeats/<name>/<signal>", methods=["GET", "POST"])(check_in)
     app.cli.add_command(telegram_poll_command)
     app.cli.add_command(telegram_notify_command)
     app.cli.add_command(backup_command)

@@ -24,6 +24,7 @@ import urllib.parse
 import urllib.request
 import contextlib
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 
 import click
@@ -125,6 +126,9 @@ def check_against_the_document(request, response):
         return
     documented = operation["responses"].get(str(response.status_code))
     assert documented, f"{request.method} {request.path}: {response.status_code} is not in the document"
+    if "content" not in documented:
+        assert response.data == b"" and "Content-Type" not in response.headers, f"{request.path}: a body"
+        return
     (media, content), = documented["content"].items()
     assert response.mimetype == media, f"{request.method} {request.path}: {response.mimetype}, documented {media}"
     for header in documented.get("headers", {}):
@@ -162,8 +166,10 @@ def documented_responses(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def quick_sender(monkeypatch):
-    """The sender in a thread of the test looks for news ten times as often, so that tests wait less."""
+    """The sender in a thread of the test looks for news ten times as often, so that tests wait less; so does
+    the clock of an app the test makes (a server the test starts keeps its own)."""
     monkeypatch.setattr(incidents, "NOTIFY_POLL_S", 0.05)
+    monkeypatch.setattr(incidents, "CLOCK_TICK_S", 0.1)
 
 
 @pytest.fixture
@@ -1199,7 +1205,8 @@ def test_migration_fills_who_took_it_and_when_from_the_timeline(db_path):
 def test_front_door_names_the_service_its_version_and_where_to_go(token_client):
     response = token_client.get("/")  # no token needed
     assert response.json == {"name": "incidents", "version": incidents.VERSION, "links": {
-        "openapi": "/openapi.json", "health": "/health", "incidents": "/incidents", "metrics": "/metrics"}}
+        "openapi": "/openapi.json", "health": "/health", "incidents": "/incidents", "heartbeats": "/heartbeats",
+        "metrics": "/metrics"}}
     for link in response.json["links"].values():
         assert token_client.get(link, headers={"Authorization": "Bearer s3cret"}).status_code == 200
 
@@ -1210,13 +1217,13 @@ def test_openapi_document_covers_every_route_the_app_serves_with_its_methods(app
     served = {(re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule), method.lower())
               for rule in app.url_map.iter_rules() for method in rule.methods - {"HEAD", "OPTIONS"}}
     described = {(path, method) for path, operations in document["paths"].items() for method in operations}
-    assert served == described and len(served) == 11
+    assert served == described and len(served) == 17
     for path, operations in document["paths"].items():
         for method, operation in operations.items():
             assert operation["summary"] and operation["responses"], (method, path)
             if "requestBody" in operation:
-                assert operation["requestBody"]["content"]["application/json"]["example"], (method, path)
-                example = operation["requestBody"]["content"]["application/json"]
+                (media, example), = operation["requestBody"]["content"].items()
+                assert example["example"] and media in ("application/json", "*/*"), (method, path)
                 assert not schema_errors(example["example"], example["schema"], document), (method, path)
 
 
@@ -1240,10 +1247,13 @@ def test_openapi_enums_and_limits_are_the_modules_constants(client):
     assert parameters["cursor"]["pattern"] == f"^{incidents.LIST_CURSOR}$"
     events = {p["name"]: p["schema"] for p in paths["/incidents/{incident_id}/events"]["get"]["parameters"]}
     assert set(events) == {"incident_id", *incidents.EVENTS_QUERY}
-    bodies = {path: operations["post"]["requestBody"]["x-max-body-bytes"] for path, operations in paths.items()
-              if "post" in operations}
-    assert bodies == {"/incidents": incidents.MAX_BODY_BYTES, "/telegram/webhook": incidents.MAX_BODY_BYTES,
-                      "/integrations/alertmanager": incidents.ALERT_BODY_MAX}
+    bodies = {(path, method): operation["requestBody"]["x-max-body-bytes"] for path, operations in paths.items()
+              for method, operation in operations.items() if "requestBody" in operation}
+    assert bodies == {("/incidents", "post"): incidents.MAX_BODY_BYTES, ("/incidents/{incident_id}", "patch"):
+                      incidents.MAX_BODY_BYTES, ("/telegram/webhook", "post"): incidents.MAX_BODY_BYTES,
+                      ("/integrations/alertmanager", "post"): incidents.ALERT_BODY_MAX,
+                      ("/heartbeats/{name}", "put"): incidents.MAX_BODY_BYTES,
+                      ("/heartbeats/{name}/{signal}", "post"): incidents.MAX_BODY_BYTES}
 
 
 def test_openapi_text_and_search_patterns_say_exactly_what_the_code_accepts():
@@ -1468,7 +1478,7 @@ def test_existing_database_keeps_its_mode(db_path):
 # Each migration's text as released: files in the field ran exactly this; a new file must get the same.
 MIGRATION_PINS = ["1824ad64a8d090a8", "2568b4ef34d03c25", "03652428789037dc", "37ea07775b9a208c",
                   "142188eb6d97c5d4", "8fd34c596f0a7476", "c9660475526e049d", "08f0cf11d0c36ab0",
-                  "e942c9e400084136", "9500e9b4e7b902b4"]
+                  "e942c9e400084136", "9500e9b4e7b902b4", "0fa572c7b014399b"]
 
 
 def test_migrations_are_frozen_text():
@@ -3306,6 +3316,423 @@ def test_alert_route_needs_the_api_token_when_set(token_client, db_path):
 
 
 # ---------------------------------------------------------------------------
+# Heartbeats: silence opens an incident
+# ---------------------------------------------------------------------------
+
+
+def put_heartbeat(client, name="scooter-4521", status=201, **body):
+    body = {"description": f"{name} stopped checking in", "period": 300, **body}
+    response = client.put(f"/heartbeats/{name}", json=body)
+    assert response.status_code == status, response.get_data(as_text=True)
+    return response.json
+
+
+def age_heartbeat(db_path, name, seconds):
+    """Move a heartbeat's last check-in (or creation) and its deadlines `seconds` into the past."""
+    with sqlite3.connect(db_path) as db:
+        for column in ("last_ping_at", "late_at", "next_due_at", "created_at"):
+            db.execute(f"UPDATE heartbeats SET {column} = strftime('%Y-%m-%dT%H:%M:%fZ', {column}, ?) WHERE name = ?",
+                       (f"-{seconds} seconds", name))
+
+
+def heartbeat_incidents(db_path, name):
+    return query(db_path, "SELECT id, status, source, description FROM incidents WHERE dedup_key = ? ORDER BY id",
+                 (f"heartbeat:{name}",))
+
+
+def wait_until(condition, seconds=5):
+    deadline = time.monotonic() + seconds
+    while not (result := condition()):
+        assert time.monotonic() < deadline, "not within the time allowed"
+        time.sleep(0.02)
+    return result
+
+
+def test_heartbeat_is_created_then_replaced_keeping_its_last_check_in(client, db_path):
+    response = client.put("/heartbeats/scooter-4521", json={"description": "Scooter #4521 is silent", "period": 300})
+    assert response.status_code == 201 and response.headers["Location"] == "/heartbeats/scooter-4521"
+    created = response.json
+    assert created == {**created, "name": "scooter-4521", "description": "Scooter #4521 is silent", "period": 300,
+                       "grace": 60, "source": "monitoring", "paused": False, "status": "up", "last_ping_at": None,
+                       "incident_id": None}
+    assert created["next_due_at"] == incidents.later(created["created_at"], 360)  # the clock starts at creation
+    pinged = client.post("/heartbeats/scooter-4521/ping").json
+    replaced = put_heartbeat(client, status=200, description="Scooter #4521: no GPS", period=60, grace=0,
+                             source="partner")
+    assert (replaced["created_at"], replaced["source"], replaced["period"]) == (created["created_at"], "partner", 60)
+    assert replaced["last_ping_at"] and replaced["next_due_at"] == incidents.later(replaced["last_ping_at"], 60)
+    assert pinged["next_due_at"] == incidents.later(replaced["last_ping_at"], 360)
+    assert client.get("/heartbeats/scooter-4521").json == replaced
+    assert query(db_path, "SELECT count(*) FROM heartbeats") == [(1,)]
+
+
+@pytest.mark.parametrize("body, fields", [
+    ({"period": 60}, ["description"]),
+    ({"description": "x"}, ["period"]),
+    ({"description": "", "period": 60}, ["description"]),
+    ({"description": " ", "period": 60}, ["description"]),
+    ({"description": "x" * 10_001, "period": 60}, ["description"]),
+    ({"description": "x", "period": 0}, ["period"]),
+    ({"description": "x", "period": 2_678_401}, ["period"]),
+    ({"description": "x", "period": 60.0}, ["period"]),
+    ({"description": "x", "period": "60"}, ["period"]),
+    ({"description": "x", "period": True}, ["period"]),
+    ({"description": "x", "period": None}, ["period"]),
+    ({"description": "x", "period": 60, "grace": -1}, ["grace"]),
+    ({"description": "x", "period": 60, "grace": 2_678_401}, ["grace"]),
+    ({"description": "x", "period": 60, "grace": 1.5}, ["grace"]),
+    ({"description": "x", "period": 60, "source": "sms"}, ["source"]),
+    ({"description": "x", "period": 60, "paused": "yes"}, ["paused"]),
+    ({"description": "x", "period": 60, "paused": 1}, ["paused"]),
+    ({"description": "x", "period": 60, "status": "up"}, ["status"]),
+    ({"description": "x", "period": 60, "name": "other"}, ["name"]),
+    ({"description": "x", "period": 60, "color": "red"}, ["color"]),
+    ({"description": 7, "period": -5, "grace": "a"}, ["description", "period", "grace"]),
+])
+def test_bad_heartbeat_is_422_naming_each_field_and_writes_nothing(client, db_path, body, fields):
+    assert error_fields(client.put("/heartbeats/point-7", json=body)) == sorted(fields)
+    assert query(db_path, "SELECT count(*) FROM heartbeats") == [(0,)]
+
+
+def test_heartbeat_of_the_largest_period_and_grace_is_accepted(client):
+    assert put_heartbeat(client, period=2_678_400, grace=2_678_400)["grace"] == 2_678_400
+
+
+@pytest.mark.parametrize("name", ["", "a" * 101, "scooter 4521", "точка-7", "a/b", "a%2Fb", "a:b", "a*", "%00"])
+def test_heartbeat_name_that_breaks_the_rules_is_422_on_put_and_404_elsewhere(client, db_path, name):
+    path = f"/heartbeats/{urllib.parse.quote(name, safe='%/')}"
+    if name and "/" not in urllib.parse.unquote(name):
+        assert error_fields(client.put(path, json={"description": "x", "period": 60})) == ["name"]
+    for method, suffix in (("GET", ""), ("DELETE", ""), ("POST", "/ping"), ("GET", "/fail")):
+        assert client.open(path + suffix, method=method).status_code in (404, 405)
+    assert query(db_path, "SELECT count(*) FROM heartbeats") == [(0,)]
+
+
+@pytest.mark.parametrize("name", ["a", "A" * 100, "nightly-report", "point_7.v2", "..x", "Scooter-4521"])
+def test_heartbeat_names_of_the_allowed_characters_are_taken_as_they_are(client, name):
+    assert put_heartbeat(client, name)["name"] == name
+    assert client.get(f"/heartbeats/{name}").json["name"] == name
+
+
+def test_heartbeat_names_are_case_sensitive(client):
+    put_heartbeat(client, "Point-7")
+    assert client.get("/heartbeats/point-7").status_code == 404
+    assert client.post("/heartbeats/point-7/ping").status_code == 404
+
+
+def test_heartbeats_list_by_name_a_page_at_a_time_and_by_status(client, db_path):
+    for name in ("c", "a", "e", "b", "d"):
+        put_heartbeat(client, name, period=60, grace=60)
+    put_heartbeat(client, "f", period=60, paused=True)
+    age_heartbeat(db_path, "b", 90)  # late: the period is over, the grace runs
+    age_heartbeat(db_path, "d", 200)  # down: the grace is over too
+    assert [h["name"] for h in answered_list(client, "/heartbeats?limit=2")] == ["a", "b", "c", "d", "e", "f"]
+    statuses = {h["name"]: h["status"] for h in answered_list(client, "/heartbeats")}
+    assert statuses == {"a": "up", "b": "late", "c": "up", "d": "down", "e": "up", "f": "paused"}
+    for params, expected in [("status=up", "ace"), ("status=late,down", "bd"), ("status=paused&status=down", "df"),
+                             ("status=down&limit=1", "d")]:
+        assert "".join(h["name"] for h in answered_list(client, f"/heartbeats?{params}")) == expected
+    assert client.get("/heartbeats/f").json["next_due_at"] is None
+
+
+def answered_list(client, url):
+    items, cursor = [], None
+    while True:
+        page = client.get(url + (f"&cursor={cursor}" if cursor else "")).json
+        items += page["items"]
+        if not (cursor := page["next_cursor"]):
+            return items
+
+
+@pytest.mark.parametrize("params, field", [("status=asleep", "status"), ("limit=0", "limit"), ("cursor=a b", "cursor"),
+                                           ("sort=name", "sort"), ("limit=1&limit=2", "limit")])
+def test_heartbeats_list_rejects_bad_query_parameters_with_422(client, params, field):
+    assert error_fields(client.get(f"/heartbeats?{params}")) == [field]
+
+
+@pytest.mark.parametrize("method", ["POST", "GET", "HEAD"])
+@pytest.mark.parametrize("signal", ["ping", "0"])
+def test_check_in_records_a_ping_by_any_method_and_answers_short_json(client, db_path, method, signal):
+    put_heartbeat(client, period=60, grace=10)
+    response = client.open(f"/heartbeats/scooter-4521/{signal}", method=method, data=b"ignored body")
+    assert response.status_code == 200
+    last = query(db_path, "SELECT last_ping_at FROM heartbeats")[0][0]
+    if method != "HEAD":
+        assert response.json == {"name": "scooter-4521", "status": "up", "next_due_at": incidents.later(last, 70)}
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(0,)]
+    assert query(db_path, "SELECT pings, failures FROM heartbeat_counts") == [(1, 0)]
+
+
+@pytest.mark.parametrize("signal", ["pong", "256", "-1", "007", "1.5", "٣", "ping%20", "fail2"])
+def test_check_in_of_anything_else_after_the_name_is_404(client, db_path, signal):
+    put_heartbeat(client)
+    assert_problem(client.post(f"/heartbeats/scooter-4521/{signal}"), 404)
+    assert client.post("/heartbeats/scooter-4521/ping/again").status_code == 404
+    assert query(db_path, "SELECT last_ping_at FROM heartbeats") == [(None,)]
+
+
+def test_check_in_of_an_unknown_name_is_404_and_creates_nothing(client, db_path):
+    assert "PUT /heartbeats/<name>" in assert_problem(client.post("/heartbeats/scooter-9999/ping"), 404)["detail"]
+    assert_problem(client.get("/heartbeats/scooter-9999/fail"), 404)
+    assert query(db_path, "SELECT count(*) FROM heartbeats") == [(0,)]
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(0,)]
+
+
+def test_failed_check_in_opens_the_incident_at_once_with_the_body_as_its_note(client, db_path):
+    put_heartbeat(client, "nightly-report", description="The nightly report was not uploaded", period=86400)
+    body = "upload: ".encode() + b"\xff\xfe broken bytes " + "ошибка ".encode() * 400
+    answer = client.post("/heartbeats/nightly-report/fail", data=body, content_type="application/octet-stream").json
+    assert answer["status"] == "down"
+    (incident_id, status, source, description), = heartbeat_incidents(db_path, "nightly-report")
+    assert (status, source, description) == ("new", "monitoring", "The nightly report was not uploaded")
+    note = client.get(f"/incidents/{incident_id}/events").json["items"][0]["note"]
+    assert note.startswith("upload: \ufffd\ufffd broken bytes ошибка") and len(note) == 2000
+    heartbeat = client.get("/heartbeats/nightly-report").json
+    assert (heartbeat["status"], heartbeat["incident_id"]) == ("down", incident_id) and heartbeat["last_ping_at"]
+    assert query(db_path, "SELECT pings, failures FROM heartbeat_counts") == [(0, 1)]
+
+
+@pytest.mark.parametrize("signal, failed", [("0", False), ("1", True), ("3", True), ("255", True), ("fail", True)])
+def test_exit_status_zero_is_a_ping_and_any_other_a_failure(client, db_path, signal, failed):
+    put_heartbeat(client, "backup-job")
+    assert client.get(f"/heartbeats/backup-job/{signal}").json["status"] == ("down" if failed else "up")
+    assert len(heartbeat_incidents(db_path, "backup-job")) == failed
+    if failed and signal != "fail":
+        incident_id = heartbeat_incidents(db_path, "backup-job")[0][0]
+        assert f"exit status {signal}" in client.get(f"/incidents/{incident_id}/events").json["items"][0]["note"]
+
+
+def test_success_after_a_failure_resolves_the_incident_saying_how_long_it_was_silent(client, db_path):
+    put_heartbeat(client, "backup-job")
+    client.post("/heartbeats/backup-job/2")
+    incident_id = heartbeat_incidents(db_path, "backup-job")[0][0]
+    assert client.post("/heartbeats/backup-job/0").json["status"] == "up"
+    assert heartbeat_incidents(db_path, "backup-job")[0][1] == "resolved"
+    last = client.get(f"/incidents/{incident_id}/events").json["items"][-1]
+    assert (last["type"], last["to_status"], last["actor"]) == ("status_changed", "resolved", "heartbeat")
+    assert re.fullmatch(r"Checked in again after \d+ s of silence", last["note"])
+    assert client.get("/heartbeats/backup-job").json["incident_id"] is None
+
+
+def test_any_check_in_resumes_a_paused_heartbeat(client, db_path):
+    put_heartbeat(client, "point-7", paused=True)
+    assert client.get("/heartbeats/point-7").json["status"] == "paused"
+    resumed = client.post("/heartbeats/point-7/ping").json
+    assert resumed["status"] == "up" and resumed["next_due_at"]
+    put_heartbeat(client, "point-7", status=200, paused=True)
+    assert client.post("/heartbeats/point-7/fail").json["status"] == "down"
+
+
+def test_silence_opens_one_incident_by_itself_with_a_note_on_what_was_expected(app, client, db_path):
+    put_heartbeat(client, "point-7", description="Point 7 does not respond", period=120, grace=30, source="partner")
+    client.post("/heartbeats/point-7/ping")
+    age_heartbeat(db_path, "point-7", 200)
+    (incident_id, status, source, description), = wait_until(lambda: heartbeat_incidents(db_path, "point-7"), 2)
+    assert (status, source, description) == ("new", "partner", "Point 7 does not respond")
+    created = client.get(f"/incidents/{incident_id}/events").json["items"][0]
+    assert re.fullmatch(r"No check-in since \d{4}-\d\d-\d\d \d\d:\d\d UTC; expected every 2 min with 30 s of grace",
+                        created["note"]) and created["actor"] == "heartbeat"
+    heartbeat = client.get("/heartbeats/point-7").json
+    assert (heartbeat["status"], heartbeat["incident_id"]) == ("down", incident_id)
+    with app.app_context():
+        incidents.open_silent_heartbeats()  # another process's clock, a moment later
+    time.sleep(0.25)
+    assert len(heartbeat_incidents(db_path, "point-7")) == 1
+
+
+def test_heartbeat_that_never_checked_in_goes_down_after_period_and_grace(client, db_path):
+    put_heartbeat(client, "scooter-9", period=60, grace=30)
+    age_heartbeat(db_path, "scooter-9", 85)  # created 85 s ago: the deadline is 5 s away
+    time.sleep(0.25)
+    assert client.get("/heartbeats/scooter-9").json["status"] == "late" and not heartbeat_incidents(db_path, "scooter-9")
+    age_heartbeat(db_path, "scooter-9", 6)
+    (incident_id, *_), = wait_until(lambda: heartbeat_incidents(db_path, "scooter-9"), 1)
+    note = client.get(f"/incidents/{incident_id}/events").json["items"][0]["note"]
+    assert note.startswith("No check-in since it was created, ")
+
+
+def test_incident_a_person_resolved_is_left_alone_until_a_check_in_and_the_next_silence_opens_another(
+        client, db_path):
+    put_heartbeat(client, "point-7", period=60, grace=0)
+    age_heartbeat(db_path, "point-7", 90)
+    (first, *_), = wait_until(lambda: heartbeat_incidents(db_path, "point-7"), 2)
+    patch(client, first, status="resolved", actor="olga")
+    heartbeat = client.get("/heartbeats/point-7").json
+    assert (heartbeat["status"], heartbeat["incident_id"]) == ("down", None)
+    time.sleep(0.25)  # more than a tick: nobody is paged again
+    assert len(heartbeat_incidents(db_path, "point-7")) == 1
+    client.post("/heartbeats/point-7/ping")
+    assert [row[1] for row in heartbeat_incidents(db_path, "point-7")] == ["resolved"]  # left as she left it
+    age_heartbeat(db_path, "point-7", 90)
+    wait_until(lambda: len(heartbeat_incidents(db_path, "point-7")) == 2, 2)
+
+
+def test_down_heartbeat_opens_no_second_incident_and_a_report_with_its_key_folds_into_it(client, db_path):
+    put_heartbeat(client, "point-7", period=60, grace=0)
+    age_heartbeat(db_path, "point-7", 90)
+    (incident_id, *_), = wait_until(lambda: heartbeat_incidents(db_path, "point-7"), 2)
+    client.post("/heartbeats/point-7/fail", data="still broken")
+    folded = client.post("/incidents", json={"description": "Point 7 is dark", "source": "operator",
+                                             "dedup_key": "heartbeat:point-7"})
+    assert folded.status_code == 200 and folded.json["id"] == incident_id and folded.json["occurrences"] == 3
+    time.sleep(0.25)
+    assert len(heartbeat_incidents(db_path, "point-7")) == 1
+    assert "still broken" in [e.get("note") for e in client.get(f"/incidents/{incident_id}/events").json["items"]]
+
+
+def test_replacing_or_pausing_never_resolves_the_incident(client, db_path):
+    put_heartbeat(client, "point-7")
+    client.post("/heartbeats/point-7/fail")
+    put_heartbeat(client, "point-7", status=200, period=30)
+    put_heartbeat(client, "point-7", status=200, period=30, paused=True)
+    heartbeat = client.get("/heartbeats/point-7").json
+    assert heartbeat["status"] == "paused" and heartbeat["incident_id"] == heartbeat_incidents(db_path, "point-7")[0][0]
+    assert heartbeat_incidents(db_path, "point-7")[0][1] == "new"
+
+
+def test_deleting_a_heartbeat_keeps_its_incidents_and_tells_an_open_one(client, db_path):
+    put_heartbeat(client, "point-7")
+    client.post("/heartbeats/point-7/fail")
+    incident_id = heartbeat_incidents(db_path, "point-7")[0][0]
+    response = client.delete("/heartbeats/point-7")
+    assert response.status_code == 204 and response.data == b""
+    assert client.get("/heartbeats/point-7").status_code == 404
+    assert_problem(client.delete("/heartbeats/point-7"), 404)
+    last = client.get(f"/incidents/{incident_id}/events").json["items"][-1]
+    assert (last["type"], last["actor"]) == ("note", "heartbeat") and "point-7 was deleted" in last["note"]
+    assert heartbeat_incidents(db_path, "point-7")[0][1] == "new"
+
+
+def test_silent_heartbeats_incident_goes_to_the_duty_chat(notify_app, db_path):
+    client = notify_app.test_client()
+    put_heartbeat(client, "point-7", period=60, grace=0)
+    age_heartbeat(db_path, "point-7", 90)
+    (incident_id, *_), = wait_until(lambda: heartbeat_incidents(db_path, "point-7"), 2)
+    assert (incident_id, DUTY, "change") in outbox(db_path)
+    assert query(db_path, "SELECT remind_at IS NOT NULL FROM incidents") == [(1,)]
+
+
+def test_check_ins_take_the_ping_token_which_grants_nothing_else(db_path, migrated):
+    client = app_on_copy(db_path, migrated, API_TOKEN="s3cret", PING_TOKEN="p1ng-only").test_client()
+    admin, device = {"Authorization": "Bearer s3cret"}, {"Authorization": "Bearer p1ng-only"}
+    assert client.put("/heartbeats/point-7", json={"description": "x", "period": 60}, headers=admin).status_code == 201
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        assert_problem(client.post("/heartbeats/point-7/ping", headers=headers), 401)
+        assert_problem(client.post("/heartbeats/no-such/ping", headers=headers), 401)  # before the 404
+    for headers in (admin, device):
+        assert client.post("/heartbeats/point-7/ping", headers=headers).status_code == 200
+    assert_problem(client.post("/heartbeats/no-such/ping", headers=device), 404)
+    for method, path in (("GET", "/heartbeats"), ("GET", "/heartbeats/point-7"), ("DELETE", "/heartbeats/point-7"),
+                         ("GET", "/incidents"), ("GET", "/metrics")):
+        assert_problem(client.open(path, method=method, headers=device), 401)
+
+
+def test_check_ins_need_the_api_token_when_no_ping_token_is_set(token_client):
+    headers = {"Authorization": "Bearer s3cret"}
+    token_client.put("/heartbeats/point-7", json={"description": "x", "period": 60}, headers=headers)
+    assert_problem(token_client.get("/heartbeats/point-7/ping"), 401)
+    assert token_client.get("/heartbeats/point-7/ping", headers=headers).status_code == 200
+
+
+def test_heartbeat_metrics_count_each_status_and_the_check_ins(client, db_path):
+    for name in "abcde":
+        put_heartbeat(client, name, period=60, grace=60)
+    put_heartbeat(client, "f", paused=True)
+    age_heartbeat(db_path, "b", 90)
+    client.post("/heartbeats/c/fail")
+    client.post("/heartbeats/a/ping")
+    client.get("/heartbeats/a/0")
+    families = scrape(client)
+    assert {status: sample(families, "incidents_heartbeats", status=status) for status in incidents.HEARTBEAT_STATUSES} \
+        == {"up": 3, "late": 1, "down": 1, "paused": 1}
+    assert (sample(families, "incidents_heartbeat_checkins_total", kind="ping"),
+            sample(families, "incidents_heartbeat_checkins_total", kind="fail")) == (2, 1)
+
+
+def test_telegram_lists_the_heartbeats_late_or_down(hook, db_path):
+    client = hook.client
+    assert "on time" in hook(telegram_update(1, "/heartbeats"))["text"]
+    for name in ("point-7", "scooter-1", "nightly"):
+        put_heartbeat(client, name, period=60, grace=60)
+    age_heartbeat(db_path, "point-7", 90)
+    client.post("/heartbeats/nightly/fail")
+    lines = hook(telegram_update(2, "/heartbeats"))["text"].splitlines()
+    assert [line.split()[:2] for line in lines] == [["nightly", "[down]"], ["point-7", "[late]"]]
+    assert lines[0].endswith(f"incident #{heartbeat_incidents(db_path, 'nightly')[0][0]}")
+
+
+def test_deadlines_that_passed_are_found_by_an_index_never_a_scan(app):
+    with app.app_context():
+        plan = " ".join(row[3] for row in incidents.get_db().execute(
+            "EXPLAIN QUERY PLAN " + incidents.DUE_HEARTBEATS_SQL, (incidents.now(), 100)))
+    assert plan == "SEARCH heartbeats USING INDEX heartbeats_due (next_due_at<?)"
+
+
+@pytest.mark.parametrize("statuses, indexes", [
+    ((), ["sqlite_autoindex_heartbeats_1"]),
+    (("up",), ["sqlite_autoindex_heartbeats_1"]),
+    (("late",), ["heartbeats_late"]),
+    (("down",), ["heartbeats_down", "heartbeats_due"]),
+    (("paused",), ["heartbeats_paused"]),
+])
+def test_heartbeat_lists_read_an_index_for_each_status(app, statuses, indexes):
+    with app.app_context():
+        plan = [row[3] for row in incidents.get_db().execute(
+            "EXPLAIN QUERY PLAN " + incidents.list_heartbeats_sql({"status": list(statuses)}),
+            {"after": "", "fetch": 51, "now": incidents.now()})]
+    streams = [re.search(r"USING (?:COVERING )?INDEX (\w+)", step)[1] for step in plan
+               if "heartbeats USING" in step and "(name=?)" not in step]  # the outer lookup of each name found
+    assert streams == indexes and not any(step.startswith("SCAN heartbeats") for step in plan), plan
+
+
+def test_silence_opens_its_incident_within_two_seconds_under_flask_run_and_after_a_restart(db_path):
+    with server(db_path) as (url, _):
+        assert send(url, "/heartbeats/point-7", {"description": "Point 7 is silent", "period": 1, "grace": 0},
+                    "PUT")[0] == 201
+        send(url, "/heartbeats/scooter-9", {"description": "Scooter 9 is silent", "period": 1, "grace": 0}, "PUT")
+        send(url, "/heartbeats/scooter-9/ping", method="POST")  # no request arrives after this one
+        wait_until(lambda: heartbeat_incidents(db_path, "point-7") and heartbeat_incidents(db_path, "scooter-9"), 4)
+        send(url, "/heartbeats/nightly", {"description": "No report tonight", "period": 60, "grace": 0}, "PUT")
+    age_heartbeat(db_path, "nightly", 61)  # its deadline passed while no process ran
+    with server(db_path) as (url, _):
+        started = datetime.now(timezone.utc)
+        wait_until(lambda: heartbeat_incidents(db_path, "nightly"), 3)
+        time.sleep(0.6)
+    opened = dict(query(db_path, """SELECT substr(dedup_key, 11), julianday(incidents.created_at) * 86400 -
+                                           julianday(next_due_at) * 86400 FROM incidents JOIN heartbeats
+                                    ON dedup_key = 'heartbeat:' || name"""))
+    assert len(opened) == query(db_path, "SELECT count(*) FROM incidents")[0][0] == 3  # once each
+    assert 0 <= opened["point-7"] < 2 and 0 <= opened["scooter-9"] < 2
+    created = datetime.fromisoformat(query(db_path, "SELECT created_at FROM incidents WHERE dedup_key = "
+                                                    "'heartbeat:nightly'")[0][0])
+    assert (created - started).total_seconds() < 2
+
+
+def test_silence_opens_its_incident_once_within_two_seconds_under_the_gunicorn_recipe(db_path):
+    port = free_port()
+    incidents.create_app({"DATABASE": str(db_path)})
+    with open(f"{db_path}.log", "w") as log:
+        process = subprocess.Popen([str(Path(sys.executable).parent / "gunicorn"), "-w", "4", "-b", f"127.0.0.1:{port}",
+                                    "incidents:create_app()"], cwd=HERE, env={**os.environ, "INCIDENTS_DB": str(db_path)},
+                                   stdout=log, stderr=log)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_until(lambda: subprocess.run(["curl", "-fs", url + "/health"], capture_output=True).returncode == 0, 15)
+            for n in range(6):
+                send(url, f"/heartbeats/point-{n}", {"description": f"Point {n} is silent", "period": 1, "grace": 0},
+                     "PUT")
+            wait_until(lambda: len(query(db_path, "SELECT id FROM incidents")) == 6, 4)
+            time.sleep(1)  # four clocks look again: none opens a second
+        finally:
+            process.terminate()
+            process.wait(10)
+    late = [row[0] for row in query(db_path, """SELECT julianday(incidents.created_at) * 86400 -
+        julianday(next_due_at) * 86400 FROM incidents JOIN heartbeats ON dedup_key = 'heartbeat:' || name""")]
+    assert len(late) == 6 and all(0 <= seconds < 2 for seconds in late), late
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(6,)]
+
+
+# ---------------------------------------------------------------------------
 # Metrics for Prometheus
 # ---------------------------------------------------------------------------
 
@@ -3366,7 +3793,8 @@ def test_metrics_parse_and_every_family_has_help_and_type(client):
         "incidents_open": "gauge", "incidents_created_total": "counter", "incidents_folded_total": "counter",
         "incidents_oldest_new_age_seconds": "gauge", "incidents_notifications_pending": "gauge",
         "incidents_notifications_oldest_age_seconds": "gauge", "incidents_time_to_acknowledge_seconds": "histogram",
-        "incidents_time_to_resolve_seconds": "histogram"}
+        "incidents_time_to_resolve_seconds": "histogram", "incidents_heartbeats": "gauge",
+        "incidents_heartbeat_checkins_total": "counter"}
 
 
 def test_metrics_label_values_are_escaped_as_the_format_says(client):
