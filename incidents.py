@@ -471,6 +471,10 @@ MIGRATIONS = (
         """CREATE TRIGGER heartbeat_counts_delete AFTER DELETE ON heartbeats BEGIN
             UPDATE heartbeat_counts SET heartbeats = heartbeats - 1;
         END""",
+        # A check-in sets last_ping_at, and nothing else does: down after it, it reported a failure.
+        """CREATE TRIGGER heartbeat_counts_check_in AFTER UPDATE OF last_ping_at ON heartbeats BEGIN
+            UPDATE heartbeat_counts SET pings = pings + (new.down = 0), failures = failures + (new.down = 1);
+        END""",
     ),
 )
 
@@ -2484,9 +2488,23 @@ def no_such_heartbeat(name):
                          "case-sensitive).")
 
 
-def deadlines(since, period, grace):
-    """When a heartbeat that checked in at `since` goes late (period over) and down (grace over too)."""
-    return later(since, period), later(since, period + grace)
+def seconds_after(moment, seconds):
+    """SQL: a stored timestamp `seconds` later (SQLite counts in whole milliseconds, as the stored format)."""
+    return f"strftime('%Y-%m-%dT%H:%M:%fZ', {moment}, '+' || ({seconds}) || ' seconds')"
+
+
+def deadlines_sql(since, period, grace, paused="0"):
+    """SQL: when a heartbeat that checked in at `since` goes late (its period over) and down (its grace too);
+    neither while paused."""
+    return [f"CASE WHEN {paused} THEN NULL ELSE {seconds_after(since, seconds)} END"
+            for seconds in (period, f"{period} + {grace}")]
+
+
+# A check-in: its time moves the deadlines, and resumes a paused heartbeat; the answer is short.
+CHECK_IN_SQL = f"""UPDATE heartbeats SET last_ping_at = :at, late_at = {deadlines_sql(':at', 'period', 'grace')[0]},
+        next_due_at = {deadlines_sql(':at', 'period', 'grace')[1]}, paused = 0, down = :down,
+        incident_id = :incident_id, updated_at = :at WHERE name = :name {{only}}
+    RETURNING json_object('name', name, 'status', CASE down WHEN 1 THEN 'down' ELSE 'up' END, 'next_due_at', next_due_at)"""
 
 
 def heartbeat_json(db, name):
@@ -2497,19 +2515,17 @@ def heartbeat_json(db, name):
 def save_heartbeat(db, name, values):
     """Create or replace a heartbeat: (its JSON, whether new). A replacement keeps the last check-in, its
     incident and whether it is down, and computes the deadlines afresh from that check-in (or the creation)."""
-    at = now()
-    current = db.execute("SELECT coalesce(last_ping_at, created_at) FROM heartbeats WHERE name = ?", (name,)).fetchone()
-    late_at, next_due_at = (None, None) if values["paused"] else deadlines(
-        current[0] if current else at, values["period"], values["grace"])
-    columns = {**values, "late_at": late_at, "next_due_at": next_due_at, "updated_at": at}
-    if current:
-        assignments = ", ".join(f"{column} = :{column}" for column in columns)  # names from the code alone
-        db.execute(f"UPDATE heartbeats SET {assignments} WHERE name = :name", {**columns, "name": name})
-    else:
-        names = ["name", "created_at", "down", *columns]
-        db.execute(f"INSERT INTO heartbeats ({', '.join(names)}) VALUES ({', '.join(':' + n for n in names)})",
-                   {**columns, "name": name, "created_at": at, "down": 0})
-    return heartbeat_json(db, name), current is None
+    late_at, next_due_at = deadlines_sql("coalesce(last_ping_at, created_at)", ":period", ":grace", ":paused")
+    replaced = db.execute(f"""UPDATE heartbeats SET description = :description, period = :period, grace = :grace,
+                                  source = :source, paused = :paused, late_at = {late_at}, next_due_at = {next_due_at},
+                                  updated_at = :at WHERE name = :name""", {**values, "name": name, "at": now()}).rowcount
+    if not replaced:
+        late_at, next_due_at = deadlines_sql(":at", ":period", ":grace", ":paused")
+        db.execute(f"""INSERT INTO heartbeats (name, description, period, grace, source, paused, down, late_at,
+                                               next_due_at, created_at, updated_at)
+                       VALUES (:name, :description, :period, :grace, :source, :paused, 0, {late_at}, {next_due_at},
+                               :at, :at)""", {**values, "name": name, "at": now()})
+    return heartbeat_json(db, name), not replaced
 
 
 def open_incident_of(db, heartbeat):
@@ -2548,25 +2564,25 @@ def open_silent(db, name):
 
 def record_check_in(db, name, failure):
     """A check-in: a success resolves the open incident (and the heartbeat is up again), a failure (its note,
-    or None for a success) opens one at once. Either resumes a paused heartbeat and moves its deadlines."""
+    or None for a success) opens one at once. Either resumes a paused heartbeat and moves its deadlines.
+
+    A success where no incident was opened (nearly every check-in) is one statement."""
+    at = now()
+    if failure is None and (answer := db.execute(CHECK_IN_SQL.format(only="AND incident_id IS NULL"), {
+            "at": at, "down": 0, "incident_id": None, "name": name}).fetchone()):
+        return answer[0]
     heartbeat = db.execute("SELECT * FROM heartbeats WHERE name = ?", (name,)).fetchone()
     if heartbeat is None:
         raise no_such_heartbeat(name)
-    at, incident_id = now(), open_incident_of(db, heartbeat)
+    incident_id = open_incident_of(db, heartbeat)
     if failure is not None:
         incident_id = report_silence(db, heartbeat, failure)
     elif incident_id:
         silent = age_seconds(heartbeat["last_ping_at"] or heartbeat["created_at"])
         change_incident(db, incident_id, {"status": "resolved"}, f"Checked in again after {waited(silent)} of silence",
                         "heartbeat")
-    db.execute("""UPDATE heartbeats SET last_ping_at = ?, late_at = ?, next_due_at = ?, paused = 0, down = ?,
-                  incident_id = ?, updated_at = ? WHERE id = ?""",
-               (at, *deadlines(at, heartbeat["period"], heartbeat["grace"]), int(failure is not None),
-                incident_id or None, at, heartbeat["id"]))
-    db.execute("UPDATE heartbeat_counts SET pings = pings + ?, failures = failures + ?",
-               (int(failure is None), int(failure is not None)))
-    return db.execute(f"SELECT json_object('name', name, 'status', {HEARTBEAT_STATUS_SQL}, 'next_due_at', next_due_at) "
-                      "FROM heartbeats WHERE id = :id", {"id": heartbeat["id"], "now": now()}).fetchone()[0]
+    return db.execute(CHECK_IN_SQL.format(only=""), {"at": at, "down": int(failure is not None),
+                                                     "incident_id": incident_id or None, "name": name}).fetchone()[0]
 
 
 def remove_heartbeat(db, name):

