@@ -72,6 +72,7 @@ from flask import Flask, Response, current_app, g, jsonify, request
 from flask.cli import FlaskGroup, with_appcontext
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.routing import BaseConverter
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -109,7 +110,7 @@ TELEGRAM_POLL_TIMEOUT_S = 30  # how long one getUpdates call waits for news
 TELEGRAM_CALL_TIMEOUT_S = TELEGRAM_POLL_TIMEOUT_S + 10  # how long any Bot API call may take
 TELEGRAM_BACKOFF_S = (1, 60)  # first and longest wait after a network error
 TELEGRAM_LIST_MAX = 10
-TELEGRAM_UPDATES = ["message", "edited_message", "callback_query"]  # what the bot asks Telegram for
+TELEGRAM_UPDATES = ["message", "callback_query"]  # what the bot asks Telegram for (an edit means nothing here)
 ALERTS_MAX = 1000  # alerts in one payload (Alertmanager's max_alerts)
 ALERT_BODY_MAX = 4 * 1024 * 1024  # room for ALERTS_MAX alerts of 4 KiB; every other route keeps MAX_BODY_BYTES
 ALERT_CHUNK = 10  # alerts per transaction: no other write waits behind more than these
@@ -134,8 +135,8 @@ STORED_TIMESTAMP = r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9
 EARLIEST, LATEST = "0001-01-01T00:00:00.000Z", "9999-12-31T23:59:59.999Z"  # the stored format's range
 LIST_CURSOR = STORED_TIMESTAMP + r"_[1-9][0-9]{0,18}"  # where a list page ends: created_at and id
 EVENTS_CURSOR = r"[1-9][0-9]{0,18}"  # where a page of events ends: an event's id
-DATETIME_PATTERN = re.compile(
-    r"(\d{4}-\d{2}-\d{2})(?:([Tt ]\d{2}:\d{2})(?::(\d{2})(\.\d+)?)?([Zz]|[+-]\d{2}:\d{2})?)?"
+DATETIME_PATTERN = re.compile(  # ASCII digits: \d would take ٢ and ２ too
+    r"([0-9]{4}-[0-9]{2}-[0-9]{2})(?:([Tt ][0-9]{2}:[0-9]{2})(?::([0-9]{2})(\.[0-9]+)?)?([Zz]|[+-][0-9]{2}:[0-9]{2})?)?"
 )
 
 
@@ -1334,8 +1335,9 @@ def rfc3339_moment(date_time, fraction, offset):
     """An aware datetime from the parts of an RFC 3339 time: digits past microseconds cut, Z read as +00:00."""
     try:
         return datetime.fromisoformat(f"{date_time}{(fraction or '')[:7]}{offset.upper().replace('Z', '+00:00')}")
-    except ValueError as error:
-        raise ValueError(f"is not a valid date-time: {error}") from None
+    except ValueError:
+        raise ValueError("is no date and time of the calendar (a month of 12, a day of its month, 24 hours, 60 "
+                         "minutes, an offset of less than a day)") from None
 
 
 def parse_datetime(text):
@@ -1355,10 +1357,20 @@ def parse_datetime(text):
     return stored_time(moment, round_up=True, leap=leap)
 
 
+def whole_number(text, least, most):
+    """A whole number written in ASCII digits (a minus sign only where least < 0), from least to most; else
+    None. Other digits (١, ２) are no number here, and a long text is never converted (Python refuses 4,300
+    digits and more, in words of its own)."""
+    if not re.fullmatch(r"-?[0-9]{1,20}" if least < 0 else r"[0-9]{1,20}", text):
+        return None
+    number = int(text)
+    return number if least <= number <= most else None
+
+
 def parse_limit(text):
-    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= PAGE_LIMIT_MAX):
+    if (number := whole_number(text, 1, PAGE_LIMIT_MAX)) is None:
         raise ValueError(f"must be a whole number from 1 to {PAGE_LIMIT_MAX}")
-    return int(text)
+    return number
 
 
 def encode_cursor(position):
@@ -1530,8 +1542,8 @@ def fold_report(db, dedup_key, at):
     return folded
 
 
-def later(timestamp, seconds):
-    """A stored timestamp `seconds` later."""
+def shifted(timestamp, seconds):
+    """A stored timestamp moved by `seconds`: later, or earlier for a negative number."""
     return utc_timestamp(datetime.fromisoformat(timestamp) + timedelta(seconds=seconds))
 
 
@@ -1544,7 +1556,7 @@ def status_clock(current, status, at):
     if status == "new":
         after, chats = current_app.config["REMIND_AFTER"], current_app.config["TELEGRAM_NOTIFY_CHAT_IDS"]
         return {"acknowledged_at": None, "resolved_at": None, "opened_at": at, "reminders": 0,
-                "remind_at": later(at, after) if after and chats else None}
+                "remind_at": shifted(at, after) if after and chats else None}
     clock = {"acknowledged_at": current["acknowledged_at"] or at, "remind_at": None}
     if status in OPEN_STATUSES:
         clock["resolved_at"] = None
@@ -1648,15 +1660,27 @@ def record_changes(db, incident_id, current, changed, at, note, actor):
 # Routes
 # ---------------------------------------------------------------------------
 
-# No max= on the converter: a number past it would fail the match and Werkzeug would answer 405
-# for PATCH; check_incident_id answers 404 for every method instead.
-INCIDENT_URL = "/incidents/<int:incident_id>"
+class IdConverter(BaseConverter):
+    """An id in a URL: ASCII digits (Werkzeug's int takes any Unicode digit: ١ would be 1), anything else
+    matching no route, a 404. More than 19 digits are never converted (Python refuses thousands): they stay
+    text, and check_incident_id answers 404 for them as for the numbers past SQLite's largest integer."""
+
+    regex = "[0-9]+"
+
+    def to_python(self, value):
+        return int(value) if len(value) <= 19 else value
+
+    def to_url(self, value):
+        return str(value)
+
+
+INCIDENT_URL = "/incidents/<id:incident_id>"
 
 
 def check_incident_id():
     """An id past SQLite's largest integer is no incident, on every route that takes one."""
     incident_id = (request.view_args or {}).get("incident_id", 0)
-    if incident_id > MAX_ID:
+    if isinstance(incident_id, str) or incident_id > MAX_ID:
         raise no_such_incident(incident_id)
 
 
@@ -2037,14 +2061,12 @@ def telegram_open_incidents(db):
     return "\n".join(f"#{i['id']} [{i['status']}] {i['description'].splitlines()[0][:100]}" for i in items)
 
 
-def telegram_set_status(db, message, argument, status):
-    """/take and /resolve: change a status and record who did it."""
-    number = argument.lstrip("#")
-    if not number.isdecimal() or int(number) > MAX_ID:
-        return f"Send the incident number, e.g. /{'take' if status == 'in_progress' else 'resolve'} 17"
-    actor = telegram_sender(message)
-    change_incident(db, int(number), {"status": status}, actor=actor, taken_by=telegram_name(message))
-    return f"Incident #{int(number)} is {status.replace('_', ' ')}, by {actor}"
+def telegram_set_status(db, message, argument, action):
+    """/take and /resolve: the change a button makes, answered as the button is."""
+    incident_id = whole_number(argument.removeprefix("#"), 1, MAX_ID)
+    if incident_id is None:
+        return f"Send the incident number, e.g. /{action} 17"
+    return telegram_change(db, incident_id, action, message)[0]
 
 
 def parse_command(db, text):
@@ -2075,7 +2097,7 @@ def telegram_command(db, message, command, argument):
     if command == "/heartbeats":
         return heartbeats_needing_attention(db)
     if command in ("/take", "/resolve"):
-        return telegram_set_status(db, message, argument, "in_progress" if command == "/take" else "resolved")
+        return telegram_set_status(db, message, argument, command[1:])
     return TELEGRAM_HELP if private else None
 
 
@@ -2125,29 +2147,39 @@ def telegram_button(db, callback):
     A tap on a button the incident has moved past changes nothing and refreshes the message; a tap
     in a chat that may not use the bot changes nothing at all.
     """
-    answer = {"method": "answerCallbackQuery", "callback_query_id": callback["id"]}
     chat = (callback.get("message") or {}).get("chat") if isinstance(callback.get("message"), dict) else None
     if not (isinstance(chat, dict) and telegram_id(chat.get("id")) and chat_allowed(db, chat["id"])):
-        return {**answer, "text": "Not allowed in this chat"}
+        return callback_answer(callback, "Not allowed in this chat")
     data = callback.get("data")
     match = BUTTON_DATA.fullmatch(data) if isinstance(data, str) else None
     if not match or int(match[2]) > MAX_ID:
-        return {**answer, "text": "Unknown action"}
-    status, meant_for, verb = BUTTON_ACTIONS[match[1]]
-    incident_id = int(match[2])
+        return callback_answer(callback, "Unknown action")
+    return callback_answer(callback, *telegram_change(db, int(match[2]), match[1], callback))
+
+
+def telegram_change(db, incident_id, action, update_part):
+    """A change of status from Telegram, by a button or a command (take, resolve, reopen): (its answer, whether
+    it is an alert). One the incident has moved past changes nothing, says "already", and refreshes its message."""
+    status, meant_for, verb = BUTTON_ACTIONS[action]
     current = db.execute("SELECT status FROM incidents WHERE id = ?", (incident_id,)).fetchone()
     if current is None:
-        return {**answer, "text": f"There is no incident #{incident_id}"}
+        return f"There is no incident #{incident_id}", False
     if current["status"] not in meant_for:
         queue_notification(db, incident_id, "change")
-        return {**answer, "text": f"Incident #{incident_id} is already {current['status'].replace('_', ' ')}"}
+        return f"Incident #{incident_id} is already {current['status'].replace('_', ' ')}", False
     try:
-        change_incident(db, incident_id, {"status": status}, actor=telegram_sender(callback),
-                        taken_by=telegram_name(callback))
+        change_incident(db, incident_id, {"status": status}, actor=telegram_sender(update_part),
+                        taken_by=telegram_name(update_part))
     except ApiError as error:  # reopening while another open incident holds the dedup_key
-        text = longest_prefix(error.detail, lambda prefix: utf16_length(prefix) <= CALLBACK_ANSWER_MAX)
-        return {**answer, "text": text, "show_alert": True}
-    return {**answer, "text": f"Incident #{incident_id} {verb} by {telegram_name(callback)}"}
+        return error.detail, True
+    return f"Incident #{incident_id} {verb} by {telegram_name(update_part)}", False
+
+
+def callback_answer(callback, text, alert=False):
+    """answerCallbackQuery with a text cut to what Telegram takes (CALLBACK_ANSWER_MAX UTF-16 units)."""
+    cut = longest_prefix(text, lambda prefix: utf16_length(prefix) <= CALLBACK_ANSWER_MAX)
+    return {"method": "answerCallbackQuery", "callback_query_id": callback["id"], "text": cut,
+            **({"show_alert": True} if alert else {})}
 
 
 def handle_telegram_update(db, update):
@@ -2208,23 +2240,33 @@ def take_update(db, update, bot):
     return reply
 
 
-def poll_once(database, db, bot, delay):
-    """One getUpdates and what it brought; returns how long to wait before the next, backing off on errors.
+def storable_update(update):
+    """Whether an update has an id whose next offset the database can hold (0 to MAX_ID)."""
+    return isinstance(update, dict) and type(update.get("update_id")) is int and 0 <= update["update_id"] < MAX_ID
+
+
+def poll_once(database, bot, offset, delay):
+    """One getUpdates and what it brought: (the offset to ask from next, how long to wait before it).
 
     Each update is acted on and the next offset stored in one transaction, tried again (never
     skipped) while the database refuses it, so a restart neither loses nor repeats an update; the
-    reply is sent after the commit.
+    reply is sent after the commit. An update whose id no offset can follow is skipped; an answer
+    that holds nothing usable waits as a network error does.
     """
-    offset = keep_trying(lambda: load_offset(db, bot.id), "offset not read")
     try:
         updates = bot.call("getUpdates", {"offset": offset, "timeout": TELEGRAM_POLL_TIMEOUT_S,
                                           "allowed_updates": TELEGRAM_UPDATES})
+        if not isinstance(updates, list) or updates and not any(map(storable_update, updates)):
+            raise BotApiError(f"getUpdates: nothing usable in the answer ({str(updates)[:100]})", retry=True)
     except BotApiError as error:
         delay = retry_delay(error, delay)
         current_app.logger.warning("Telegram unreachable (%s); trying again in %s s", error, delay)
-        return delay
-    for update in updates if isinstance(updates, list) else []:
-        if not (isinstance(update, dict) and telegram_id(update.get("update_id"))):
+        return offset, delay
+    for update in updates:
+        update_id = update.get("update_id") if isinstance(update, dict) else None
+        offset = max(offset, update_id + 1) if type(update_id) is int else offset  # past it, held in memory
+        if not storable_update(update):
+            current_app.logger.error("update %s skipped: no offset can follow its id", str(update_id)[:30])
             continue
         try:
             reply = keep_trying(lambda: database.write(lambda writer: take_update(writer, update, bot)),
@@ -2238,15 +2280,15 @@ def poll_once(database, db, bot, delay):
                 bot.call(reply.pop("method"), reply)
             except BotApiError as error:
                 current_app.logger.warning("reply to update %s not sent: %s", update["update_id"], error)
-    return 0
+    return offset, 0
 
 
 def poll_telegram(database, db, bot):
-    """Long-poll getUpdates until interrupted."""
-    delay = 0
+    """Long-poll getUpdates until interrupted, from the offset stored."""
+    offset, delay = keep_trying(lambda: load_offset(db, bot.id), "offset not read"), 0
     while True:
         time.sleep(delay)
-        delay = poll_once(database, db, bot, delay)
+        offset, delay = poll_once(database, bot, offset, delay)
 
 
 def until_interrupted(banner, work):
@@ -2285,7 +2327,7 @@ def telegram_poll_command():
 # Alerts: Prometheus Alertmanager and Grafana webhooks
 # ---------------------------------------------------------------------------
 
-ALERT_TIME_PATTERN = re.compile(r"(\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+ALERT_TIME_PATTERN = re.compile(r"([0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2})(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})")
 
 
 def parse_alert_time(value):
@@ -2414,7 +2456,7 @@ def handle_alerts(db, alerts, sender):
     """Open, fold, reopen or resolve an incident for each alert: [{"id", "action"}] in their order."""
     window = current_app.config["REOPEN_WINDOW"]
     at = now()
-    reopen_after = window and later(at, -window)
+    reopen_after = window and shifted(at, -window)
     results = []
     for alert in alerts:
         dedup_key = ALERT_KEY_PREFIX + alert["identity"]
@@ -2837,6 +2879,22 @@ def forget_chat(db, chat_id, error):
     db.execute("DELETE FROM notify_reminders WHERE chat_id = ?", (chat_id,))
 
 
+def take_chats_back(db, chats):
+    """At a sender's start, the chats still in the settings that a refusal dropped are tried again (a 403 may
+    have passed: the bot added back, unblocked): each is shown its open incidents afresh, the changes
+    from then on, and its reminders."""
+    back = [row[0] for row in db.execute("""DELETE FROM notify_chats_gone WHERE moved_to IS NULL
+                                            AND chat_id IN (SELECT value FROM json_each(?)) RETURNING chat_id""",
+                                         (json.dumps(sorted(chats)),))]
+    notify = current_app.config["TELEGRAM_NOTIFY_CHAT_IDS"]
+    for chat_id in back:  # an escalation chat shows the incidents escalated
+        db.execute(f"""INSERT INTO notify_outbox (incident_id, chat_id, kind, seq, queued_at)
+                       SELECT id, ?, 'change', 1, ? FROM incidents WHERE {IS_OPEN} AND (? OR escalated_at IS NOT NULL)
+                       ON CONFLICT (incident_id, chat_id, kind) DO UPDATE SET seq = seq + 1""",
+                   (chat_id, now(), chat_id in notify))
+    return back
+
+
 def move_chat(db, chat_id, error):
     """A group became a supergroup: what was queued for it (reminders too), and each open incident shown there,
     go to the new id.
@@ -2867,8 +2925,8 @@ def chat_refused(database, chat_id, error):
         database.write(lambda db: move_chat(db, chat_id, error))
         return True
     if chat_is_gone(error):
-        current_app.logger.error("Telegram chat %s no longer takes messages (%s); nothing more is queued for it",
-                                 chat_id, error)
+        current_app.logger.error("Telegram chat %s no longer takes messages (%s); nothing more is queued for it "
+                                 "until the sender restarts with it still in the settings", chat_id, error)
         database.write(lambda db: forget_chat(db, chat_id, error))
         return True
     return False
@@ -2938,7 +2996,12 @@ def notify_once(database, db, bot, repeat_interval, delay):
 
 
 def send_notifications(database, db, bot, repeat_interval, stop):
-    """Deliver the outbox until `stop` is set."""
+    """Deliver the outbox until `stop` is set, after trying again the chats a refusal dropped."""
+    config = current_app.config
+    for chat_id in keep_trying(lambda: database.write(lambda writer: take_chats_back(writer, [
+            *config["TELEGRAM_NOTIFY_CHAT_IDS"], *config["TELEGRAM_ESCALATE_CHAT_IDS"]])), "chats not taken back"):
+        current_app.logger.warning("Telegram chat %s, dropped after a refusal, is tried again: it is in the settings",
+                                   chat_id)
     delay = 0
     while not stop.wait(delay):
         delay = notify_once(database, db, bot, repeat_interval, delay)
@@ -2982,13 +3045,13 @@ def remind(db, incident_id):
         db.execute("UPDATE incidents SET remind_at = NULL WHERE id = ?", (incident_id,))
     elif db.execute("SELECT 1 FROM notify_reminders WHERE incident_id = ? AND state = 'due'",
                     (incident_id,)).fetchone():
-        db.execute("UPDATE incidents SET remind_at = ? WHERE id = ?", (later(at, config["REMIND_AFTER"]), incident_id))
+        db.execute("UPDATE incidents SET remind_at = ? WHERE id = ?", (shifted(at, config["REMIND_AFTER"]), incident_id))
     elif incident["reminders"] < config["REMIND_MAX"]:
         number = incident["reminders"] + 1
         queue_reminders(db, incident_id, number, config["TELEGRAM_NOTIFY_CHAT_IDS"], at)
         add_event(db, incident_id, at, "reminded", count=number)
         db.execute("UPDATE incidents SET reminders = ?, remind_at = ? WHERE id = ?",
-                   (number, later(at, config["REMIND_AFTER"]), incident_id))
+                   (number, shifted(at, config["REMIND_AFTER"]), incident_id))
     else:
         escalate(db, incident_id, incident["reminders"] + 1, at)
 
@@ -3617,29 +3680,38 @@ def front_door():
 # ---------------------------------------------------------------------------
 
 
-def env_number(name, default, least=0, most=10**9, unit="seconds"):
-    """A whole number (of `unit`) from the environment, or a startup error that says what to set."""
+def setting(name, parse, default=None):
+    """A setting from the environment, trimmed: parse(text) (a ValueError saying what it must be stops the start
+    in one line naming the setting); the default when unset or blank."""
     text = os.environ.get(name, "").strip()
     if not text:
         return default
-    if not (text.isascii() and text.isdigit() and least <= int(text) <= most):
-        stop_startup(f"{name} must be a whole number of {unit} from {least} to {most}, not {text!r}")
-    return int(text)
+    try:
+        return parse(text)
+    except ValueError as error:
+        stop_startup(f"{name} {error}")
 
 
-def env_chat_ids(name):
-    """Telegram chat ids from the environment, separated by commas, or a startup error."""
-    text = os.environ.get(name, "")
-    ids = [part.strip() for part in text.split(",") if part.strip()]
-    if not all(re.fullmatch(r"-?\d{1,19}", part) for part in ids):
-        stop_startup(f"{name} must be Telegram chat ids separated by commas, such as -1001234567890,123456789; "
-                     f"not {text!r}")
-    return tuple(int(part) for part in ids)
+def whole_seconds(least, most, unit="seconds"):
+    """The parser of a setting that is a whole number of `unit`, ASCII digits, from least to most."""
+    def parse(text):
+        if (number := whole_number(text, least, most)) is None:
+            raise ValueError(f"must be a whole number of {unit} from {least} to {most}, not {text!r}")
+        return number
+    return parse
 
 
-def env_url(name, default):
-    """An http(s) address from the environment, or a startup error that names the setting."""
-    text = os.environ.get(name, "").strip() or default
+def chat_ids(text):
+    """Telegram chat ids separated by commas: whole numbers of ASCII digits, not 0, that fit SQLite's integer."""
+    ids = [whole_number(part.strip(), -MAX_ID, MAX_ID) for part in text.split(",") if part.strip()]
+    if not all(ids):
+        raise ValueError(f"must be Telegram chat ids separated by commas, such as -1001234567890,123456789 (whole "
+                         f"numbers of ASCII digits, not 0, of at most 19 digits); not {text!r}")
+    return tuple(ids)
+
+
+def http_address(text):
+    """An http(s) address with a host (and a port, if any, that is a number)."""
     try:
         parts = urllib.parse.urlsplit(text)
         parts.port  # raises ValueError for a port that is not a number in range
@@ -3647,24 +3719,17 @@ def env_url(name, default):
         parts = None
     if not (parts and parts.scheme in ("http", "https") and parts.hostname and text.isascii() and text.isprintable()
             and " " not in text):
-        stop_startup(f"{name} must be an http:// or https:// address such as {default}, not {text!r}")
+        raise ValueError(f"must be an http:// or https:// address such as {TELEGRAM_API_URL}, not {text!r}")
     return text
 
 
-def env_secret(name, pattern, what):
-    """A secret from the environment, or a startup error that says what it must be (never the secret)."""
-    text = os.environ.get(name, "")
-    if text and not re.fullmatch(pattern, text):
-        stop_startup(f"{name} must be {what}; check it")
-    return text or None
-
-
-def env_bot_token(name):
-    """A bot token from the environment (digits, a colon, then letters), or a startup error."""
-    text = os.environ.get(name, "").strip()
-    if text and not re.fullmatch(r"[0-9]{1,19}:[A-Za-z0-9_-]{1,100}", text):
-        stop_startup(f"{name} must be the token BotFather gave you, such as 123456:ABC-DEF1234ghIkl; check it")
-    return text or None
+def secret(pattern, what):
+    """The parser of a secret: it must match `pattern`, and is never shown, not even to say it is wrong."""
+    def parse(text):
+        if not re.fullmatch(pattern, text):
+            raise ValueError(f"must be {what}; check it")
+        return text
+    return parse
 
 
 def check_database_name(path):
@@ -3702,20 +3767,22 @@ def check_database_path(path):
 def configuration():
     """The app's settings from the environment, each checked (a bad one stops startup in one line)."""
     return dict(
-        DATABASE=os.environ.get("INCIDENTS_DB", "incidents.db"),
-        BUSY_TIMEOUT=env_number("INCIDENTS_BUSY_TIMEOUT", BUSY_TIMEOUT_S, least=1, most=3600),
-        API_TOKEN=env_secret("INCIDENTS_API_TOKEN", r"[!-~]{1,4096}", "visible ASCII characters, no spaces"),
-        PING_TOKEN=env_secret("INCIDENTS_PING_TOKEN", r"[!-~]{1,4096}", "visible ASCII characters, no spaces"),
-        TELEGRAM_WEBHOOK_SECRET=env_secret("TELEGRAM_WEBHOOK_SECRET", r"[A-Za-z0-9_-]{1,256}",
-                                           "1 to 256 of A-Z, a-z, 0-9, _ and - (what Telegram takes)"),
-        TELEGRAM_BOT_TOKEN=env_bot_token("TELEGRAM_BOT_TOKEN"),
-        TELEGRAM_API_URL=env_url("TELEGRAM_API_URL", TELEGRAM_API_URL),
-        REOPEN_WINDOW=env_number("INCIDENTS_REOPEN_WINDOW", REOPEN_WINDOW_S),
-        REMIND_AFTER=env_number("INCIDENTS_REMIND_AFTER", REMIND_AFTER_S),
-        REMIND_MAX=env_number("INCIDENTS_REMIND_MAX", REMIND_MAX, unit="reminders"),
-        TELEGRAM_ALLOWED_CHAT_IDS=env_chat_ids("TELEGRAM_ALLOWED_CHAT_IDS"),
-        TELEGRAM_NOTIFY_CHAT_IDS=env_chat_ids("TELEGRAM_NOTIFY_CHAT_IDS"),
-        TELEGRAM_ESCALATE_CHAT_IDS=env_chat_ids("TELEGRAM_ESCALATE_CHAT_IDS"),
+        DATABASE=os.environ.get("INCIDENTS_DB", "incidents.db").strip(),  # blank is refused, not the default: see
+                                                                           # check_database_name
+        BUSY_TIMEOUT=setting("INCIDENTS_BUSY_TIMEOUT", whole_seconds(1, 3600), BUSY_TIMEOUT_S),
+        API_TOKEN=setting("INCIDENTS_API_TOKEN", secret(r"[!-~]{1,4096}", "visible ASCII characters, no spaces")),
+        PING_TOKEN=setting("INCIDENTS_PING_TOKEN", secret(r"[!-~]{1,4096}", "visible ASCII characters, no spaces")),
+        TELEGRAM_WEBHOOK_SECRET=setting("TELEGRAM_WEBHOOK_SECRET", secret(
+            r"[A-Za-z0-9_-]{1,256}", "1 to 256 of A-Z, a-z, 0-9, _ and - (what Telegram takes)")),
+        TELEGRAM_BOT_TOKEN=setting("TELEGRAM_BOT_TOKEN", secret(
+            r"[0-9]{1,19}:[A-Za-z0-9_-]{1,100}", "the token BotFather gave you, such as 123456:ABC-DEF1234ghIkl")),
+        TELEGRAM_API_URL=setting("TELEGRAM_API_URL", http_address, TELEGRAM_API_URL),
+        REOPEN_WINDOW=setting("INCIDENTS_REOPEN_WINDOW", whole_seconds(0, 10**9), REOPEN_WINDOW_S),
+        REMIND_AFTER=setting("INCIDENTS_REMIND_AFTER", whole_seconds(0, 10**9), REMIND_AFTER_S),
+        REMIND_MAX=setting("INCIDENTS_REMIND_MAX", whole_seconds(0, 10**9, "reminders"), REMIND_MAX),
+        TELEGRAM_ALLOWED_CHAT_IDS=setting("TELEGRAM_ALLOWED_CHAT_IDS", chat_ids, ()),
+        TELEGRAM_NOTIFY_CHAT_IDS=setting("TELEGRAM_NOTIFY_CHAT_IDS", chat_ids, ()),
+        TELEGRAM_ESCALATE_CHAT_IDS=setting("TELEGRAM_ESCALATE_CHAT_IDS", chat_ids, ()),
         NOTIFY_REPEAT_INTERVAL=NOTIFY_REPEAT_INTERVAL_S,
         MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
     )
@@ -3777,6 +3844,7 @@ def create_app(test_config=None):
         app.config.update(test_config)
     app.json = JSONProvider(app)
     app.url_map.merge_slashes = False  # /heartbeats//ping is no route: a 404, not a redirect to another
+    app.url_map.converters["id"] = IdConverter
     app.wsgi_app = query_as_sent(app.wsgi_app)
 
     app.extensions["incidents"] = Database(app.config["DATABASE"], app.config["BUSY_TIMEOUT"])
@@ -3785,6 +3853,9 @@ def create_app(test_config=None):
             open_database()
             if app.config["TELEGRAM_WEBHOOK_SECRET"]:
                 warn_if_no_chat_allowed(app.logger.warning)
+            if not app.config["API_TOKEN"]:
+                app.logger.warning("INCIDENTS_API_TOKEN is not set: the API is open to anyone who can reach it; "
+                                   "set it to require a token")
         app.extensions["incidents"].start_clock(app, open_silent_heartbeats)
     app.teardown_appcontext(close_db)
     app.before_request(check_token)

@@ -386,12 +386,23 @@ def test_get_unknown_incident_or_route_is_404_problem(client, path):
     assert_problem(client.get(path), 404)
 
 
-@pytest.mark.parametrize("incident_id", ["9223372036854775807", "9223372036854775808", "99999999999999999999999"])
+@pytest.mark.parametrize("incident_id", ["9223372036854775807", "9223372036854775808", "99999999999999999999999",
+                                         "9" * 5000])
 def test_incident_id_out_of_range_is_404_on_every_route_that_takes_one(client, incident_id):
     for response in (client.patch(f"/incidents/{incident_id}", json={"status": "resolved"}),
                      client.get(f"/incidents/{incident_id}"),
                      client.get(f"/incidents/{incident_id}/events")):
         assert assert_problem(response, 404)["detail"] == f"There is no incident {incident_id}."
+
+
+@pytest.mark.parametrize("incident_id", ["%D9%A1", "%EF%BC%92", "%F0%9D%9F%90", "²", "1%D9%A1"])
+def test_incident_ids_are_ascii_digits_and_any_other_digit_is_a_404(client, db_path, incident_id):
+    create(client)
+    create(client)
+    for response in (client.patch(f"/incidents/{incident_id}", json={"status": "resolved"}),
+                     client.get(f"/incidents/{incident_id}"), client.get(f"/incidents/{incident_id}/events")):
+        assert_problem(response, 404)
+    assert query(db_path, "SELECT DISTINCT status FROM incidents") == [("new",)]
 
 
 def test_unsupported_method_is_405_with_allow(client):
@@ -519,12 +530,16 @@ def test_list_filters_combine(client, db_path, params, expected):
         ("limit=1.5", "limit"),
         ("limit=%D9%A3", "limit"),
         ("limit=99999999999999999999999999", "limit"),
+        ("limit=" + "9" * 5000, "limit"),
         ("limit=10&limit=20", "limit"),
         ("since=yesterday", "since"),
         ("since=2026-13-01T00:00:00Z", "since"),
         ("since=2026-01-01T25:00:00Z", "since"),
         ("until=2026-01-01T00:00:00+25:00", "until"),
         ("until=1700000000", "until"),
+        ("since=%EF%BC%92%EF%BC%90%EF%BC%92%EF%BC%96-01-01", "since"),  # a year in fullwidth digits
+        ("since=2026-02-30", "since"),
+        ("until=2026-01-01T24:00:00Z", "until"),
         ("cursor=garbage", "cursor"),
         ("cursor=WyJ4IiwgIjEiXQ", "cursor"),
         ("cursor=WzFd", "cursor"),
@@ -538,7 +553,10 @@ def test_list_filters_combine(client, db_path, params, expected):
 )
 def test_list_rejects_bad_query_parameters_with_422(client, params, field):
     create(client)
-    assert field in error_fields(client.get(f"/incidents?{params}"))
+    response = client.get(f"/incidents?{params}")
+    assert field in error_fields(response)
+    said = " ".join(error["message"] for error in response.json["errors"])
+    assert not re.search(r"isoformat|out of range|Exceeds|int\(\)|invalid literal|day is", said), said  # our words
 
 
 def test_list_accepts_the_cursor_it_issued_and_any_position_of_that_form(client):
@@ -744,6 +762,16 @@ def test_search_query_reads_the_index_in_order_and_never_sorts(app):
     assert plan[0].startswith("SCAN incidents_search VIRTUAL TABLE")
     assert "SEARCH incidents USING INTEGER PRIMARY KEY (rowid=?)" in plan
     assert not [d for d in plan if "TEMP B-TREE" in d]
+
+
+@pytest.mark.parametrize("upper, lower, folds", [
+    ("ТВЕРСКОЙ", "тверской", True), ("ΣΩΔΑ", "σωδα", True), ("ԱԲԳԴ", "աբգդ", True),
+    ("ႠႡႢ", "ⴀⴁⴂ", True), ("ᲐᲑᲒ", "აბგ", False), ("ᎠᎡᎢ", "ꭰꭱꭲ", False), ("ÄÖÜ", "äöü", True),
+])
+def test_search_folds_case_in_the_alphabets_the_readme_names(client, upper, lower, folds):
+    create(client, f"Точка {upper} не отвечает")
+    found = search(client, f'"{lower}"')
+    assert len(found) == folds
 
 
 def test_search_with_dedup_key_reads_the_keys_index_and_probes_the_search_index(app):
@@ -1658,11 +1686,13 @@ def test_webhook_same_message_id_in_other_chat_is_another_incident(hook, db_path
     assert query(db_path, "SELECT count(*) FROM incidents") == [(2,)]
 
 
-def test_webhook_edited_message_is_ignored(hook, db_path):
+def test_webhook_edited_message_is_ignored_and_nobody_asks_telegram_for_edits(hook, db_path):
     hook(telegram_update(1, "Scooter 12 offline", message_id=4))
     assert hook(telegram_update(2, "Scooter 12 offline (edited)", message_id=4, kind="edited_message",
                                 edit_date=1795000100)) == {}
     assert query(db_path, "SELECT description FROM incidents") == [("Scooter 12 offline",)]
+    set_webhook = re.search(r'/setWebhook" --json \'(.*)\'', (HERE / "README.md").read_text())[1]
+    assert json.loads(set_webhook)["allowed_updates"] == incidents.TELEGRAM_UPDATES == ["message", "callback_query"]
 
 
 def test_webhook_photo_caption_is_a_report(hook, db_path):
@@ -1732,21 +1762,26 @@ def test_webhook_take_and_resolve_change_status_and_record_who(hook, db_path):
         ("status_changed", "in_progress", "resolved", "@ivan_ops (Telegram user 111)")]
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("/resolve", "/resolve 17"), ("/take abc", "/take 17"), ("/resolve 99999999999999999999999", "/resolve 17"),
-    ("/take ²", "/take 17"), ("/resolve -1", "/resolve 17"),
-    ("/resolve 42", "no incident 42"),
+@pytest.mark.parametrize("text, command", [
+    ("/resolve", "resolve"), ("/take abc", "take"), ("/resolve 99999999999999999999999", "resolve"), ("/take ²", "take"),
+    ("/resolve -1", "resolve"), ("/take ١", "take"), ("/take ２", "take"), ("/take " + "9" * 5000, "take"),
 ])
-def test_webhook_bad_ids_get_helpful_reply(hook, db_path, text, expected):
-    assert expected in hook(telegram_update(1, text))["text"]
+def test_webhook_bad_ids_get_helpful_reply_in_the_services_own_words(hook, db_path, text, command):
+    hook(telegram_update(1, "Точка 1 не отвечает"))
+    assert hook(telegram_update(2, text))["text"] == f"Send the incident number, e.g. /{command} 17"
+    assert hook(telegram_update(3, "/resolve 42"))["text"] == "There is no incident #42"
+    assert query(db_path, "SELECT status FROM incidents") == [("new",)]
 
 
-def test_webhook_take_conflict_names_open_incident(hook, db_path):
-    hook.client.post("/incidents", json={"description": "a", "source": "monitoring", "dedup_key": "k"})
-    hook.client.patch("/incidents/1", json={"status": "resolved"})
-    hook.client.post("/incidents", json={"description": "b", "source": "monitoring", "dedup_key": "k"})
-    assert "Incident 2 is open" in hook(telegram_update(1, "/take 1"))["text"]
-    assert query(db_path, "SELECT status FROM incidents WHERE id = 1") == [("resolved",)]
+def test_commands_answer_as_the_buttons_do_and_a_change_that_changes_nothing_says_already(hook, db_path):
+    hook(telegram_update(1, "Точка 7 не отвечает"))
+    assert hook(telegram_update(2, "/take 1", chat=GROUP_CHAT, sender=OLGA))["text"] == "Incident #1 taken by Ольга"
+    assert hook(telegram_update(3, "/take 1", chat=GROUP_CHAT))["text"] == "Incident #1 is already in progress"
+    assert query(db_path, "SELECT assignee FROM incidents") == [("Ольга",)]  # the first stays assigned
+    assert hook(telegram_update(4, "/resolve 1"))["text"] == "Incident #1 resolved by @ivan_ops"
+    assert hook(telegram_update(5, "/resolve 1"))["text"] == "Incident #1 is already resolved"
+    assert hook(telegram_update(6, "/take 1"))["text"] == "Incident #1 is already resolved"  # as the Take button
+    assert query(db_path, "SELECT count(*) FROM events WHERE type = 'status_changed'") == [(2,)]
 
 
 @pytest.mark.parametrize("secret", ["", "wrong", "hook-secret-2"])
@@ -1824,6 +1859,16 @@ def test_tap_in_a_chat_not_allowed_is_answered_and_changes_nothing(notify_app, d
     assert tap(client, "take:1")["text"].startswith("Incident #1 taken")  # the notify chat is allowed
 
 
+def test_server_says_once_at_start_that_the_api_is_open_without_a_token(db_path, caplog):
+    incidents.create_app({"DATABASE": str(db_path)})
+    said = [record.getMessage() for record in caplog.records if "INCIDENTS_API_TOKEN" in record.getMessage()]
+    assert said == ["INCIDENTS_API_TOKEN is not set: the API is open to anyone who can reach it; set it to require "
+                    "a token"]
+    caplog.clear()
+    incidents.create_app({"DATABASE": str(db_path), "API_TOKEN": "s3cret"})
+    assert "INCIDENTS_API_TOKEN" not in caplog.text
+
+
 def test_bot_with_no_allowed_chat_acts_nowhere_and_says_so_once_at_startup(db_path, caplog):
     app = incidents.create_app({"DATABASE": str(db_path), "TESTING": True, "TELEGRAM_WEBHOOK_SECRET": SECRET})
     warnings = [record.getMessage() for record in caplog.records if "TELEGRAM_ALLOWED_CHAT_IDS" in record.getMessage()]
@@ -1876,10 +1921,49 @@ def test_webhook_asks_telegram_nothing_and_ignores_updates_with_ids_no_chat_has(
     assert query(db_path, "SELECT count(*) FROM incidents") == [(0,)]
 
 
+class FakeBot:
+    """A bot whose getUpdates answers each of `answers` in turn, then is interrupted (Ctrl-C); what it was asked."""
+
+    def __init__(self, answers, bot):
+        self.answers, self.bot, self.asked, self.id = list(answers), bot, [], bot.id
+
+    def call(self, method, payload):
+        self.asked.append((time.monotonic(), method, payload))
+        if method != "getUpdates":
+            return {"message_id": 1}
+        if not self.answers:
+            raise KeyboardInterrupt
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+@pytest.mark.parametrize("update_id, offset", [(-5, 0), (2**63 - 1, 2**63), (2**63, 2**63 + 1)])
+def test_poller_skips_an_update_whose_id_no_offset_can_follow_and_goes_on(bot_app, caplog, update_id, offset):
+    database = bot_app.extensions["incidents"]
+    bot = FakeBot([[telegram_update(update_id, "Самокат 5"), telegram_update(7, "Самокат 7")]],
+                  incidents.Bot("1:x", "http://127.0.0.1:9"))
+    with bot_app.app_context():
+        assert incidents.poll_once(database, bot, 0, 0) == (max(offset, 8), 0)
+    assert f"update {update_id} skipped" in caplog.text
+    assert query(bot_app.config["DATABASE"], "SELECT description FROM incidents") == [("Самокат 7",)]
+    assert query(bot_app.config["DATABASE"], "SELECT next_update_id FROM telegram_offsets") == [(8,)]
+
+
+@pytest.mark.parametrize("answer", [[42], ["x", None], {"update_id": 1}, [{"update_id": -1}], "ok"])
+def test_poller_waits_after_an_answer_with_nothing_usable_as_after_a_network_error(bot_app, caplog, answer):
+    database = bot_app.extensions["incidents"]
+    bot = FakeBot([answer, answer], incidents.Bot("1:x", "http://127.0.0.1:9"))
+    with bot_app.app_context():
+        assert incidents.poll_once(database, bot, 5, 0) == (5, 1)
+        assert incidents.poll_once(database, bot, 5, 1) == (5, 2)  # doubling, as for a network error
+    assert "nothing usable" in caplog.text
+    assert query(bot_app.config["DATABASE"], "SELECT count(*) FROM incidents") == [(0,)]
+
+
 def test_poller_goes_on_when_reading_its_offset_fails_and_skips_an_update_it_can_never_store(
         bot_app, monkeypatch, caplog):
-    bot = incidents.Bot("1:x", "http://127.0.0.1:9")
-    bot.call = lambda method, payload: [telegram_update(7, "Самокат 7")]
     real_load, reads = incidents.load_offset, []
 
     def load_offset(*args):
@@ -1896,7 +1980,9 @@ def test_poller_goes_on_when_reading_its_offset_fails_and_skips_an_update_it_can
     monkeypatch.setattr(incidents.time, "sleep", lambda seconds: None)
     database = bot_app.extensions["incidents"]
     with bot_app.app_context():
-        assert incidents.poll_once(database, database.acquire(), bot, 0) == 0
+        with pytest.raises(KeyboardInterrupt):  # the second getUpdates: Ctrl-C
+            incidents.poll_telegram(database, database.acquire(), FakeBot(
+                [[telegram_update(7, "Самокат 7")]], incidents.Bot("1:x", "http://127.0.0.1:9")))
     assert len(reads) == 2 and "offset not read: disk I/O error" in caplog.text
     assert "update 7 skipped: CHECK constraint failed" in caplog.text
     assert query(bot_app.config["DATABASE"], "SELECT next_update_id FROM telegram_offsets") == [(8,)]
@@ -1911,6 +1997,15 @@ def test_answer_to_a_refused_tap_fits_telegrams_200_utf16_units(notify_app, db_p
     answer = tap(client, "reopen:1")
     assert answer["show_alert"] and "Incident 2 is open" in answer["text"]
     assert len(answer["text"].encode("utf-16-le")) // 2 <= 200
+
+
+def test_every_answer_to_a_tap_fits_telegrams_200_utf16_units(notify_app, db_path):
+    client = notify_app.test_client()
+    create(client)
+    long_name = {"id": 444, "first_name": "🚒" * 64, "last_name": "🚑" * 64}
+    for data in ("take:1", "take:1", "resolve:1", "reopen:1"):
+        answer = tap(client, data, sender=long_name)
+        assert 0 < len(answer["text"].encode("utf-16-le")) // 2 <= 200 and answer["text"].startswith("Incident #1")
 
 
 def test_answer_that_names_no_message_is_a_failed_send(bot_app):
@@ -2135,7 +2230,7 @@ def test_poller_turns_updates_into_incidents_and_replies(db_path, bot_api):
     assert bot_api.sent == [
         {"chat_id": 111, "reply_to_message_id": 501, "text": "Incident #1 registered", **NO_PREVIEWS},
         {"chat_id": -100222, "reply_to_message_id": 502, "text": "Incident #2 registered", **NO_PREVIEWS},
-        {"chat_id": -100222, "reply_to_message_id": 503, "text": "Incident #1 is in progress, by Ольга (Telegram user 333)",
+        {"chat_id": -100222, "reply_to_message_id": 503, "text": "Incident #1 taken by Ольга",
          **NO_PREVIEWS},
     ]
     assert query(db_path, "SELECT id, description, status FROM incidents") == [
@@ -2256,14 +2351,39 @@ def test_nothing_is_queued_without_notify_chats(client, db_path):
     assert outbox(db_path) == []
 
 
-@pytest.mark.parametrize("value", ["abc", "-100,", "1;2", "12.5"])
-def test_bad_notify_chat_ids_stop_startup_saying_what_to_set(db_path, monkeypatch, value):
-    monkeypatch.setenv("TELEGRAM_NOTIFY_CHAT_IDS", value)
-    if value == "-100,":  # a trailing comma is harmless
-        assert incidents.create_app({"DATABASE": str(db_path)}).config["TELEGRAM_NOTIFY_CHAT_IDS"] == (-100,)
-        return
-    with pytest.raises(SystemExit, match="TELEGRAM_NOTIFY_CHAT_IDS must be Telegram chat ids separated by commas"):
+CHAT_SETTINGS = ["TELEGRAM_ALLOWED_CHAT_IDS", "TELEGRAM_NOTIFY_CHAT_IDS", "TELEGRAM_ESCALATE_CHAT_IDS"]
+
+
+@pytest.mark.parametrize("name", CHAT_SETTINGS)
+@pytest.mark.parametrize("value", ["abc", "1;2", "12.5", "9999999999999999999", "-9999999999999999999", "١٢٣", "２",
+                                   "0", "-0", "1,0", "--5", "+5", "1 2", "9" * 5000])
+def test_bad_chat_ids_stop_startup_saying_what_to_set(db_path, monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit, match=f"{name} must be Telegram chat ids separated by commas") as stopped:
         incidents.create_app({"DATABASE": str(db_path)})
+    assert "\n" not in str(stopped.value)
+
+
+@pytest.mark.parametrize("name", CHAT_SETTINGS)
+def test_chat_ids_take_ascii_digits_a_minus_and_what_fits_sqlite(db_path, monkeypatch, name):
+    monkeypatch.setenv(name, " -100, 9223372036854775807 ,-9223372036854775807,,")  # a trailing comma is harmless
+    config = incidents.create_app({"DATABASE": str(db_path)}).config
+    assert config[name] == (-100, 2**63 - 1, -(2**63 - 1))
+
+
+def test_every_setting_is_read_trimmed_and_numbers_in_ascii_digits(db_path, monkeypatch):
+    for name, value in {"INCIDENTS_BUSY_TIMEOUT": " 7 ", "INCIDENTS_API_TOKEN": " tok-1 ", "INCIDENTS_PING_TOKEN": "\tp\n",
+                        "TELEGRAM_WEBHOOK_SECRET": " s3 ", "TELEGRAM_BOT_TOKEN": f" {TOKEN} ",
+                        "TELEGRAM_API_URL": " http://127.0.0.1:9/ ", "INCIDENTS_REMIND_MAX": " 2"}.items():
+        monkeypatch.setenv(name, value)
+    config = incidents.create_app({"DATABASE": str(db_path)}).config
+    assert (config["BUSY_TIMEOUT"], config["API_TOKEN"], config["PING_TOKEN"], config["TELEGRAM_WEBHOOK_SECRET"],
+            config["TELEGRAM_BOT_TOKEN"], config["TELEGRAM_API_URL"], config["REMIND_MAX"]) == (
+        7, "tok-1", "p", "s3", TOKEN, "http://127.0.0.1:9/", 2)
+    for value in ("٥", "５", "9" * 5000):
+        monkeypatch.setenv("INCIDENTS_BUSY_TIMEOUT", value)
+        with pytest.raises(SystemExit, match="INCIDENTS_BUSY_TIMEOUT must be a whole number of seconds from 1 to 3600"):
+            incidents.create_app({"DATABASE": str(db_path)})
 
 
 def test_change_is_queued_in_its_own_transaction_and_a_rolled_back_one_never(notify_app, db_path, monkeypatch):
@@ -2473,6 +2593,25 @@ def test_chat_that_removed_the_bot_is_dropped_without_holding_up_the_others(db_p
     assert any("-100888 no longer takes messages" in record.getMessage() for record in caplog.records)
     create(client, "third")
     assert outbox(db_path) == [(3, DUTY, "change")]
+
+
+def test_chat_dropped_after_a_refusal_is_tried_again_when_the_sender_restarts(db_path, bot_api, caplog):
+    app = incidents.create_app(notify_config(db_path, bot_api, chats=(NIGHT, DUTY)))
+    client = app.test_client()
+    bot_api.gone.add(NIGHT)  # a 403: removed, or blocked, for a while
+    create(client, "first")
+    with sending(app):
+        bot_api.wait_for(lambda: query(db_path, "SELECT chat_id FROM notify_chats_gone") == [(NIGHT,)])
+    bot_api.gone.discard(NIGHT)  # added back
+    create(client, "second")
+    patch(client, 1, status="resolved")
+    with sending(app):  # a restart with the chat still in the settings
+        bot_api.wait_for(lambda: len(bot_api.chat(NIGHT)) == 1 and outbox(db_path) == [])
+    assert [re.match(r"<b>Incident #(\d+)", m["text"])[1] for m in bot_api.chat(NIGHT)] == ["2"]  # open ones
+    assert query(db_path, "SELECT chat_id FROM notify_chats_gone") == []
+    assert "Telegram chat -100888, dropped after a refusal, is tried again" in caplog.text
+    create(client, "third")
+    assert (3, NIGHT, "change") in outbox(db_path)
 
 
 def test_update_telegram_refuses_is_logged_and_does_not_hold_up_the_rest(notify_app, bot_api, db_path, caplog):
@@ -2803,7 +2942,7 @@ def test_bot_token_appears_in_no_line_the_poller_or_the_sender_prints(db_path, m
     said = []
     with app.app_context(), caplog.at_level("DEBUG"):
         bot = incidents.telegram_bot()
-        for attempt in (lambda: incidents.poll_once(database, database.acquire(), bot, 0),
+        for attempt in (lambda: incidents.poll_once(database, bot, 0, 0),
                         lambda: incidents.notify_once(database, database.acquire(), bot, 1, 0),
                         lambda: incidents.learn_username(database, bot)):
             try:
@@ -2828,7 +2967,7 @@ def test_malformed_bot_api_url_stops_the_command_in_one_line_naming_the_setting(
                              "https://api.telegram.org, not 'localhost:8081'\n")
 
 
-@pytest.mark.parametrize("name, value", [("INCIDENTS_API_TOKEN", "s3cret-Token "), ("INCIDENTS_API_TOKEN", "токен-секрет"),
+@pytest.mark.parametrize("name, value", [("INCIDENTS_API_TOKEN", "s3cret Token"), ("INCIDENTS_API_TOKEN", "токен-секрет"),
                                          ("TELEGRAM_WEBHOOK_SECRET", "with space"), ("TELEGRAM_WEBHOOK_SECRET", "x" * 257)])
 def test_secret_no_request_could_match_stops_startup_without_showing_it(db_path, monkeypatch, name, value):
     monkeypatch.setenv(name, value)
@@ -3359,13 +3498,13 @@ def test_heartbeat_is_created_then_replaced_keeping_its_last_check_in(client, db
     assert created == {**created, "name": "scooter-4521", "description": "Scooter #4521 is silent", "period": 300,
                        "grace": 60, "source": "monitoring", "paused": False, "status": "up", "last_ping_at": None,
                        "incident_id": None}
-    assert created["next_due_at"] == incidents.later(created["created_at"], 360)  # the clock starts at creation
+    assert created["next_due_at"] == incidents.shifted(created["created_at"], 360)  # the clock starts at creation
     pinged = client.post("/heartbeats/scooter-4521/ping").json
     replaced = put_heartbeat(client, status=200, description="Scooter #4521: no GPS", period=60, grace=0,
                              source="partner")
     assert (replaced["created_at"], replaced["source"], replaced["period"]) == (created["created_at"], "partner", 60)
-    assert replaced["last_ping_at"] and replaced["next_due_at"] == incidents.later(replaced["last_ping_at"], 60)
-    assert pinged["next_due_at"] == incidents.later(replaced["last_ping_at"], 360)
+    assert replaced["last_ping_at"] and replaced["next_due_at"] == incidents.shifted(replaced["last_ping_at"], 60)
+    assert pinged["next_due_at"] == incidents.shifted(replaced["last_ping_at"], 360)
     assert client.get("/heartbeats/scooter-4521").json == replaced
     assert query(db_path, "SELECT count(*) FROM heartbeats") == [(1,)]
 
@@ -3462,7 +3601,7 @@ def test_check_in_records_a_ping_by_any_method_and_answers_short_json(client, db
     assert response.status_code == 200
     last = query(db_path, "SELECT last_ping_at FROM heartbeats")[0][0]
     if method != "HEAD":
-        assert response.json == {"name": "scooter-4521", "status": "up", "next_due_at": incidents.later(last, 70)}
+        assert response.json == {"name": "scooter-4521", "status": "up", "next_due_at": incidents.shifted(last, 70)}
     assert query(db_path, "SELECT count(*) FROM incidents") == [(0,)]
     assert query(db_path, "SELECT pings, failures FROM heartbeat_counts") == [(1, 0)]
 
@@ -4946,6 +5085,10 @@ def test_real_server_reads_raw_utf8_queries_and_refuses_large_chunked_bodies(db_
         status, problem = raw_request(url, "GET /incidents?q=св HTTP/1.1".encode())
         assert status == 422 and "'св'" in problem["errors"][0]["message"]
         assert raw_request(url, b"GET /incidents?q=\xff\xfeabc HTTP/1.1")[0] == 200  # not UTF-8: read, not failed
+        for word in ("ТВЕРСКОЙ", "хлеб"):  # bytes 0xA0 and 0x85 split the development server's request line
+            with socket.create_connection(url.removeprefix("http://").split(":")) as raw:
+                raw.sendall(f"GET /incidents?q={word} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                assert b" 400 Bad request syntax" in raw.makefile("rb").readline()  # its own page, as the README says
         for path, limit in (("/incidents", incidents.MAX_BODY_BYTES),
                             ("/integrations/alertmanager", incidents.ALERT_BODY_MAX)):
             body = json.dumps({"description": "x" * limit, "source": "operator", "alerts": []}).encode()
