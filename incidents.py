@@ -439,7 +439,8 @@ MIGRATIONS = (
         # the grace is too (both null while paused); down once its silence or a failure opened incident_id.
         """CREATE TABLE heartbeats (
             id INTEGER PRIMARY KEY,
-            name TEXT NOT NULL UNIQUE CHECK (length(name) BETWEEN 1 AND 100 AND name NOT GLOB '*[^A-Za-z0-9._-]*'),
+            name TEXT NOT NULL UNIQUE CHECK (length(name) BETWEEN 1 AND 100 AND name NOT GLOB '*[^A-Za-z0-9._-]*'
+                                             AND trim(name, '.') != ''),
             description TEXT NOT NULL CHECK (length(description) BETWEEN 1 AND 10000),
             period INTEGER NOT NULL CHECK (period BETWEEN 1 AND 2678400),
             grace INTEGER NOT NULL CHECK (grace BETWEEN 0 AND 2678400),
@@ -530,22 +531,25 @@ def open_private(path, flags=os.O_RDWR | os.O_CREAT):
 
 
 def open_lock_file(path):
-    """A lock file beside the database, for its owner only, never opened through a link planted at its name.
-
-    A symbolic link there is removed (its target is left alone) and a plain file made in its place. A
-    plain file is used as it is, never truncated or deleted: another process may hold its lock.
-    """
+    """A lock file beside the database, for its owner only: a plain file, used as it is (never truncated nor
+    replaced, since another process may hold its lock), and never opened through a link planted at its name
+    (OSError, as for anything else that is no plain file: the start stops, see lock_file_refused)."""
     try:
         fd = open_private(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW)
     except OSError as error:
-        if error.errno != errno.ELOOP:
-            raise
-        os.unlink(path)
-        fd = open_private(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW)
+        if error.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, "a symbolic link, which is never followed", path) from None
+        raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise OSError(errno.EINVAL, "not a plain file; remove it", path)
+        raise OSError(errno.EINVAL, "no plain file", path)
     return fd
+
+
+def lock_file_refused(error, path):
+    """The one line that stops a start whose lock file cannot be used."""
+    return (f"the lock file {error.filename or path} beside the database cannot be used ({error.strerror}); "
+            "remove it, or let the server's user write there")
 
 
 def connect(path, timeout):
@@ -661,6 +665,7 @@ class Writer:
         self.db = None  # opened by the writer thread, used by it alone
         self.failing = None  # why writes fail, for a reason not the client's, until a write commits again
         self.failed_at = 0.0
+        self.turned_at = 0.0  # when a transaction of this writer last committed, whatever it held
         self.unsaved = False  # whether the WAL holds commits of this process not yet checkpointed
         self.checkpointed = time.monotonic()
         self.thread = threading.Thread(target=Writer.serve, args=(weakref.ref(self),), name="incidents-writer",
@@ -756,12 +761,13 @@ class Writer:
         try:
             self.turns.take()
         except OSError as error:  # the kernel refused the lock (ENOLCK on a network file system)
+            self.checkpointed = time.monotonic()  # a checkpoint due waits an idle interval, not a loop, to try again
             self.fail(self.take_all(), lock_error(error))
             return
         try:
             if waiting:
                 self.transact()
-            if self.checkpoint_due(idle=lambda: not self.queues[False] and not self.turns.wanted()):
+            if self.checkpoint_due(idle=lambda: not waiting or not self.queues[False] and not self.turns.wanted()):
                 self.checkpoint()
         finally:
             self.turns.give()
@@ -783,6 +789,7 @@ class Writer:
         except BaseException as error:
             self.abort([job for job in ran if not job.done.is_set()], error)
             return
+        self.turned_at = time.monotonic()
         if any(job.wrote for job in ran):
             self.failing, self.unsaved = None, True
         for job in ran:
@@ -817,7 +824,7 @@ class Writer:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
         except sqlite3.Error:
-            self.db, db = None, self.db
+            self.db, db, self.unsaved = None, self.db, False  # the next commit asks for a checkpoint again
             db.close()  # closing rolls back; the next transaction opens a new connection
         if sqlite_error_code(error) not in WRITE_REFUSALS:
             error = busy_error("The write was undone with its transaction, which another write broke; retry.")
@@ -925,7 +932,7 @@ class Database:
     def start_afresh(self):
         self.idle = queue.LifoQueue(IDLE_CONNECTIONS)
         self.writer = None
-        self.probed = 0.0  # when /health last tried a write turn
+        self.probed, self.probe_failed = 0.0, None  # when /health last tried a write turn, and why it failed
         self.opening = threading.Lock()
 
     def start_clock(self, app, work):
@@ -991,8 +998,7 @@ class Database:
             try:
                 os.close(open_lock_file(f"{self.lock_base}{suffix}"))
             except OSError as error:
-                stop_startup(f"the lock file {error.filename or self.lock_base + suffix} beside the database cannot "
-                             f"be used ({error.strerror}); remove it, or let the server's user write there")
+                stop_startup(lock_file_refused(error, f"{self.lock_base}{suffix}"))
 
     def write(self, work, bulk=False, timeout=None):
         """work(db) run by this process's writer in a transaction: its result once committed, or its error."""
@@ -1016,16 +1022,22 @@ class Database:
         return writer
 
     def write_problem(self):
-        """Why writes fail (None while they work, or before any was tried): while they fail, a turn is
-        tried again at most every HEALTH_PROBE_S, so that it clears without a client's write."""
-        writer = self.writer
-        if writer is None or (writer.failing is None and writer.thread.is_alive()):
+        """Why writes fail, or None while they work, as this process's last turn to write says. While writes
+        fail, or when no turn was taken for HEALTH_PROBE_S (a process that has not written knows nothing yet,
+        and another may hold the database), a turn of its own is tried, at most every HEALTH_PROBE_S: a real
+        write while writes fail, so that it clears without a client's write, else an empty transaction."""
+        writer, moment = self.writer, time.monotonic()
+        if writer is not None and writer.thread.is_alive() and writer.failing is None and \
+                moment - writer.turned_at < HEALTH_PROBE_S:
             return None
-        if time.monotonic() - max(self.probed, writer.failed_at) >= HEALTH_PROBE_S:  # a failed write is a try too
-            self.probed = time.monotonic()
-            with contextlib.suppress(sqlite3.Error):
-                self.write(record_write_check, timeout=HEALTH_PROBE_S)
-        return self.writer.failing
+        if moment - max(self.probed, writer.failed_at if writer else 0) >= HEALTH_PROBE_S:  # a failed write is a try
+            self.probed, self.probe_failed = moment, None
+            try:
+                self.write(record_write_check if writer is not None and writer.failing else (lambda db: None),
+                           timeout=HEALTH_PROBE_S)
+            except sqlite3.Error as error:  # the writer notes most failures itself; not one to start it
+                self.probe_failed = write_failure(error) or f"Writes fail: {error}."
+        return (self.writer and self.writer.failing) or self.probe_failed
 
     def announce_upgrade(self, db, current):
         """Say so before upgrading a file that holds incidents: a step may take a while on a large one."""
@@ -1040,7 +1052,11 @@ class Database:
         The version is read inside each step's transaction, so servers starting together
         on one file apply every step exactly once.
         """
-        os.close(open_private(self.path))
+        try:
+            os.close(open_private(self.path))
+        except OSError as error:
+            stop_startup(f"INCIDENTS_DB names {self.path}, which cannot be opened ({error.strerror}); set it to the "
+                         "database file's path")
         try:
             db = self.acquire()
             current = db.execute("PRAGMA user_version").fetchone()[0]
@@ -2491,7 +2507,7 @@ def receive_alerts():
 # Heartbeats: a device, a point or a job that stops checking in opens an incident by itself
 # ---------------------------------------------------------------------------
 
-HEARTBEAT_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
+HEARTBEAT_NAME = re.compile(r"(?!\.+$)[A-Za-z0-9._-]{1,100}")  # . and .. are no name: clients drop them from URLs
 CHECK_IN_SIGNAL = re.compile(r"ping|fail|0|[1-9][0-9]{0,2}")  # an exit status, 0 to 255, as $? prints it
 HEARTBEAT_KEY_PREFIX = "heartbeat:"
 # The status of a heartbeat, from its columns and the time :now.
@@ -2520,8 +2536,8 @@ def heartbeat_name(name, where="the URL"):
     """A heartbeat's name as the URL gives it, or 404 (422 for PUT, which would create it)."""
     if HEARTBEAT_NAME.fullmatch(name):
         return name
-    raise invalid("fields", [{"field": "name", "message": "must be 1 to 100 of A-Z a-z 0-9 . _ - (as in "
-                                                          "/heartbeats/scooter-4521)"}]) if where == "PUT" else \
+    raise invalid("fields", [{"field": "name", "message": "must be 1 to 100 of A-Z a-z 0-9 . _ -, not dots alone "
+                                                          "(as in /heartbeats/scooter-4521)"}]) if where == "PUT" else \
         no_such_heartbeat(name)
 
 
@@ -2639,8 +2655,14 @@ def remove_heartbeat(db, name):
 
 
 def failure_note(signal):
-    """What a failed check-in says: the body as UTF-8 text (bad bytes replaced), cut to a note; else the status."""
-    text = read_body(MAX_BODY_BYTES, None).decode("utf-8", "replace").replace("\x00", "\ufffd")[:NOTE_MAX].strip()
+    """What a failed check-in says: the start of its body as UTF-8 text (bad bytes replaced), cut to a note, never
+    refused for its size (a job's whole log is welcome); else its exit status."""
+    request.max_content_length = sys.maxsize  # only the start is read, whatever the size
+    try:
+        head = request.stream.read(4 * NOTE_MAX)  # enough bytes for NOTE_MAX characters of UTF-8 (the document says)
+    except Exception:  # a broken chunked encoding, a client gone halfway: the failure stands, without its text
+        head = b""
+    text = head.decode("utf-8", "replace").replace("\x00", "\ufffd")[:NOTE_MAX].strip()
     if has_visible_text(text):
         return text
     return f"The check-in reported a failure (exit status {signal})" if signal.isdigit() else \
@@ -3163,7 +3185,10 @@ def sole_sender(lock_base, bot_id):
 
     A kernel lock on a file beside the database: released when its process ends, however it ends.
     """
-    turn = open_lock_file(f"{lock_base}-telegram-sender-{bot_id}.lock")
+    try:
+        turn = open_lock_file(f"{lock_base}-telegram-sender-{bot_id}.lock")
+    except OSError as error:
+        raise click.ClickException(lock_file_refused(error, f"{lock_base}-telegram-sender-{bot_id}.lock")) from None
     try:
         try:
             fcntl.flock(turn, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -3604,8 +3629,8 @@ API_DOCS = {  # per endpoint: request body (schema, byte limit, example), query 
         200: ("The heartbeat.", "Heartbeat"), 401: "Problem", 404: "Problem"}},
     "delete_heartbeat": {"path": [HEARTBEAT], "responses": {
         204: ("Deleted; its incidents stay.", "empty"), 401: "Problem", 404: "Problem", 503: "Problem"}},
-    "check_in": {"path": [HEARTBEAT, CHECK_IN], "body": ("text", MAX_BODY_BYTES, "backup: disk full"), "responses": {
-        200: ("The check-in is recorded.", "CheckIn"), **dict.fromkeys((400, 401, 404, 413, 503), "Problem")}},
+    "check_in": {"path": [HEARTBEAT, CHECK_IN], "body": ("text", 4 * NOTE_MAX, "backup: disk full"), "responses": {
+        200: ("The check-in is recorded.", "CheckIn"), **dict.fromkeys((401, 404, 503), "Problem")}},
 }
 
 
@@ -3633,10 +3658,12 @@ def operation(endpoint, method):
           if docs.get("secret") else [])]}
     if "body" in docs and method != "GET":
         schema, limit, example = docs["body"]
-        media, body = ("*/*", {"type": "string"}) if schema == "text" else ("application/json", ref(schema))
-        spec["requestBody"] = {"required": schema != "text", "x-max-body-bytes": limit,
-                               "description": f"{'Any text' if schema == 'text' else 'JSON'}, at most {limit} bytes.",
-                               "content": {media: {"schema": body, "example": example}}}
+        spec["requestBody"] = {"required": True, "x-max-body-bytes": limit, "description": f"JSON, at most {limit} bytes.",
+                               "content": {"application/json": {"schema": ref(schema), "example": example}}}
+        if schema == "text":  # any size: only its start is read
+            spec["requestBody"] = {"required": False, "description": f"Any text, of any size: its first {limit} bytes, "
+                                   "read as UTF-8, are the failure's note.",
+                                   "content": {"*/*": {"schema": {"type": "string"}, "example": example}}}
     spec["responses"] = {str(status): documented_response(status, response)
                          for status, response in docs["responses"].items()}
     if endpoint == "create_incident":
@@ -3735,9 +3762,9 @@ def secret(pattern, what):
 def check_database_name(path):
     """Stop, in one line naming INCIDENTS_DB, where SQLite could only fail later with an obscure error, or
     where one file would be two databases: what every command that opens the database checks first."""
-    if not path.strip():
-        stop_startup("INCIDENTS_DB is empty; set it to the database file's path, such as "
-                     "/var/lib/incidents/incidents.db")
+    if not path.strip() or path == ":memory:" or path.endswith(os.sep):
+        stop_startup(f"INCIDENTS_DB is {repr(path) if path.strip() else 'empty'}, which names no file; set it to "
+                     "the database file's path, such as /var/lib/incidents/incidents.db")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         stop_startup(f"the folder of the database {path} does not exist; create it (mkdir -p {folder}) "

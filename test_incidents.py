@@ -405,6 +405,16 @@ def test_incident_ids_are_ascii_digits_and_any_other_digit_is_a_404(client, db_p
     assert query(db_path, "SELECT DISTINCT status FROM incidents") == [("new",)]
 
 
+def test_errors_werkzeug_raises_carry_one_content_type(db_path, migrated):
+    app = app_on_copy(db_path, migrated)
+    app.post("/test/read-the-body")(lambda: str(len(flask.request.get_data())))  # as Werkzeug reads a large one
+    client = flask.testing.FlaskClient(app)  # the document knows no such route: no check against it
+    for response in (client.get("/nowhere"), client.delete("/incidents"),
+                     client.post("/test/read-the-body", data=b"x" * (incidents.MAX_BODY_BYTES + 1))):
+        assert response.status_code in (404, 405, 413)
+        assert response.headers.getlist("Content-Type") == ["application/problem+json"], response.status_code
+
+
 def test_unsupported_method_is_405_with_allow(client):
     create(client)
     response = client.delete("/incidents/1")
@@ -1273,15 +1283,25 @@ def test_openapi_enums_and_limits_are_the_modules_constants(client):
                                                                               incidents.PAGE_LIMIT_DEFAULT)
     assert parameters["q"]["maxLength"] == incidents.SEARCH_MAX and parameters["q"]["pattern"] == incidents.SEARCH_PATTERN
     assert parameters["cursor"]["pattern"] == f"^{incidents.LIST_CURSOR}$"
+    assert parameters["status"]["items"]["enum"] == list(incidents.STATUSES)
+    assert parameters["source"]["items"]["enum"] == list(incidents.SOURCES)
+    heartbeats = {p["name"]: p["schema"] for p in paths["/heartbeats"]["get"]["parameters"]}
+    assert heartbeats["status"]["items"]["enum"] == list(incidents.HEARTBEAT_STATUSES)
+    assert set(heartbeats) == set(incidents.HEARTBEAT_QUERY)
+    settings = schemas["HeartbeatSettings"]["properties"]
+    assert (settings["source"]["enum"], settings["period"]["maximum"], settings["grace"]["default"]) == (
+        list(incidents.SOURCES), incidents.HEARTBEAT_SECONDS_MAX, incidents.HEARTBEAT_DEFAULTS["grace"])
+    assert schemas["NewIncident"]["properties"]["status"]["enum"] == list(incidents.STATUSES)
+    assert schemas["IncidentChange"]["properties"]["status"]["enum"] == list(incidents.STATUSES)
     events = {p["name"]: p["schema"] for p in paths["/incidents/{incident_id}/events"]["get"]["parameters"]}
     assert set(events) == {"incident_id", *incidents.EVENTS_QUERY}
     bodies = {(path, method): operation["requestBody"]["x-max-body-bytes"] for path, operations in paths.items()
-              for method, operation in operations.items() if "requestBody" in operation}
+              for method, operation in operations.items() if "x-max-body-bytes" in operation.get("requestBody", {})}
     assert bodies == {("/incidents", "post"): incidents.MAX_BODY_BYTES, ("/incidents/{incident_id}", "patch"):
                       incidents.MAX_BODY_BYTES, ("/telegram/webhook", "post"): incidents.MAX_BODY_BYTES,
                       ("/integrations/alertmanager", "post"): incidents.ALERT_BODY_MAX,
-                      ("/heartbeats/{name}", "put"): incidents.MAX_BODY_BYTES,
-                      ("/heartbeats/{name}/{signal}", "post"): incidents.MAX_BODY_BYTES}
+                      ("/heartbeats/{name}", "put"): incidents.MAX_BODY_BYTES}
+    assert "x-max-body-bytes" not in paths["/heartbeats/{name}/{signal}"]["post"]["requestBody"]  # cut, not refused
 
 
 def test_openapi_text_and_search_patterns_say_exactly_what_the_code_accepts():
@@ -1510,7 +1530,7 @@ def test_existing_database_keeps_its_mode(db_path):
 # Each migration's text as released: files in the field ran exactly this; a new file must get the same.
 MIGRATION_PINS = ["1824ad64a8d090a8", "2568b4ef34d03c25", "03652428789037dc", "37ea07775b9a208c",
                   "142188eb6d97c5d4", "8fd34c596f0a7476", "c9660475526e049d", "08f0cf11d0c36ab0",
-                  "e942c9e400084136", "9500e9b4e7b902b4", "5e2c44e425b57cdd"]
+                  "e942c9e400084136", "9500e9b4e7b902b4", "098fcfa6900c1723"]
 
 
 def test_migrations_are_frozen_text():
@@ -1684,6 +1704,15 @@ def test_webhook_same_message_id_in_other_chat_is_another_incident(hook, db_path
     hook(telegram_update(1, "one", message_id=9))
     hook(telegram_update(2, "/incident two", chat=GROUP_CHAT, message_id=9))
     assert query(db_path, "SELECT count(*) FROM incidents") == [(2,)]
+
+
+@pytest.mark.parametrize("chat, message_id", [({"id": True, "type": "private"}, 7), (PRIVATE_CHAT, True),
+                                              ({"id": False, "type": "private"}, 7), (PRIVATE_CHAT, False)])
+def test_webhook_takes_no_boolean_for_a_chat_or_message_id(hook, db_path, chat, message_id):
+    update = telegram_update(1, "Точка 9 не отвечает", chat=chat)
+    update["message"]["message_id"] = message_id
+    assert hook(update) == {}
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(0,)]
 
 
 def test_webhook_edited_message_is_ignored_and_nobody_asks_telegram_for_edits(hook, db_path):
@@ -2078,6 +2107,7 @@ class FakeBotApi(http.server.ThreadingHTTPServer):
         self.floods = 0  # sends or edits to answer 429 (retry_after 1) before working
         self.deleted, self.gone = set(), set()  # message ids deleted in the chat; chats that removed the bot
         self.delay = 0  # seconds each send or edit takes
+        self.during_send = None  # called once while a sendMessage is in flight, before Telegram answers it
         self.rejects = 0  # sends or edits to refuse as a bad request
         self.hold = 0  # seconds a getUpdates with nothing new waits (a long poll), at most its timeout
         self.username = "incidents_bot"
@@ -2164,6 +2194,9 @@ class FakeBotApiHandler(http.server.BaseHTTPRequestHandler):
         if method in ("sendMessage", "editMessageText"):
             fake.arrived.set()
             time.sleep(fake.delay)
+            if method == "sendMessage" and fake.during_send:
+                fake.during_send, during = None, fake.during_send
+                during()
             with fake.lock:
                 return self.answer(*fake.show(method, payload))
         if method == "answerCallbackQuery":
@@ -2438,6 +2471,17 @@ def test_message_is_edited_in_place_after_patch_command_button_and_alert(notify_
         client.post("/integrations/alertmanager", json=am_payload(am_alert("resolved")))
         shows("· resolved ·", "by alertmanager")
     assert len(bot_api.sent) == 1 and len(bot_api.edits) == 4
+
+
+def test_change_made_while_its_notification_is_sent_stays_queued_and_is_shown(notify_app, bot_api, db_path):
+    client = notify_app.test_client()
+    create(client, "Точка 7 не отвечает")
+    bot_api.during_send = lambda: patch(client, 1, status="in_progress", actor="olga")  # between send and record
+    with sending(notify_app):
+        bot_api.wait_for(lambda: len(bot_api.sent) == 1 and outbox(db_path) == [])
+        bot_api.wait_for(lambda: "· in progress ·" in bot_api.messages[1001]["text"])
+    assert bot_api.during_send is None and "Taken by olga" in bot_api.messages[1001]["text"]
+    assert len(bot_api.sent) == 1 and len(bot_api.edits) == 1
 
 
 @pytest.mark.parametrize("status, expected", [
@@ -3244,6 +3288,18 @@ def test_alert_firing_again_after_window_opens_a_new_incident(alert, db_path):
     assert actions(alert(am_payload(am_alert()))) == [(2, "reopened")]
 
 
+@pytest.mark.parametrize("status, action", [("firing", "folded"), ("resolved", "resolved")])
+def test_alert_goes_to_its_older_open_incident_not_to_a_newer_resolved_one(alert, client, db_path, status, action):
+    key = f"alertmanager:{am_alert()['fingerprint']}"
+    for _ in range(2):  # two incidents of the alert's key, both resolved
+        report(client, key=key, description="Point 7 does not respond")
+        patch(client, query(db_path, "SELECT max(id) FROM incidents")[0][0], status="resolved")
+    patch(client, 1, status="new")  # the older reopened: open, and the newer resolved
+    assert alert(am_payload(am_alert(status)))["incidents"] == [{"id": 1, "action": action}]
+    assert query(db_path, "SELECT id, status FROM incidents ORDER BY id") == [
+        (1, "new" if status == "firing" else "resolved"), (2, "resolved")]
+
+
 def test_closed_incident_is_never_reopened_by_its_alert(alert, client):
     alert(am_payload(am_alert()))
     client.patch("/incidents/1", json={"status": "closed"})
@@ -3541,7 +3597,8 @@ def test_heartbeat_of_the_largest_period_and_grace_is_accepted(client):
     assert put_heartbeat(client, period=2_678_400, grace=2_678_400)["grace"] == 2_678_400
 
 
-@pytest.mark.parametrize("name", ["", "a" * 101, "scooter 4521", "точка-7", "a/b", "a%2Fb", "a:b", "a*", "%00"])
+@pytest.mark.parametrize("name", ["", "a" * 101, "scooter 4521", "точка-7", "a/b", "a%2Fb", "a:b", "a*", "%00", ".",
+                                  "..", "..."])
 def test_heartbeat_name_that_breaks_the_rules_is_422_on_put_and_404_elsewhere(client, db_path, name):
     path = f"/heartbeats/{urllib.parse.quote(name, safe='%/')}"
     if name and "/" not in urllib.parse.unquote(name):
@@ -3619,6 +3676,16 @@ def test_check_in_of_an_unknown_name_is_404_and_creates_nothing(client, db_path)
     assert_problem(client.get("/heartbeats/scooter-9999/fail"), 404)
     assert query(db_path, "SELECT count(*) FROM heartbeats") == [(0,)]
     assert query(db_path, "SELECT count(*) FROM incidents") == [(0,)]
+
+
+def test_failure_with_a_body_of_any_size_is_recorded_its_note_cut(client, db_path):
+    put_heartbeat(client, "nightly-report", period=86400)
+    log = "".join(f"line {n}: копирование\n" for n in range(100_000)).encode()  # 3 MB of a job's log
+    assert len(log) > 2 * incidents.MAX_BODY_BYTES
+    assert client.post("/heartbeats/nightly-report/fail", data=log).json["status"] == "down"
+    incident_id = heartbeat_incidents(db_path, "nightly-report")[0][0]
+    note = client.get(f"/incidents/{incident_id}/events").json["items"][0]["note"]
+    assert note.startswith("line 0: копирование\nline 1:") and len(note) <= 2000
 
 
 def test_failed_check_in_opens_the_incident_at_once_with_the_body_as_its_note(client, db_path):
@@ -3865,7 +3932,7 @@ def test_silence_opens_its_incident_once_within_two_seconds_under_the_gunicorn_r
                 send(url, f"/heartbeats/point-{n}", {"description": f"Point {n} is silent", "period": 1, "grace": 0},
                      "PUT")
             wait_until(lambda: len(query(db_path, "SELECT id FROM incidents")) == 6, 4)
-            time.sleep(1)  # four clocks look again: none opens a second
+            time.sleep(0.6)  # four clocks look again: none opens a second
         finally:
             process.terminate()
             process.wait(10)
@@ -4136,6 +4203,8 @@ def hard_linked(folder):
 
 BAD_DATABASES = [
     (lambda folder: "", "INCIDENTS_DB is empty"),
+    (lambda folder: ":memory:", "INCIDENTS_DB is ':memory:', which names no file"),
+    (lambda folder: f"{folder}/new.db/", "which names no file"),
     (lambda folder: folder, "which is a folder"),
     (not_a_database, "which is not an SQLite database (file is not a database)"),
     (hard_linked, "a file with 2 hard links"),
@@ -4201,18 +4270,36 @@ def test_second_sender_through_a_link_to_the_database_is_refused(db_path, bot_ap
         stop_command(first)
 
 
-@pytest.mark.parametrize("lock", ["-writer.lock", "-writer-line.lock", "-telegram-sender-123456.lock"])
-def test_a_link_planted_at_a_lock_file_is_replaced_and_its_target_left_alone(db_path, tmp_path, lock):
+@pytest.mark.parametrize("lock", ["-writer.lock", "-writer-line.lock"])
+def test_a_link_planted_at_a_writer_lock_stops_the_start_and_its_target_is_left_alone(db_path, tmp_path, lock):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     Path(f"{db_path}{lock}").symlink_to(victim)
+    with pytest.raises(SystemExit) as stopped:
+        incidents.create_app({"DATABASE": str(db_path)})
+    assert str(stopped.value) == (f"incidents: the lock file {db_path}{lock} beside the database cannot be used (a "
+                                  "symbolic link, which is never followed); remove it, or let the server's user "
+                                  "write there")
+    assert victim.read_text() == "precious" and os.path.islink(f"{db_path}{lock}")
+
+
+def test_a_link_planted_at_the_sender_lock_refuses_the_sender_and_its_target_is_left_alone(app, tmp_path, db_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    Path(f"{db_path}-telegram-sender-123456.lock").symlink_to(victim)
+    with pytest.raises(click.ClickException, match="a symbolic link, which is never followed"):
+        with incidents.sole_sender(app.extensions["incidents"].lock_base, 123456):
+            pass
+    assert victim.read_text() == "precious"
+
+
+def test_lock_files_are_plain_files_for_their_owner_only(db_path):
     app = incidents.create_app({"DATABASE": str(db_path)})
     create(app.test_client())
     with incidents.sole_sender(app.extensions["incidents"].lock_base, 123456):
         pass
-    assert victim.read_text() == "precious"
-    assert not os.path.islink(f"{db_path}{lock}") and os.path.isfile(f"{db_path}{lock}")
-    assert os.stat(f"{db_path}{lock}").st_mode & 0o777 == 0o600
+    for lock in ("-writer.lock", "-writer-line.lock", "-telegram-sender-123456.lock"):
+        assert os.path.isfile(f"{db_path}{lock}") and os.stat(f"{db_path}{lock}").st_mode & 0o777 == 0o600
 
 
 def test_a_live_lock_file_is_never_replaced_and_what_cannot_be_one_stops_the_start(db_path, tmp_path):
@@ -4594,6 +4681,31 @@ def test_health_says_writes_work_only_after_a_write_commits_again(app, client, d
     assert client.get("/health").json == {"status": "ok"}
 
 
+@pytest.mark.parametrize("written", [False, True])
+def test_health_of_a_process_that_has_not_written_lately_tries_a_turn_and_says_when_none_comes(
+        db_path, migrated, monkeypatch, written):
+    monkeypatch.setattr(incidents, "HEALTH_PROBE_S", 0.3)
+    app = app_on_copy(db_path, migrated, BUSY_TIMEOUT=5)
+    client = app.test_client()
+    if written:
+        create(client)
+    time.sleep(0.35)  # a turn older than HEALTH_PROBE_S tells nothing of now
+    assert client.get("/health").json == {"status": "ok"}  # a turn tried: an empty transaction, nothing written
+    assert query(db_path, "SELECT count(*) FROM write_checks") == [(0,)]
+    time.sleep(0.35)
+    outside = sqlite3.connect(db_path, isolation_level=None)
+    outside.execute("BEGIN IMMEDIATE")  # another worker, or a sqlite3 shell, holds the database
+    try:
+        health, seconds = timed(lambda: client.get("/health"))
+        assert "sqlite3 shell" in assert_problem(health, 503)["detail"] and seconds < 1
+    finally:
+        outside.rollback()
+        outside.close()
+    time.sleep(0.35)
+    assert client.get("/health").json == {"status": "ok"}  # writes failed: it tried a real one
+    assert query(db_path, "SELECT count(*) FROM write_checks") == [(1,)]
+
+
 def test_health_tries_a_write_turn_at_most_once_a_second_and_clears_without_client_writes(db_path, migrated,
                                                                                              monkeypatch):
     monkeypatch.setattr(incidents, "HEALTH_PROBE_S", 0.3)
@@ -4646,6 +4758,27 @@ def test_writer_that_cannot_take_its_lock_answers_503_tells_health_and_comes_bac
     assert client.get("/health").json == {"status": "ok"}  # with no client's write
     assert create(client, "After")["id"] == 2
     assert query(db_path, "SELECT description FROM incidents ORDER BY id") == [("Before",), ("After",)]
+
+
+def test_writer_that_cannot_checkpoint_waits_instead_of_spinning(app, client, monkeypatch):
+    monkeypatch.setattr(incidents, "CHECKPOINT_IDLE_S", 0.05)
+    create(client)  # a checkpoint is now due once idle
+    calls, real = [], incidents.fcntl.flock
+
+    def refused(fd, operation):
+        calls.append(operation)
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(incidents.fcntl, "flock", refused)
+    time.sleep(0.5)
+    assert 0 < len(calls) <= 12  # one try an idle interval (0.05 s), not thousands
+    monkeypatch.setattr(incidents.fcntl, "flock", real)
+    turns, real_take = [], incidents.Writer.take_turn
+    monkeypatch.setattr(incidents.Turns, "wanted", lambda turns: True)  # another process always waits
+    monkeypatch.setattr(incidents.Writer, "take_turn", lambda writer, waiting: turns.append(waiting) or real_take(
+        writer, waiting))
+    create(client)
+    time.sleep(0.5)
+    assert turns[0] is True and 1 <= turns.count(False) <= 2  # the idle turn checkpointed, then nothing to do
 
 
 def test_writer_thread_that_ends_answers_what_waits_503_and_a_new_one_takes_over(app, client, db_path, monkeypatch):
@@ -4874,7 +5007,7 @@ def test_litestream_restores_every_write_acknowledged_before_the_last_sync_inter
                                        stderr=log)
 
         def lose_the_machine():
-            time.sleep(2.5)
+            time.sleep(1.8)
             killed = time.monotonic()
             process.kill()
             replicating.kill()
@@ -4949,6 +5082,16 @@ def test_backup_refuses_the_live_database_however_named(app, client, db_path, ta
     assert client.get("/incidents/1").status_code == 200
     assert query(db_path, "PRAGMA wal_checkpoint(TRUNCATE)")[0][0] == 0  # what was acknowledged is in the file
     assert query(db_path, "SELECT count(*) FROM incidents") == [(1,)]
+
+
+def test_backup_refuses_a_path_whose_partial_file_is_the_live_database(tmp_path):
+    live = tmp_path / "copy.db.partial"
+    app = incidents.create_app({"DATABASE": str(live)})
+    create(app.test_client(), "Kept")
+    result = backup(app, tmp_path / "copy.db", "--force")  # --force would delete PATH.partial first
+    assert result.exit_code == 1 and "is the live database" in result.output, result.output
+    assert query(live, "SELECT description FROM incidents") == [("Kept",)]
+    assert not (tmp_path / "copy.db").exists()
 
 
 def test_backup_of_a_missing_database_refuses_and_creates_nothing(tmp_path):
