@@ -9,7 +9,9 @@ created, or migrated to the current schema, when the app starts. GET / says wher
 GET /openapi.json describes every route.
 
 Alerts from Prometheus Alertmanager and Grafana come in through POST /integrations/alertmanager;
-Prometheus scrapes GET /metrics. A consistent copy of the live database, checked:
+Prometheus scrapes GET /metrics. Heartbeats (PUT /heartbeats/NAME) check in at /heartbeats/NAME/ping
+(or /fail, or an exit status), and each process's clock opens an incident for one that falls silent.
+A consistent copy of the live database, checked:
 
     flask --app incidents backup PATH [--force]
 
@@ -26,6 +28,7 @@ Environment (README.md says more):
     INCIDENTS_DB                path of the SQLite file (default: incidents.db in the working directory)
     INCIDENTS_API_TOKEN         when set, every route but /, /openapi.json, /health and the webhook needs
                                 "Authorization: Bearer <token>"
+    INCIDENTS_PING_TOKEN        when set, check-ins take it as well as INCIDENTS_API_TOKEN (and nothing else)
     INCIDENTS_BUSY_TIMEOUT      seconds a write waits for its turn before a 503 (default 5)
     INCIDENTS_REOPEN_WINDOW     seconds after an alert's incident resolves in which the alert firing
                                 again reopens it (default 900; 0 turns reopening off)
@@ -3863,36 +3866,20 @@ def query_as_sent(wsgi_app):
     return app
 
 
-def create_app(test_config=None):
-    """Build the app, creating or migrating its database file."""
-    app = Flask(__name__, static_folder=None)
-    app.config.from_mapping(configuration())
-    if test_config:
-        app.config.update(test_config)
-    app.json = JSONProvider(app)
-    app.url_map.merge_slashes = False  # /heartbeats//ping is no route: a 404, not a redirect to another
-    app.url_map.converters["id"] = IdConverter
-    app.wsgi_app = query_as_sent(app.wsgi_app)
+def start_server(app):
+    """The server's start: the database created or upgraded, a line for what is open to anyone, and the clock."""
+    with app.app_context():
+        open_database()
+        if app.config["TELEGRAM_WEBHOOK_SECRET"]:
+            warn_if_no_chat_allowed(app.logger.warning)
+        if not app.config["API_TOKEN"]:
+            app.logger.warning("INCIDENTS_API_TOKEN is not set: the API is open to anyone who can reach it; "
+                               "set it to require a token")
+    app.extensions["incidents"].start_clock(app, open_silent_heartbeats)
 
-    app.extensions["incidents"] = Database(app.config["DATABASE"], app.config["BUSY_TIMEOUT"])
-    if not finding_a_command():
-        with app.app_context():
-            open_database()
-            if app.config["TELEGRAM_WEBHOOK_SECRET"]:
-                warn_if_no_chat_allowed(app.logger.warning)
-            if not app.config["API_TOKEN"]:
-                app.logger.warning("INCIDENTS_API_TOKEN is not set: the API is open to anyone who can reach it; "
-                                   "set it to require a token")
-        app.extensions["incidents"].start_clock(app, open_silent_heartbeats)
-    app.teardown_appcontext(close_db)
-    app.before_request(check_token)
-    app.before_request(check_incident_id)
 
-    app.register_error_handler(ApiError, handle_api_error)
-    app.register_error_handler(HTTPException, handle_http_exception)
-    app.register_error_handler(sqlite3.OperationalError, handle_database_error)
-    app.register_error_handler(Exception, handle_unexpected)
-
+def add_routes(app):
+    """Every route, and the commands of the flask CLI."""
     app.get("/")(front_door)
     app.get("/openapi.json")(openapi_document)
     app.get("/health")(health)
@@ -3912,4 +3899,29 @@ def create_app(test_config=None):
     app.cli.add_command(telegram_poll_command)
     app.cli.add_command(telegram_notify_command)
     app.cli.add_command(backup_command)
+
+
+def create_app(test_config=None):
+    """Build the app, creating or migrating its database file."""
+    app = Flask(__name__, static_folder=None)
+    app.config.from_mapping(configuration())
+    if test_config:
+        app.config.update(test_config)
+    app.json = JSONProvider(app)
+    app.url_map.merge_slashes = False  # /heartbeats//ping is no route: a 404, not a redirect to another
+    app.url_map.converters["id"] = IdConverter
+    app.wsgi_app = query_as_sent(app.wsgi_app)
+
+    app.extensions["incidents"] = Database(app.config["DATABASE"], app.config["BUSY_TIMEOUT"])
+    if not finding_a_command():
+        start_server(app)
+    app.teardown_appcontext(close_db)
+    app.before_request(check_token)
+    app.before_request(check_incident_id)
+
+    app.register_error_handler(ApiError, handle_api_error)
+    app.register_error_handler(HTTPException, handle_http_exception)
+    app.register_error_handler(sqlite3.OperationalError, handle_database_error)
+    app.register_error_handler(Exception, handle_unexpected)
+    add_routes(app)
     return app
