@@ -3544,6 +3544,7 @@ def heartbeat_incidents(db_path, name):
 
 
 def wait_until(condition, seconds=5):
+    """What condition() returns once it is true, or a failure after `seconds`."""
     deadline = time.monotonic() + seconds
     while not (result := condition()):
         assert time.monotonic() < deadline, "not within the time allowed"
@@ -3754,6 +3755,27 @@ def test_silence_opens_one_incident_by_itself_with_a_note_on_what_was_expected(a
     assert len(heartbeat_incidents(db_path, "point-7")) == 1
 
 
+def test_heartbeat_is_late_from_the_moment_its_period_ends_and_down_from_the_moment_its_grace_does(
+        client, db_path, monkeypatch):
+    put_heartbeat(client, "point-7", period=60, grace=30)
+    late_at, next_due_at = query(db_path, "SELECT late_at, next_due_at FROM heartbeats")[0]
+    for moment, status in ((incidents.shifted(late_at, -0.001), "up"), (late_at, "late"),
+                           (incidents.shifted(next_due_at, -0.001), "late"), (next_due_at, "down")):
+        monkeypatch.setattr(incidents, "now", lambda: moment)
+        assert client.get("/heartbeats/point-7").json["status"] == status, moment
+
+
+def test_the_clocks_write_looks_at_the_deadline_again_and_opens_nothing_for_a_heartbeat_that_checked_in(
+        app, client, db_path):
+    put_heartbeat(client, "point-7", period=60, grace=0)
+    age_heartbeat(db_path, "point-7", 90)
+    with app.app_context():
+        due = [row[0] for row in incidents.get_db().execute(incidents.DUE_HEARTBEATS_SQL, (incidents.now(), 10))]
+    client.post("/heartbeats/point-7/ping")  # a check-in between the clock's read and its write
+    app.extensions["incidents"].write(lambda db: [incidents.open_silent(db, name) for name in due])
+    assert due == ["point-7"] and heartbeat_incidents(db_path, "point-7") == []
+
+
 def test_heartbeat_that_never_checked_in_goes_down_after_period_and_grace(client, db_path):
     put_heartbeat(client, "scooter-9", period=60, grace=30)
     age_heartbeat(db_path, "scooter-9", 85)  # created 85 s ago: the deadline is 5 s away
@@ -3924,7 +3946,7 @@ def test_silence_opens_its_incident_within_two_seconds_under_flask_run_and_after
 
 def test_silence_opens_its_incident_once_within_two_seconds_under_the_gunicorn_recipe(db_path):
     port = free_port()
-    incidents.create_app({"DATABASE": str(db_path)})
+    incidents.create_app({"DATABASE": str(db_path)}).extensions["incidents"].close()  # its clock too: only gunicorn's
     with open(f"{db_path}.log", "w") as log:
         process = subprocess.Popen([str(Path(sys.executable).parent / "gunicorn"), "-w", "4", "-b", f"127.0.0.1:{port}",
                                     "incidents:create_app()"], cwd=HERE, env={**os.environ, "INCIDENTS_DB": str(db_path)},
@@ -4540,7 +4562,7 @@ def test_bulk_jobs_wait_while_other_writes_are_queued_and_a_write_waits_for_one_
     writes.post("a", "report a")  # queued after the payload, yet written before it
     release_first.set()
     assert slice_taken.wait(10)
-    assert writes.results["a"].status_code == 201 and "bulk" not in writes.results
+    assert wait_until(lambda: writes.results.get("a")).status_code == 201 and "bulk" not in writes.results
     writes.post("c", "report c")  # arrives while a slice runs: joins its transaction, ahead of the later slices
     release_slice.set()
     results = writes.join()
