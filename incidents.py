@@ -675,7 +675,7 @@ class Writer:
                                        daemon=True)
         self.thread.start()
 
-    def submit(self, works, bulk=False, timeout=None):
+    def submit(self, works, bulk=False):
         """The result of each work(db) once its transaction is committed, in order, or the first exception.
 
         Each job runs only after the one before it succeeded: after a failure, the rest never run.
@@ -687,7 +687,7 @@ class Writer:
             self.queues[bulk].extend(jobs)
             self.arrived.notify()
         try:
-            return [self.outcome(job, timeout or self.timeout) for job in jobs]
+            return [self.outcome(job, self.timeout) for job in jobs]
         finally:
             for job in jobs:
                 self.move(job, "dropped")  # what has not started never will: answered, or interrupted (Ctrl-C)
@@ -936,6 +936,7 @@ class Database:
         self.idle = queue.LifoQueue(IDLE_CONNECTIONS)
         self.writer = None
         self.probed, self.probe_failed = 0.0, None  # when /health last tried a write turn, and why it failed
+        self.probing = threading.Lock()
         self.opening = threading.Lock()
 
     def start_clock(self, app, work):
@@ -1003,13 +1004,13 @@ class Database:
             except OSError as error:
                 stop_startup(lock_file_refused(error, f"{self.lock_base}{suffix}"))
 
-    def write(self, work, bulk=False, timeout=None):
+    def write(self, work, bulk=False):
         """work(db) run by this process's writer in a transaction: its result once committed, or its error."""
-        return self.write_all([work], bulk, timeout)[0]
+        return self.write_all([work], bulk)[0]
 
-    def write_all(self, works, bulk=False, timeout=None):
+    def write_all(self, works, bulk=False):
         """Each work(db) in turn, each after the one before succeeded (see Writer.submit): their results."""
-        return self.running_writer().submit(works, bulk, timeout)
+        return self.running_writer().submit(works, bulk)
 
     def running_writer(self):
         """This process's writer, started on first use and again if its thread ended."""
@@ -1033,13 +1034,15 @@ class Database:
         if writer is not None and writer.thread.is_alive() and writer.failing is None and \
                 moment - writer.turned_at < HEALTH_PROBE_S:
             return None
-        if moment - max(self.probed, writer.failed_at if writer else 0) >= HEALTH_PROBE_S:  # a failed write is a try
-            self.probed, self.probe_failed = moment, None
-            try:
-                self.write(record_write_check if writer is not None and writer.failing else (lambda db: None),
-                           timeout=HEALTH_PROBE_S)
-            except sqlite3.Error as error:  # the writer notes most failures itself; not one to start it
-                self.probe_failed = write_failure(error) or f"Writes fail: {error}."
+        with self.probing:  # one try at a time: the others wait for its outcome
+            writer = self.writer
+            if time.monotonic() - max(self.probed, writer.failed_at if writer else 0) >= HEALTH_PROBE_S:
+                try:  # waits for the turn as a write does, up to INCIDENTS_BUSY_TIMEOUT
+                    self.write(record_write_check if writer is not None and writer.failing else (lambda db: None))
+                    self.probe_failed = None
+                except sqlite3.Error as error:  # the writer notes most failures itself; not one to start it
+                    self.probe_failed = write_failure(error) or f"Writes fail: {error}."
+                self.probed = time.monotonic()  # a failed write is a try too
         return (self.writer and self.writer.failing) or self.probe_failed
 
     def announce_upgrade(self, db, current):
@@ -1315,12 +1318,19 @@ def read_json_object(limit=MAX_BODY_BYTES, too_large=None):
             "curl -H 'Content-Type: application/json' -d '{\"description\": \"...\", \"source\": \"operator\"}'.",
         )
     try:
-        body = json.loads(read_body(limit, too_large))
+        body = json.loads(read_body(limit, too_large), parse_int=json_integer)
     except (ValueError, RecursionError) as error:
         raise ApiError(400, f"The body is not valid JSON: {error}.") from None
     if not isinstance(body, dict):
         raise ApiError(400, "The body must be a JSON object, e.g. {\"description\": \"...\"}.")
     return body
+
+
+def json_integer(text):
+    """A JSON integer, as int() reads it, but for thousands of digits, which it refuses in words of its own."""
+    if len(text) > sys.get_int_max_str_digits():
+        raise ApiError(400, f"The body holds a whole number of {len(text)} digits, more than any field takes.")
+    return int(text)
 
 
 def invalid(what, errors):
@@ -1380,7 +1390,7 @@ def whole_number(text, least, most):
     """A whole number written in ASCII digits (a minus sign only where least < 0), from least to most; else
     None. Other digits (١, ２) are no number here, and a long text is never converted (Python refuses 4,300
     digits and more, in words of its own)."""
-    if not re.fullmatch(r"-?[0-9]{1,20}" if least < 0 else r"[0-9]{1,20}", text):
+    if not re.fullmatch(r"-?[0-9]{1,19}" if least < 0 else r"[0-9]{1,19}", text):
         return None
     number = int(text)
     return number if least <= number <= most else None
@@ -1905,8 +1915,9 @@ class BotApiError(Exception):
         super().__init__(description)
         self.retry, self.code = retry, code
         parameters = parameters if isinstance(parameters, dict) else {}
-        self.retry_after = parameters.get("retry_after")
-        self.migrate_to = parameters.get("migrate_to_chat_id")  # a group became this supergroup
+        wait = parameters.get("retry_after")
+        self.retry_after = wait if type(wait) is int and 0 < wait <= 3600 else None  # else: our own back-off
+        self.migrate_to = telegram_id(parameters.get("migrate_to_chat_id"))  # a group became this supergroup
 
 
 class Bot:
@@ -2191,7 +2202,9 @@ def telegram_change(db, incident_id, action, update_part):
                         taken_by=telegram_name(update_part))
     except ApiError as error:  # reopening while another open incident holds the dedup_key
         return error.detail, True
-    return f"Incident #{incident_id} {verb} by {telegram_name(update_part)}", False
+    assignee = db.execute("SELECT assignee FROM incidents WHERE id = ?", (incident_id,)).fetchone()[0]
+    still = f" (assigned to {assignee})" if action == "take" and assignee not in (None, telegram_name(update_part)) else ""
+    return f"Incident #{incident_id} {verb} by {telegram_name(update_part)}{still}", False
 
 
 def callback_answer(callback, text, alert=False):
@@ -2267,39 +2280,48 @@ def storable_update(update):
 def poll_once(database, bot, offset, delay):
     """One getUpdates and what it brought: (the offset to ask from next, how long to wait before it).
 
-    Each update is acted on and the next offset stored in one transaction, tried again (never
-    skipped) while the database refuses it, so a restart neither loses nor repeats an update; the
-    reply is sent after the commit. An update whose id no offset can follow is skipped; an answer
-    that holds nothing usable waits as a network error does.
+    An answer that is no list of updates, or holds none it can use, waits as a network error does
+    (after the offset moved past what it held).
     """
     try:
         updates = bot.call("getUpdates", {"offset": offset, "timeout": TELEGRAM_POLL_TIMEOUT_S,
                                           "allowed_updates": TELEGRAM_UPDATES})
-        if not isinstance(updates, list) or updates and not any(map(storable_update, updates)):
-            raise BotApiError(f"getUpdates: nothing usable in the answer ({str(updates)[:100]})", retry=True)
+        if not isinstance(updates, list):
+            raise BotApiError(f"getUpdates: no list of updates in the answer ({str(updates)[:100]})", retry=True)
+        offset = take_updates(database, bot, updates, offset)
+        if updates and not any(map(storable_update, updates)):
+            raise BotApiError("getUpdates: nothing usable in the answer", retry=True)
     except BotApiError as error:
         delay = retry_delay(error, delay)
         current_app.logger.warning("Telegram unreachable (%s); trying again in %s s", error, delay)
         return offset, delay
+    return offset, 0
+
+
+def take_updates(database, bot, updates, offset):
+    """Act on each update, storing the offset after it in the same transaction, tried again (never skipped) while
+    the database refuses it, so a restart neither loses nor repeats an update; its reply is sent after the
+    commit. One whose id no offset can follow is skipped (logged), the offset moved past it in memory.
+    Returns the offset to ask from next."""
     for update in updates:
         update_id = update.get("update_id") if isinstance(update, dict) else None
-        offset = max(offset, update_id + 1) if type(update_id) is int else offset  # past it, held in memory
+        offset = max(offset, update_id + 1) if type(update_id) is int else offset
         if not storable_update(update):
             current_app.logger.error("update %s skipped: no offset can follow its id", str(update_id)[:30])
             continue
         try:
             reply = keep_trying(lambda: database.write(lambda writer: take_update(writer, update, bot)),
-                                f"update {update['update_id']} not stored")
+                                f"update {update_id} not stored")
         except sqlite3.Error as error:  # not one that waiting mends: the update cannot be stored as it is
-            current_app.logger.error("update %s skipped: %s", update["update_id"], error)
+            current_app.logger.error("update %s skipped: %s", update_id, error)
             reply = keep_trying(lambda: database.write(lambda writer: store_offset(writer, bot, update)),
-                                f"update {update['update_id']} not skipped")
+                                f"update {update_id} not skipped")
         if reply:
             try:
                 bot.call(reply.pop("method"), reply)
             except BotApiError as error:
-                current_app.logger.warning("reply to update %s not sent: %s", update["update_id"], error)
-    return offset, 0
+                current_app.logger.warning("reply to update %s not sent: %s", update_id, error)
+    return offset
 
 
 def poll_telegram(database, db, bot):
@@ -3710,10 +3732,13 @@ def front_door():
 # ---------------------------------------------------------------------------
 
 
-def setting(name, parse, default=None):
+def setting(name, parse, default=None, blank_ok=True):
     """A setting from the environment, trimmed: parse(text) (a ValueError saying what it must be stops the start
-    in one line naming the setting); the default when unset or blank."""
+    in one line naming the setting); the default when unset or blank. A secret set blank stops the start
+    instead (blank_ok=False): a secret mangled to nothing must not open what it guards."""
     text = os.environ.get(name, "").strip()
+    if not text and name in os.environ and not blank_ok:
+        stop_startup(f"{name} is set but blank; set the secret, or unset the variable to go without")
     if not text:
         return default
     try:
@@ -3762,6 +3787,15 @@ def secret(pattern, what):
     return parse
 
 
+def bot_token(text):
+    """A bot's token as BotFather gives it: the bot's id (which SQLite stores), a colon, its secret."""
+    bot_id, _, _ = secret(r"[0-9]{1,19}:[A-Za-z0-9_-]{1,100}", "the token BotFather gave you, such as "
+                                                              "123456:ABC-DEF1234ghIkl")(text).partition(":")
+    if whole_number(bot_id, 1, MAX_ID) is None:
+        raise ValueError("must be the token BotFather gave you: its bot id is no id Telegram gives; check it")
+    return text
+
+
 def check_database_name(path):
     """Stop, in one line naming INCIDENTS_DB, where SQLite could only fail later with an obscure error, or
     where one file would be two databases: what every command that opens the database checks first."""
@@ -3800,12 +3834,13 @@ def configuration():
         DATABASE=os.environ.get("INCIDENTS_DB", "incidents.db").strip(),  # blank is refused, not the default: see
                                                                            # check_database_name
         BUSY_TIMEOUT=setting("INCIDENTS_BUSY_TIMEOUT", whole_seconds(1, 3600), BUSY_TIMEOUT_S),
-        API_TOKEN=setting("INCIDENTS_API_TOKEN", secret(r"[!-~]{1,4096}", "visible ASCII characters, no spaces")),
-        PING_TOKEN=setting("INCIDENTS_PING_TOKEN", secret(r"[!-~]{1,4096}", "visible ASCII characters, no spaces")),
+        API_TOKEN=setting("INCIDENTS_API_TOKEN", secret(r"[!-~]{1,4096}", "visible ASCII characters, no spaces"),
+                          blank_ok=False),
+        PING_TOKEN=setting("INCIDENTS_PING_TOKEN", secret(r"[!-~]{1,4096}", "visible ASCII characters, no spaces"),
+                           blank_ok=False),
         TELEGRAM_WEBHOOK_SECRET=setting("TELEGRAM_WEBHOOK_SECRET", secret(
-            r"[A-Za-z0-9_-]{1,256}", "1 to 256 of A-Z, a-z, 0-9, _ and - (what Telegram takes)")),
-        TELEGRAM_BOT_TOKEN=setting("TELEGRAM_BOT_TOKEN", secret(
-            r"[0-9]{1,19}:[A-Za-z0-9_-]{1,100}", "the token BotFather gave you, such as 123456:ABC-DEF1234ghIkl")),
+            r"[A-Za-z0-9_-]{1,256}", "1 to 256 of A-Z, a-z, 0-9, _ and - (what Telegram takes)"), blank_ok=False),
+        TELEGRAM_BOT_TOKEN=setting("TELEGRAM_BOT_TOKEN", bot_token, blank_ok=False),
         TELEGRAM_API_URL=setting("TELEGRAM_API_URL", http_address, TELEGRAM_API_URL),
         REOPEN_WINDOW=setting("INCIDENTS_REOPEN_WINDOW", whole_seconds(0, 10**9), REOPEN_WINDOW_S),
         REMIND_AFTER=setting("INCIDENTS_REMIND_AFTER", whole_seconds(0, 10**9), REMIND_AFTER_S),

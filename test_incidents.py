@@ -323,6 +323,17 @@ def test_create_names_server_fields_as_server_set(client):
     assert "set by the server" in response.json["errors"][0]["message"]
 
 
+@pytest.mark.parametrize("method, path", [("POST", "/incidents"), ("PATCH", "/incidents/1"),
+                                          ("PUT", "/heartbeats/point-7"), ("POST", "/integrations/alertmanager")])
+def test_body_with_a_number_of_thousands_of_digits_is_400_in_the_services_words(client, db_path, method, path):
+    create(client)
+    body = b'{"description": "x", "source": "operator", "period": ' + b"7" * 5000 + b', "alerts": []}'
+    response = client.open(path, method=method, data=body, content_type="application/json")
+    assert assert_problem(response, 400)["detail"] == ("The body holds a whole number of 5000 digits, more than any "
+                                                       "field takes.")
+    assert query(db_path, "SELECT count(*) FROM events") == [(1,)]
+
+
 @pytest.mark.parametrize(
     "data",
     ["{", "", "nope", '{"description": "x",}', "[" * 30_000 + "]" * 30_000, b'{"description": "\xff"}'],
@@ -1815,6 +1826,9 @@ def test_commands_answer_as_the_buttons_do_and_a_change_that_changes_nothing_say
     assert hook(telegram_update(5, "/resolve 1"))["text"] == "Incident #1 is already resolved"
     assert hook(telegram_update(6, "/take 1"))["text"] == "Incident #1 is already resolved"  # as the Take button
     assert query(db_path, "SELECT count(*) FROM events WHERE type = 'status_changed'") == [(2,)]
+    hook(telegram_update(7, "Точка 8 не отвечает"))
+    patch(hook.client, 2, assignee="carol")
+    assert hook(telegram_update(8, "/take 2"))["text"] == "Incident #2 taken by @ivan_ops (assigned to carol)"
 
 
 @pytest.mark.parametrize("secret", ["", "wrong", "hook-secret-2"])
@@ -1973,6 +1987,15 @@ class FakeBot:
 
 
 @pytest.mark.parametrize("update_id, offset", [(-5, 0), (2**63 - 1, 2**63), (2**63, 2**63 + 1)])
+def test_poller_moves_past_an_update_it_can_never_store_though_it_comes_alone(bot_app, caplog, update_id, offset):
+    database = bot_app.extensions["incidents"]
+    bot = FakeBot([[telegram_update(update_id, "Самокат 5")]], incidents.Bot("1:x", "http://127.0.0.1:9"))
+    with bot_app.app_context():
+        assert incidents.poll_once(database, bot, 0, 0) == (offset, 1)  # and waits, as nothing was usable
+    assert f"update {update_id} skipped" in caplog.text
+
+
+@pytest.mark.parametrize("update_id, offset", [(-5, 0), (2**63 - 1, 2**63), (2**63, 2**63 + 1)])
 def test_poller_skips_an_update_whose_id_no_offset_can_follow_and_goes_on(bot_app, caplog, update_id, offset):
     database = bot_app.extensions["incidents"]
     bot = FakeBot([[telegram_update(update_id, "Самокат 5"), telegram_update(7, "Самокат 7")]],
@@ -1991,7 +2014,7 @@ def test_poller_waits_after_an_answer_with_nothing_usable_as_after_a_network_err
     with bot_app.app_context():
         assert incidents.poll_once(database, bot, 5, 0) == (5, 1)
         assert incidents.poll_once(database, bot, 5, 1) == (5, 2)  # doubling, as for a network error
-    assert "nothing usable" in caplog.text
+    assert "Telegram unreachable (getUpdates: " in caplog.text
     assert query(bot_app.config["DATABASE"], "SELECT count(*) FROM incidents") == [(0,)]
 
 
@@ -2039,6 +2062,16 @@ def test_every_answer_to_a_tap_fits_telegrams_200_utf16_units(notify_app, db_pat
     for data in ("take:1", "take:1", "resolve:1", "reopen:1"):
         answer = tap(client, data, sender=long_name)
         assert 0 < len(answer["text"].encode("utf-16-le")) // 2 <= 200 and answer["text"].startswith("Incident #1")
+
+
+@pytest.mark.parametrize("given, retry_after, moved_to, migrate_to", [
+    (-1, None, True, None), ("3", None, "-100123", None), (10**20, None, 10**20, None), (True, None, -100, -100),
+    (3, 3, -1001234567890, -1001234567890), (3601, None, 0, None), (1.5, None, 2**63, None)])
+def test_odd_parameters_in_a_bot_api_error_are_no_wait_and_no_chat(given, retry_after, moved_to, migrate_to):
+    error = incidents.BotApiError("x", retry=True, code=429, parameters={"retry_after": given,
+                                                                         "migrate_to_chat_id": moved_to})
+    assert (error.retry_after, error.migrate_to) == (retry_after, migrate_to)
+    assert 1 <= incidents.retry_delay(error, 0) <= 60
 
 
 def test_answer_that_names_no_message_is_a_failed_send(bot_app):
@@ -2393,6 +2426,7 @@ CHAT_SETTINGS = ["TELEGRAM_ALLOWED_CHAT_IDS", "TELEGRAM_NOTIFY_CHAT_IDS", "TELEG
 
 @pytest.mark.parametrize("name", CHAT_SETTINGS)
 @pytest.mark.parametrize("value", ["abc", "1;2", "12.5", "9999999999999999999", "-9999999999999999999", "١٢٣", "２",
+                                   "00000000000000000001",
                                    "0", "-0", "1,0", "--5", "+5", "1 2", "9" * 5000])
 def test_bad_chat_ids_stop_startup_saying_what_to_set(db_path, monkeypatch, name, value):
     monkeypatch.setenv(name, value)
@@ -2406,6 +2440,22 @@ def test_chat_ids_take_ascii_digits_a_minus_and_what_fits_sqlite(db_path, monkey
     monkeypatch.setenv(name, " -100, 9223372036854775807 ,-9223372036854775807,,")  # a trailing comma is harmless
     config = incidents.create_app({"DATABASE": str(db_path)}).config
     assert config[name] == (-100, 2**63 - 1, -(2**63 - 1))
+
+
+@pytest.mark.parametrize("name", ["INCIDENTS_API_TOKEN", "INCIDENTS_PING_TOKEN", "TELEGRAM_WEBHOOK_SECRET",
+                                  "TELEGRAM_BOT_TOKEN"])
+def test_a_secret_set_blank_stops_the_start_rather_than_open_what_it_guards(db_path, monkeypatch, name):
+    monkeypatch.setenv(name, " \t ")
+    with pytest.raises(SystemExit, match=f"{name} is set but blank; set the secret, or unset the variable"):
+        incidents.create_app({"DATABASE": str(db_path)})
+
+
+@pytest.mark.parametrize("value", ["9223372036854775808:abc", "0:abc", "99999999999999999999:abc"])
+def test_bot_token_whose_id_sqlite_cannot_hold_stops_the_start(db_path, monkeypatch, value):
+    monkeypatch.setenv("TELEGRAM_BOT_TOKEN", value)
+    with pytest.raises(SystemExit, match="TELEGRAM_BOT_TOKEN must be the token BotFather gave you") as stopped:
+        incidents.create_app({"DATABASE": str(db_path)})
+    assert value not in str(stopped.value)
 
 
 def test_every_setting_is_read_trimmed_and_numbers_in_ascii_digits(db_path, monkeypatch):
@@ -4711,7 +4761,7 @@ def test_health_says_writes_work_only_after_a_write_commits_again(app, client, d
 def test_health_of_a_process_that_has_not_written_lately_tries_a_turn_and_says_when_none_comes(
         db_path, migrated, monkeypatch, written):
     monkeypatch.setattr(incidents, "HEALTH_PROBE_S", 0.3)
-    app = app_on_copy(db_path, migrated, BUSY_TIMEOUT=5)
+    app = app_on_copy(db_path, migrated, BUSY_TIMEOUT=0.5)
     client = app.test_client()
     if written:
         create(client)
@@ -4722,14 +4772,34 @@ def test_health_of_a_process_that_has_not_written_lately_tries_a_turn_and_says_w
     outside = sqlite3.connect(db_path, isolation_level=None)
     outside.execute("BEGIN IMMEDIATE")  # another worker, or a sqlite3 shell, holds the database
     try:
-        health, seconds = timed(lambda: client.get("/health"))
-        assert "sqlite3 shell" in assert_problem(health, 503)["detail"] and seconds < 1
+        health, seconds = timed(lambda: client.get("/health"))  # it waits for the turn as a write would
+        assert "sqlite3 shell" in assert_problem(health, 503)["detail"] and 0.4 < seconds < 1.5
     finally:
         outside.rollback()
         outside.close()
     time.sleep(0.35)
     assert client.get("/health").json == {"status": "ok"}  # writes failed: it tried a real one
     assert query(db_path, "SELECT count(*) FROM write_checks") == [(1,)]
+
+
+def test_health_says_503_only_where_a_write_would_get_no_turn_and_every_request_says_the_same(
+        db_path, migrated, monkeypatch):
+    monkeypatch.setattr(incidents, "HEALTH_PROBE_S", 0.2)
+    client = app_on_copy(db_path, migrated, BUSY_TIMEOUT=1).test_client()
+    for held, status in ((0.4, 200), (1.6, 503)):  # shorter than the busy timeout: a write would go through
+        time.sleep(0.25)
+        outside = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+        outside.execute("BEGIN IMMEDIATE")
+        threading.Timer(held, outside.rollback).start()
+        answers = []
+        threads = [threading.Thread(target=lambda: answers.append(client.get("/health").status_code)) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        assert answers == [status] * 4, held
+        time.sleep(held)
+        outside.close()
 
 
 def test_health_tries_a_write_turn_at_most_once_a_second_and_clears_without_client_writes(db_path, migrated,
