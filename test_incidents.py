@@ -2905,11 +2905,20 @@ def bot_command(db_path, bot_api, command, chats=str(DUTY), **env):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def ended(process, timeout=20):
+    """The output of a command that should end by itself; killed (and the test failed) if it does not."""
+    try:
+        return process.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
+
+
 def stop_command(process):
     if process.poll() is None:
         process.send_signal(signal.SIGINT)
-    output, _ = process.communicate(timeout=20)
-    return output
+    return ended(process)
 
 
 def test_sender_killed_mid_burst_and_restarted_shows_every_incident_once_but_one(db_path, bot_api):
@@ -3172,7 +3181,7 @@ def test_second_sender_for_a_bot_is_refused_naming_the_running_one(db_path, bot_
         assert first.stdout.readline().startswith("Sending notifications")
         for command in ("telegram-notify", "telegram-poll"):
             second = bot_command(db_path, bot_api, command)
-            output = second.communicate(timeout=20)[0]
+            output = ended(second)
             assert second.returncode == 1
             assert f"Another sender for this bot is running (pid {first.pid}: " in output and "telegram-notify" in output
     finally:
@@ -4294,11 +4303,16 @@ def test_bad_database_setting_stops_the_server_in_one_line_naming_it(tmp_path, b
     assert said in str(stopped.value) and "INCIDENTS_DB" in str(stopped.value) and "\n" not in str(stopped.value)
 
 
+def started_instead_of_stopping(banner, work):
+    raise AssertionError(f"the command started instead of stopping: {banner}")
+
+
 @pytest.mark.parametrize("command", [["telegram-poll"], ["telegram-notify"], ["backup", "copy.db"]])
 @pytest.mark.parametrize("bad, said", BAD_DATABASES)
 def test_bad_database_setting_stops_every_command_in_one_line_naming_it(tmp_path, command, bad, said, monkeypatch):
     database = str(bad(tmp_path))
     monkeypatch.setattr(incidents, "finding_a_command", lambda: True)  # as the flask command loads the app
+    monkeypatch.setattr(incidents, "until_interrupted", started_instead_of_stopping)  # never poll for good here
     app = incidents.create_app({"DATABASE": database, "TELEGRAM_BOT_TOKEN": TOKEN})
     result = app.test_cli_runner().invoke(args=command)
     assert result.exit_code == 1 and said in result.output and "INCIDENTS_DB" in result.output, result.output
@@ -4339,9 +4353,8 @@ def test_second_sender_through_a_link_to_the_database_is_refused(db_path, bot_ap
         bot_api.wait_for(lambda: os.path.exists(f"{db_path}-telegram-sender-123456.lock") and os.path.getsize(
             f"{db_path}-telegram-sender-123456.lock"))
         second = bot_command(tmp_path / "link.db", bot_api, "telegram-notify")
-        assert second.wait(20) == 1
-        assert "Another sender for this bot is running" in second.stdout.read()
-        second.stdout.close()
+        output = ended(second)
+        assert second.returncode == 1 and "Another sender for this bot is running" in output
     finally:
         stop_command(first)
 
