@@ -835,8 +835,8 @@ class Writer:
 
     def fail(self, jobs, error):
         """Answer each job with its own copy of `error`; note for /health a failure that is not the client's."""
-        if write_failure(error) is not None:
-            self.note_failure(write_failure(error))
+        if (why := write_failure(error)) is not None:
+            self.note_failure(why)
         for job in jobs:
             job.finish(copy.copy(error) if len(jobs) > 1 else error)
 
@@ -1109,6 +1109,13 @@ def close_db(exception=None):
 def write(work):
     """work(db) in the app's shared write transaction; see Writer."""
     return current_app.extensions["incidents"].write(work)
+
+
+def write_in_slices(work, items, bulk):
+    """work(db, part) for each part of ALERT_CHUNK items, each after the one before succeeded (see
+    Writer.submit), as bulk jobs if `bulk`: the results, in order."""
+    parts = [items[start:start + ALERT_CHUNK] for start in range(0, len(items), ALERT_CHUNK)]
+    return current_app.extensions["incidents"].write_all([lambda db, part=part: work(db, part) for part in parts], bulk)
 
 
 def record_write_check(db):
@@ -2522,9 +2529,7 @@ def receive_alerts():
                                             "the receiver's webhook_configs so that Alertmanager sends fewer at once.")
     alerts = clean_alerts(body)
     sender = "grafana" if "orgId" in body else "alertmanager"
-    slices = [functools.partial(handle_alerts, alerts=alerts[start:start + ALERT_CHUNK], sender=sender)
-              for start in range(0, len(alerts), ALERT_CHUNK)]
-    results = current_app.extensions["incidents"].write_all(slices, bulk=len(slices) > 1)
+    results = write_in_slices(lambda db, part: handle_alerts(db, part, sender), alerts, bulk=len(alerts) > ALERT_CHUNK)
     return json_response(json.dumps({"incidents": [result for chunk in results for result in chunk]}))
 
 
@@ -2583,16 +2588,19 @@ def deadlines_sql(since, period, grace, paused="0"):
             for seconds in (period, f"{period} + {grace}")]
 
 
-# A check-in: its time moves the deadlines, and resumes a paused heartbeat; the answer is short.
-CHECK_IN_SQL = f"""UPDATE heartbeats SET last_ping_at = :at, late_at = {deadlines_sql(':at', 'period', 'grace')[0]},
-        next_due_at = {deadlines_sql(':at', 'period', 'grace')[1]}, paused = 0, down = :down,
-        incident_id = :incident_id, updated_at = :at WHERE name = :name {{only}}
-    RETURNING json_object('name', name, 'status', CASE down WHEN 1 THEN 'down' ELSE 'up' END, 'next_due_at', next_due_at)"""
+# A check-in: its time moves the deadlines, and resumes a paused heartbeat; the answer is short. The second form
+# changes only a heartbeat with no incident on record (nearly every check-in).
+CHECK_IN_SQL = """UPDATE heartbeats SET last_ping_at = :at, late_at = {}, next_due_at = {}, paused = 0, down = :down,
+        incident_id = :incident_id, updated_at = :at WHERE name = :name
+    RETURNING json_object('name', name, 'status', CASE down WHEN 1 THEN 'down' ELSE 'up' END, 'next_due_at', next_due_at)
+    """.format(*deadlines_sql(":at", "period", "grace"))
+QUIET_CHECK_IN_SQL = CHECK_IN_SQL.replace("WHERE name = :name", "WHERE name = :name AND incident_id IS NULL")
 
 
 def heartbeat_json(db, name):
+    """A heartbeat as the API shows it, or None."""
     row = db.execute(f"SELECT {HEARTBEAT_JSON} FROM heartbeats WHERE name = :name", {"name": name, "now": now()})
-    return row.fetchone()[0]
+    return (row.fetchone() or [None])[0]
 
 
 def save_heartbeat(db, name, values):
@@ -2651,7 +2659,7 @@ def record_check_in(db, name, failure):
 
     A success where no incident was opened (nearly every check-in) is one statement."""
     at = now()
-    if failure is None and (answer := db.execute(CHECK_IN_SQL.format(only="AND incident_id IS NULL"), {
+    if failure is None and (answer := db.execute(QUIET_CHECK_IN_SQL, {
             "at": at, "down": 0, "incident_id": None, "name": name}).fetchone()):
         return answer[0]
     heartbeat = db.execute("SELECT * FROM heartbeats WHERE name = ?", (name,)).fetchone()
@@ -2664,7 +2672,7 @@ def record_check_in(db, name, failure):
         silent = age_seconds(heartbeat["last_ping_at"] or heartbeat["created_at"])
         change_incident(db, incident_id, {"status": "resolved"}, f"Checked in again after {waited(silent)} of silence",
                         "heartbeat")
-    return db.execute(CHECK_IN_SQL.format(only=""), {"at": at, "down": int(failure is not None),
+    return db.execute(CHECK_IN_SQL, {"at": at, "down": int(failure is not None),
                                                      "incident_id": incident_id or None, "name": name}).fetchone()[0]
 
 
@@ -2707,10 +2715,8 @@ def list_heartbeats_sql(query):
 def open_silent_heartbeats():
     """The clock's work: incidents for the heartbeats whose deadline passed, found by an index (never a scan)
     and opened in slices of ALERT_CHUNK, as bulk jobs, so that no other write waits behind many."""
-    database = current_app.extensions["incidents"]
     while due := [row[0] for row in get_db().execute(DUE_HEARTBEATS_SQL, (now(), HEARTBEATS_DUE_BATCH))]:
-        database.write_all([functools.partial(open_each_silent, names=due[start:start + ALERT_CHUNK])
-                            for start in range(0, len(due), ALERT_CHUNK)], bulk=True)
+        write_in_slices(open_each_silent, due, bulk=True)
         if len(due) < HEARTBEATS_DUE_BATCH:
             return
 
@@ -2760,11 +2766,9 @@ def put_heartbeat(name):
 
 def get_heartbeat(name):
     """One heartbeat, or 404."""
-    row = get_db().execute(f"SELECT {HEARTBEAT_JSON} FROM heartbeats WHERE name = :name",
-                           {"name": heartbeat_name(name), "now": now()}).fetchone()
-    if row is None:
+    if (body := heartbeat_json(get_db(), heartbeat_name(name))) is None:
         raise no_such_heartbeat(name)
-    return json_response(row[0])
+    return json_response(body)
 
 
 def delete_heartbeat(name):
@@ -3787,6 +3791,9 @@ def secret(pattern, what):
     return parse
 
 
+api_token = secret(r"[!-~]{1,4096}", "visible ASCII characters, no spaces")  # INCIDENTS_API_TOKEN and _PING_TOKEN
+
+
 def bot_token(text):
     """A bot's token as BotFather gives it: the bot's id (which SQLite stores), a colon, its secret."""
     bot_id, _, _ = secret(r"[0-9]{1,19}:[A-Za-z0-9_-]{1,100}", "the token BotFather gave you, such as "
@@ -3809,8 +3816,8 @@ def check_database_name(path):
     if os.path.exists(path) and not os.path.isfile(path):
         stop_startup(f"INCIDENTS_DB names {path}, which is {'a folder' if os.path.isdir(path) else 'no plain file'}; "
                      "set it to the database file's path")
-    if os.path.exists(path) and os.stat(path).st_nlink > 1:
-        stop_startup(f"INCIDENTS_DB names {path}, a file with {os.stat(path).st_nlink} hard links: SQLite keeps a "
+    if os.path.exists(path) and (links := os.stat(path).st_nlink) > 1:
+        stop_startup(f"INCIDENTS_DB names {path}, a file with {links} hard links: SQLite keeps a "
                      "write-ahead log per name, so each name would be a database of its own; remove the other "
                      "links (a symbolic link is fine)")
 
@@ -3834,10 +3841,8 @@ def configuration():
         DATABASE=os.environ.get("INCIDENTS_DB", "incidents.db").strip(),  # blank is refused, not the default: see
                                                                            # check_database_name
         BUSY_TIMEOUT=setting("INCIDENTS_BUSY_TIMEOUT", whole_seconds(1, 3600), BUSY_TIMEOUT_S),
-        API_TOKEN=setting("INCIDENTS_API_TOKEN", secret(r"[!-~]{1,4096}", "visible ASCII characters, no spaces"),
-                          blank_ok=False),
-        PING_TOKEN=setting("INCIDENTS_PING_TOKEN", secret(r"[!-~]{1,4096}", "visible ASCII characters, no spaces"),
-                           blank_ok=False),
+        API_TOKEN=setting("INCIDENTS_API_TOKEN", api_token, blank_ok=False),
+        PING_TOKEN=setting("INCIDENTS_PING_TOKEN", api_token, blank_ok=False),
         TELEGRAM_WEBHOOK_SECRET=setting("TELEGRAM_WEBHOOK_SECRET", secret(
             r"[A-Za-z0-9_-]{1,256}", "1 to 256 of A-Z, a-z, 0-9, _ and - (what Telegram takes)"), blank_ok=False),
         TELEGRAM_BOT_TOKEN=setting("TELEGRAM_BOT_TOKEN", bot_token, blank_ok=False),
