@@ -4985,6 +4985,32 @@ def test_bulk_slices_give_the_turn_up_as_soon_as_another_process_waits_for_it(ap
     assert counted() == 5  # a slice a transaction, where alone they would share one
 
 
+def submissions(monkeypatch):
+    """What is handed to the writers from now on: (how many jobs, whether bulk) for each submission."""
+    seen, real = [], incidents.Writer.submit
+    monkeypatch.setattr(incidents.Writer, "submit",
+                        lambda writer, works, bulk=False: seen.append((len(works), bulk)) or real(writer, works, bulk))
+    return seen
+
+
+@pytest.mark.parametrize("count, submitted", [(1, (1, False)), (10, (1, False)), (11, (2, True)), (25, (3, True))])
+def test_payload_of_one_slice_shares_commits_and_a_larger_one_is_written_in_bulk_slices(
+        alert, monkeypatch, count, submitted):
+    seen = submissions(monkeypatch)
+    assert len(alert(many_alerts(count))["incidents"]) == count
+    assert seen == [submitted]
+
+
+def test_the_clock_opens_incidents_in_bulk_slices(client, db_path, monkeypatch):
+    for n in range(12):
+        put_heartbeat(client, f"point-{n}", period=3600)
+    seen = submissions(monkeypatch)
+    with sqlite3.connect(db_path) as db:  # every deadline passed at once
+        db.execute("UPDATE heartbeats SET late_at = '2026-01-01T00:00:00.000Z', next_due_at = '2026-01-01T00:00:00.000Z'")
+    wait_until(lambda: query(db_path, "SELECT count(*) FROM incidents") == [(12,)], 2)
+    assert seen == [(2, True)]
+
+
 def test_writer_killed_while_holding_its_turn_does_not_stall_the_others(db_path):
     with server(db_path) as (url, _):
         holder = subprocess.Popen(
