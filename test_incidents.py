@@ -5001,14 +5001,16 @@ def test_payload_of_one_slice_shares_commits_and_a_larger_one_is_written_in_bulk
     assert seen == [submitted]
 
 
-def test_the_clock_opens_incidents_in_bulk_slices(client, db_path, monkeypatch):
-    for n in range(12):
+@pytest.mark.parametrize("count, submitted", [(3, (1, True)), (12, (2, True))])
+def test_the_clock_opens_incidents_in_bulk_slices_however_few(client, db_path, monkeypatch, count, submitted):
+    for n in range(count):
         put_heartbeat(client, f"point-{n}", period=3600)
     seen = submissions(monkeypatch)
-    with sqlite3.connect(db_path) as db:  # every deadline passed at once
-        db.execute("UPDATE heartbeats SET late_at = '2026-01-01T00:00:00.000Z', next_due_at = '2026-01-01T00:00:00.000Z'")
-    wait_until(lambda: query(db_path, "SELECT count(*) FROM incidents") == [(12,)], 2)
-    assert seen == [(2, True)]
+    with sqlite3.connect(db_path) as db:  # every deadline passed at once, an hour ago
+        db.execute("UPDATE heartbeats SET late_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-1 hour'), "
+                   "next_due_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-1 hour')")
+    wait_until(lambda: query(db_path, "SELECT count(*) FROM incidents") == [(count,)], 2)
+    assert seen == [submitted]
 
 
 def test_writer_killed_while_holding_its_turn_does_not_stall_the_others(db_path):
