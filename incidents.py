@@ -91,6 +91,7 @@ EVENT_TYPES = ("created", "status_changed", "description_changed", "repeated", "
 DEFAULT_STATUS = "new"
 DESCRIPTION_MAX = 10_000
 DEDUP_KEY_MAX = 255
+GROUP_MAX = 100  # a group names what fails together: a cell, a router, an Alertmanager group
 NOTE_MAX = 2_000
 ACTOR_MAX = 255
 PAGE_LIMIT_DEFAULT = 50
@@ -121,7 +122,7 @@ ALERT_STATUSES = ("firing", "resolved")
 ALERT_KEY_PREFIX = "alertmanager:"
 HEARTBEAT_STATUSES = ("up", "late", "down", "paused")
 HEARTBEAT_SECONDS_MAX = 31 * 24 * 3600  # the longest period, and the longest grace
-HEARTBEAT_DEFAULTS = {"grace": 60, "source": "monitoring", "paused": False}
+HEARTBEAT_DEFAULTS = {"grace": 60, "source": "monitoring", "paused": False, "group": None}
 HEARTBEAT_SERVER_FIELDS = ("name", "status", "last_ping_at", "next_due_at", "incident_id", "created_at", "updated_at")
 HEARTBEATS_DUE_BATCH = 100  # heartbeats the clock reads at a time
 REOPEN_WINDOW_S = 900  # a resolved alert that fires again this soon reopens its incident
@@ -481,13 +482,53 @@ MIGRATIONS = (
             UPDATE heartbeat_counts SET pings = pings + (new.down = 0), failures = failures + (new.down = 1);
         END""",
     ),
+    (
+        # Groups: what fails together (a cell, a router, an Alertmanager group), on incidents and heartbeats.
+        "ALTER TABLE incidents ADD COLUMN group_name TEXT CHECK (length(group_name) BETWEEN 1 AND 100)",
+        "ALTER TABLE heartbeats ADD COLUMN group_name TEXT CHECK (length(group_name) BETWEEN 1 AND 100)",
+        "CREATE INDEX incidents_by_group ON incidents (group_name, created_at) WHERE group_name IS NOT NULL",
+        # Storms: many incidents of one group (or, without a group, one source) opened together, shown in the
+        # chats by one message. Reminded and escalated as one: remind_at, reminders and escalated_at as for an
+        # incident.
+        """CREATE TABLE storms (
+            id INTEGER PRIMARY KEY,
+            group_name TEXT CHECK (length(group_name) BETWEEN 1 AND 100),
+            source TEXT CHECK (source IN ('operator', 'monitoring', 'partner')),
+            started_at TEXT NOT NULL CHECK (started_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z'),
+            remind_at TEXT CHECK (remind_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z'),
+            reminders INTEGER NOT NULL DEFAULT 0 CHECK (reminders >= 0),
+            escalated_at TEXT CHECK (escalated_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z'),
+            CHECK ((group_name IS NULL) != (source IS NULL))
+        ) STRICT""",
+        "CREATE INDEX storms_by_group ON storms (group_name, source, id)",
+        "CREATE INDEX storms_reminders_due ON storms (remind_at) WHERE remind_at IS NOT NULL",
+        "ALTER TABLE incidents ADD COLUMN storm_id INTEGER REFERENCES storms (id)",
+        "CREATE INDEX incidents_by_storm ON incidents (storm_id, status) WHERE storm_id IS NOT NULL",
+        # What each chat's message of a storm must catch up with (change), and reminders to send (a reply to it);
+        # the message itself, as for incidents.
+        """CREATE TABLE storm_outbox (
+            storm_id INTEGER NOT NULL REFERENCES storms (id),
+            chat_id INTEGER NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('change', 'remind')),
+            seq INTEGER NOT NULL CHECK (seq >= 1),
+            queued_at TEXT NOT NULL CHECK (queued_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z'),
+            PRIMARY KEY (storm_id, chat_id, kind)
+        ) STRICT, WITHOUT ROWID""",
+        """CREATE TABLE storm_messages (
+            storm_id INTEGER NOT NULL REFERENCES storms (id),
+            chat_id INTEGER NOT NULL,
+            message_id INTEGER NOT NULL,
+            shown_at TEXT NOT NULL CHECK (shown_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z'),
+            PRIMARY KEY (storm_id, chat_id)
+        ) STRICT, WITHOUT ROWID""",
+    ),
 )
 
 INCIDENT_JSON = """json_object(
     'id', id, 'description', description, 'status', status, 'source', source,
     'dedup_key', dedup_key, 'occurrences', occurrences, 'last_seen_at', last_seen_at,
     'assignee', assignee, 'acknowledged_at', acknowledged_at, 'resolved_at', resolved_at,
-    'created_at', created_at, 'updated_at', updated_at)"""
+    'group', group_name, 'created_at', created_at, 'updated_at', updated_at)"""
 
 # json_patch drops the keys whose value is null: each event shows only the fields of its type. An
 # assignment shows both of its values, null for nobody.
@@ -1292,6 +1333,7 @@ FIELD_RULES = {
     "status": lambda value: clean_choice(value, STATUSES),
     "source": lambda value: clean_choice(value, SOURCES),
     "dedup_key": lambda value: clean_text(value, DEDUP_KEY_MAX),
+    "group": lambda value: None if value is None else clean_text(value, GROUP_MAX),
     "note": lambda value: clean_text(value, NOTE_MAX),
     "actor": lambda value: clean_text(value, ACTOR_MAX),
     "assignee": lambda value: None if value is None else clean_text(value, ACTOR_MAX),
@@ -1465,6 +1507,7 @@ LIST_QUERY = {
     "status": (lambda values: parse_choices(values, STATUSES), True),
     "source": (lambda values: parse_choices(values, SOURCES), True),
     "dedup_key": (FIELD_RULES["dedup_key"], False),
+    "group": (lambda text: clean_text(text, GROUP_MAX), False),
     "assignee": (lambda text: clean_text(text, ACTOR_MAX), False),
     "since": (parse_datetime, False),
     "until": (parse_datetime, False),
@@ -1608,11 +1651,11 @@ def insert_incident(db, values, at, note=None, actor=None):
     status = values.get("status", DEFAULT_STATUS)
     clock = status_clock({"status": "new", "acknowledged_at": None}, status, at)
     incident_id, body = db.execute(
-        f"""INSERT INTO incidents (description, status, source, dedup_key, created_at, updated_at, last_seen_at,
-                                   opened_at, acknowledged_at, resolved_at, remind_at)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id, {INCIDENT_JSON}""",
-        (values["description"], status, values["source"], values.get("dedup_key"), at, at, at, at,
-         clock["acknowledged_at"], clock.get("resolved_at"), clock["remind_at"]),
+        f"""INSERT INTO incidents (description, status, source, dedup_key, group_name, created_at, updated_at,
+                                   last_seen_at, opened_at, acknowledged_at, resolved_at, remind_at)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id, {INCIDENT_JSON}""",
+        (values["description"], status, values["source"], values.get("dedup_key"), values.get("group"), at, at, at,
+         at, clock["acknowledged_at"], clock.get("resolved_at"), clock["remind_at"]),
     ).fetchone()
     add_event(db, incident_id, at, "created", to_status=status, note=note, actor=actor)
     queue_notification(db, incident_id, "change")
@@ -1773,7 +1816,7 @@ def health():
 
 def create_incident():
     """Record a report: 201 and Location for a new incident, 200 when it folds into an open one."""
-    values = validate_fields(read_json_object(), ["description", "source"], ["status", "dedup_key"])
+    values = validate_fields(read_json_object(), ["description", "source"], ["status", "dedup_key", "group"])
     incident_id, body, created = write(lambda db: report_incident(db, values))
     if created:
         return json_response(body, 201, {"Location": f"/incidents/{incident_id}"})
@@ -1789,8 +1832,8 @@ def get_incident(incident_id):
 SEARCH_ROW = "EXISTS (SELECT 1 FROM incidents_search WHERE incidents_search MATCH ? AND rowid = -incidents.id)"
 
 
-# Filters with an index of their own, led by the filter's column and ordered by created_at.
-KEY_FILTERS = ("dedup_key", "assignee")
+# Filters with an index of their own, led by the filter's column and ordered by created_at: name -> column.
+KEY_FILTERS = {"dedup_key": "dedup_key", "assignee": "assignee", "group": "group_name"}
 
 
 def list_streams(query):
@@ -1802,9 +1845,9 @@ def list_streams(query):
     has; a search then probes the search index for each of those rows.
     """
     statuses, sources = query.get("status", STATUSES), query.get("source", SOURCES)
-    keys = [name for name in KEY_FILTERS if name in query]  # names from KEY_FILTERS only
-    if keys:
-        conditions = [f"{keys[0]} = ?", *(f"+{name} = ?" for name in keys[1:]),
+    keys = [name for name in KEY_FILTERS if name in query]
+    if keys:  # columns from KEY_FILTERS only
+        conditions = [f"{KEY_FILTERS[keys[0]]} = ?", *(f"+{KEY_FILTERS[name]} = ?" for name in keys[1:]),
                       f"+status IN ({placeholders(statuses)})", f"+source IN ({placeholders(sources)})"]
         values = [*(query[name] for name in keys), *statuses, *sources]
         if "q" in query:
@@ -2410,6 +2453,18 @@ def alert_identity(alert):
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+def alert_group(group_key):
+    """The group Alertmanager built for a payload (its groupKey) as an incident's group: as it is where it fits,
+    else cut and marked with a hash of the whole, the same every time; None without one."""
+    if not isinstance(group_key, str) or not has_visible_text(group_key):
+        return None
+    with contextlib.suppress(ValueError):
+        return clean_text(group_key, GROUP_MAX)
+    digest = hashlib.sha256(group_key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    head = clean_name(group_key)[:GROUP_MAX - len(digest) - 1].strip()
+    return f"{head}~{digest}" if head else digest
+
+
 def alert_description(labels, annotations):
     """What the person on duty reads first: summary, description, then every label."""
     title = next((text.strip() for text in (annotations.get("summary", ""), labels.get("alertname", ""))
@@ -2461,7 +2516,8 @@ def clean_alerts(body):
     cleaned = [clean_alert(alert, index, errors) for index, alert in enumerate(alerts)]
     if errors:
         raise invalid("fields", errors)
-    return cleaned
+    group = alert_group(body.get("groupKey"))
+    return [{**alert, "group": group} for alert in cleaned]
 
 
 def alert_incident(db, dedup_key):
@@ -2485,7 +2541,7 @@ def fire_alert(db, alert, dedup_key, sender, at, reopen_after):
         change_incident(db, latest["id"], {"status": "new"}, note, sender)
         return latest["id"], "reopened"
     values = {"description": alert_description(alert["labels"], alert["annotations"]),
-              "source": "monitoring", "dedup_key": dedup_key}
+              "source": "monitoring", "dedup_key": dedup_key, "group": alert["group"]}
     note = f"Alert from {sender}, firing since {alert.get('startsAt', 'an unknown time')}"
     return insert_incident(db, values, at, note, sender)[0], "created"
 
@@ -2545,7 +2601,7 @@ HEARTBEAT_STATUS_SQL = """CASE WHEN paused THEN 'paused' WHEN down OR next_due_a
                                WHEN late_at <= :now THEN 'late' ELSE 'up' END"""
 HEARTBEAT_JSON = f"""json_object(
     'name', name, 'description', description, 'period', period, 'grace', grace, 'source', source,
-    'paused', json(CASE paused WHEN 1 THEN 'true' ELSE 'false' END), 'status', {HEARTBEAT_STATUS_SQL},
+    'group', group_name, 'paused', json(CASE paused WHEN 1 THEN 'true' ELSE 'false' END), 'status', {HEARTBEAT_STATUS_SQL},
     'last_ping_at', last_ping_at, 'next_due_at', next_due_at,
     'incident_id', (SELECT id FROM incidents WHERE id = heartbeats.incident_id AND {IS_OPEN}),
     'created_at', created_at, 'updated_at', updated_at)"""
@@ -2608,14 +2664,15 @@ def save_heartbeat(db, name, values):
     incident and whether it is down, and computes the deadlines afresh from that check-in (or the creation)."""
     late_at, next_due_at = deadlines_sql("coalesce(last_ping_at, created_at)", ":period", ":grace", ":paused")
     replaced = db.execute(f"""UPDATE heartbeats SET description = :description, period = :period, grace = :grace,
-                                  source = :source, paused = :paused, late_at = {late_at}, next_due_at = {next_due_at},
+                                  source = :source, group_name = :group, paused = :paused, late_at = {late_at},
+                                  next_due_at = {next_due_at},
                                   updated_at = :at WHERE name = :name""", {**values, "name": name, "at": now()}).rowcount
     if not replaced:
         late_at, next_due_at = deadlines_sql(":at", ":period", ":grace", ":paused")
-        db.execute(f"""INSERT INTO heartbeats (name, description, period, grace, source, paused, down, late_at,
-                                               next_due_at, created_at, updated_at)
-                       VALUES (:name, :description, :period, :grace, :source, :paused, 0, {late_at}, {next_due_at},
-                               :at, :at)""", {**values, "name": name, "at": now()})
+        db.execute(f"""INSERT INTO heartbeats (name, description, period, grace, source, group_name, paused, down,
+                                               late_at, next_due_at, created_at, updated_at)
+                       VALUES (:name, :description, :period, :grace, :source, :group, :paused, 0, {late_at},
+                               {next_due_at}, :at, :at)""", {**values, "name": name, "at": now()})
     return heartbeat_json(db, name), not replaced
 
 
@@ -2629,7 +2686,7 @@ def open_incident_of(db, heartbeat):
 def report_silence(db, heartbeat, note):
     """Open the heartbeat's incident (or fold into the open one with its dedup_key), the note on its timeline."""
     values = {"description": heartbeat["description"], "source": heartbeat["source"],
-              "dedup_key": HEARTBEAT_KEY_PREFIX + heartbeat["name"]}
+              "dedup_key": HEARTBEAT_KEY_PREFIX + heartbeat["name"], "group": heartbeat["group_name"]}
     incident_id, _, created = report_incident(db, values, note, "heartbeat")
     if not created:
         add_event(db, incident_id, now(), "note", note=note, actor="heartbeat")
@@ -2759,7 +2816,7 @@ def put_heartbeat(name):
     """Create or replace a heartbeat: 201 and Location when new, 200 when replaced."""
     name = heartbeat_name(name, "PUT")
     values = {**HEARTBEAT_DEFAULTS, **validate_fields(read_json_object(), ["description", "period"],
-                                                      ["grace", "source", "paused"], HEARTBEAT_SERVER_FIELDS)}
+                                                      ["grace", "source", "paused", "group"], HEARTBEAT_SERVER_FIELDS)}
     body, created = write(lambda db: save_heartbeat(db, name, values))
     return json_response(body, 201, {"Location": f"/heartbeats/{name}"}) if created else json_response(body)
 
@@ -3498,7 +3555,7 @@ def answer_schemas():
         "dedup_key": nullable({"type": "string", "maxLength": DEDUP_KEY_MAX}),
         "occurrences": {"type": "integer", "minimum": 1}, "last_seen_at": timestamp, "assignee": name,
         "acknowledged_at": nullable(timestamp), "resolved_at": nullable(timestamp),
-        "created_at": timestamp, "updated_at": timestamp}
+        "group": nullable({"type": "string", "maxLength": GROUP_MAX}), "created_at": timestamp, "updated_at": timestamp}
     event = {"id": {"type": "integer", "minimum": 1}, "at": timestamp, "type": {"enum": list(EVENT_TYPES)},
              "from_status": {"enum": list(STATUSES)}, "to_status": {"enum": list(STATUSES)},
              "note": {"type": "string", "maxLength": NOTE_MAX}, "actor": {"type": "string", "maxLength": ACTOR_MAX},
@@ -3530,7 +3587,8 @@ def heartbeat_schemas():
         "name": name, "description": {"type": "string", "minLength": 1, "maxLength": DESCRIPTION_MAX},
         "period": {"type": "integer", "minimum": 1, "maximum": HEARTBEAT_SECONDS_MAX},
         "grace": {"type": "integer", "minimum": 0, "maximum": HEARTBEAT_SECONDS_MAX},
-        "source": {"enum": list(SOURCES)}, "paused": {"type": "boolean"}, "status": {"enum": list(HEARTBEAT_STATUSES)},
+        "source": {"enum": list(SOURCES)}, "group": nullable({"type": "string", "maxLength": GROUP_MAX}),
+        "paused": {"type": "boolean"}, "status": {"enum": list(HEARTBEAT_STATUSES)},
         "last_ping_at": nullable(timestamp), "next_due_at": nullable(timestamp),
         "incident_id": {"type": ["integer", "null"], "minimum": 1}, "created_at": timestamp, "updated_at": timestamp}
     return {"Heartbeat": obj(heartbeat, heartbeat), "HeartbeatPage": page_schema("Heartbeat", HEARTBEAT_NAME.pattern),
@@ -3549,7 +3607,8 @@ def request_schemas():
     return {
         "NewIncident": obj(["description", "source"], {
             "description": text_schema(DESCRIPTION_MAX), "source": {"enum": list(SOURCES)},
-            "status": {"enum": list(STATUSES)}, "dedup_key": text_schema(DEDUP_KEY_MAX)}),
+            "status": {"enum": list(STATUSES)}, "dedup_key": text_schema(DEDUP_KEY_MAX),
+            "group": nullable(text_schema(GROUP_MAX))}),
         "IncidentChange": obj([], {
             "status": {"enum": list(STATUSES)}, "description": text_schema(DESCRIPTION_MAX),
             "assignee": nullable(text_schema(ACTOR_MAX)), "note": text_schema(NOTE_MAX), "actor": text_schema(ACTOR_MAX)},
@@ -3564,7 +3623,7 @@ def request_schemas():
             "grace": {"type": "integer", "minimum": 0, "maximum": HEARTBEAT_SECONDS_MAX,
                       "default": HEARTBEAT_DEFAULTS["grace"]},
             "source": {"enum": list(SOURCES), "default": HEARTBEAT_DEFAULTS["source"]},
-            "paused": {"type": "boolean", "default": False}}),
+            "group": nullable(text_schema(GROUP_MAX)), "paused": {"type": "boolean", "default": False}}),
     }
 
 
@@ -3594,6 +3653,7 @@ LIST_PARAMETERS = (
     ("source", {"type": "array", "items": {"enum": list(SOURCES)}}, "Only these sources (or one comma-separated value)."),
     ("dedup_key", text_schema(DEDUP_KEY_MAX), "Only the incidents of this key."),
     ("assignee", text_schema(ACTOR_MAX), "Only the incidents assigned to this person."),
+    ("group", text_schema(GROUP_MAX), "Only the incidents of this group (exact match)."),
     ("since", {"type": "string", "format": "date-time"}, "Created at or after (a date alone means 00:00 UTC)."),
     ("until", {"type": "string", "format": "date-time"}, "Created before; an empty window is an empty page."),
     ("limit", {"type": "integer", "minimum": 1, "maximum": PAGE_LIMIT_MAX, "default": PAGE_LIMIT_DEFAULT},

@@ -997,6 +997,64 @@ def test_database_allows_one_open_incident_per_key(client, db_path):
 
 
 # ---------------------------------------------------------------------------
+# Groups: what fails together
+# ---------------------------------------------------------------------------
+
+
+def test_incident_group_is_taken_shown_and_listed_exactly_combined_with_other_filters(client, app, db_path):
+    north = create(client, "Scooter 1 is offline", group="cell-north")
+    assert north["group"] == "cell-north" and create(client)["group"] is None
+    create(client, "Scooter 2 is offline", group="cell-north", source="operator")
+    create(client, "Scooter 3 is offline", group="cell-north-2")
+    assert client.get("/incidents/1").json["group"] == "cell-north"
+    assert list_ids(client, "/incidents?group=cell-north") == [3, 1]
+    assert list_ids(client, "/incidents?group=cell-north&source=operator") == [3]
+    assert list_ids(client, "/incidents?group=cell-north&q=Scooter&status=new") == [3, 1]
+    assert list_ids(client, "/incidents?group=CELL-NORTH") == []
+    assert query(db_path, "SELECT group_name FROM incidents ORDER BY id") == [("cell-north",), (None,), ("cell-north",),
+                                                                            ("cell-north-2",)]
+    plan = query_plan(app, [("group", "cell-north"), ("status", "new")])
+    assert any("USING INDEX incidents_by_group (group_name=?)" in d for d in plan)
+    assert not [d for d in plan if d.startswith("SCAN incidents")]
+
+
+@pytest.mark.parametrize("group", ["", "   ", "x" * 101, 5, ["a"], "a\x00b", "\ud800"])
+def test_bad_group_is_422_naming_it_and_writes_nothing(client, db_path, group):
+    response = client.post("/incidents", json={"description": "x", "source": "operator", "group": group})
+    assert error_fields(response) == ["group"]
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(0,)]
+
+
+def test_group_of_100_characters_or_null_is_taken_and_trimmed(client):
+    assert create(client, group="г" * 100)["group"] == "г" * 100
+    assert create(client, group=" " + "г" * 98 + " ")["group"] == "г" * 98  # counted as sent, stored trimmed
+    assert create(client, group=None)["group"] is None
+    assert error_fields(client.get("/incidents?group=" + "x" * 101)) == ["group"]
+
+
+def test_heartbeat_group_is_shown_and_carried_by_its_incidents(client, db_path):
+    assert put_heartbeat(client, "scooter-1", group="cell-north")["group"] == "cell-north"
+    assert put_heartbeat(client, "scooter-2")["group"] is None
+    client.post("/heartbeats/scooter-1/fail")
+    assert client.get("/incidents/1").json["group"] == "cell-north"
+    assert put_heartbeat(client, "scooter-1", status=200)["group"] is None  # PUT replaces the settings whole
+    assert error_fields(client.put("/heartbeats/x", json={"description": "x", "period": 5, "group": ""})) == ["group"]
+
+
+def test_alerts_carry_the_group_alertmanager_built_cut_and_hashed_to_fit_the_same_every_time(client, alert):
+    alert(am_payload(am_alert(fingerprint="aaaa")))
+    assert client.get("/incidents/1").json["group"] == '{}:{alertname="PointDown"}'
+    long_key = "{}/{}:{" + ",".join(f'point="{n}"' for n in range(40)) + "}"
+    for fingerprint in ("bbbb", "cccc"):
+        alert({**am_payload(am_alert(fingerprint=fingerprint)), "groupKey": long_key})
+    groups = [client.get(f"/incidents/{n}").json["group"] for n in (2, 3)]
+    digest = hashlib.sha256(long_key.encode()).hexdigest()[:16]
+    assert groups[0] == groups[1] == long_key[:83] + "~" + digest and len(groups[0]) == 100
+    alert({**am_payload(am_alert(fingerprint="dddd")), "groupKey": None})
+    assert client.get("/incidents/4").json["group"] is None
+
+
+# ---------------------------------------------------------------------------
 # Timeline
 # ---------------------------------------------------------------------------
 
@@ -1545,7 +1603,7 @@ def test_existing_database_keeps_its_mode(db_path):
 # Each migration's text as released: files in the field ran exactly this; a new file must get the same.
 MIGRATION_PINS = ["1824ad64a8d090a8", "2568b4ef34d03c25", "03652428789037dc", "37ea07775b9a208c",
                   "142188eb6d97c5d4", "8fd34c596f0a7476", "c9660475526e049d", "08f0cf11d0c36ab0",
-                  "e942c9e400084136", "9500e9b4e7b902b4", "098fcfa6900c1723"]
+                  "e942c9e400084136", "9500e9b4e7b902b4", "098fcfa6900c1723", "a47c1ed727a3afc5"]
 
 
 def test_migrations_are_frozen_text():
@@ -1610,7 +1668,7 @@ def test_migration_of_version_1_file_keeps_incidents_and_fills_new_fields(db_pat
                      "dedup_key": None, "occurrences": 1, "last_seen_at": "2025-05-01T08:00:00.000Z",
                      "assignee": None, "acknowledged_at": "2025-05-01T08:00:00.000Z",
                      "resolved_at": "2025-05-01T08:00:00.000Z",  # no timeline: its last update is the best guess
-                     "created_at": "2025-05-01T08:00:00.000Z", "updated_at": "2025-05-01T08:00:00.000Z"}
+                     "group": None, "created_at": "2025-05-01T08:00:00.000Z", "updated_at": "2025-05-01T08:00:00.000Z"}
     assert [e["type"] for e in events(client, 1)["items"]] == ["created"]
     assert events(client, 2)["items"][0]["at"] == "2025-05-02T08:00:00.000Z"
     assert report(client).status_code == 201
