@@ -1946,6 +1946,68 @@ def list_events(incident_id):
 
 
 # ---------------------------------------------------------------------------
+# Texts people read: every word the service writes in the chats and on timelines, in each language
+# ---------------------------------------------------------------------------
+
+# One catalog: key -> text, with {placeholders}; every language has every key and the same placeholders (a test
+# holds this). A count reads as plural(count, noun), with each language's plural forms of the noun.
+TEXTS = {
+    "en": {
+        "storm_title": "🌩 <b>Storm: {group}</b> · {incidents} since {since}",
+        "storm_open": "Open: {open} (new {new}, taken {taken}) · back: {back}",
+        "storm_over": "✅ Over {at}: every incident of it resolved; it lasted {lasted}",
+        "storm_more": "… and {more} more",
+        "storm_of_source": "{source} reports, no group",
+        "storm_take_all": "Take all",
+        "storm_reminder": "⏰ <b>Storm: {group}</b>: {new} waited {waited} and nobody has taken any "
+                          "(reminder {number} of {most})",
+        "storm_escalated": "⚠️ Escalated: <b>storm {group}</b>: {new} waited {waited} and nobody has taken any",
+        "storm_taken": "{count} of storm {group} taken by {name}",
+        "storm_nothing_new": "Nothing of storm {group} is new now",
+        "storm_note": "Taken with the whole storm {group} ({count})",
+    },
+    "ru": {
+        "storm_title": "🌩 <b>Шторм: {group}</b> · {incidents} с {since}",
+        "storm_open": "Открыто: {open} (новых {new}, взято {taken}) · вернулось: {back}",
+        "storm_over": "✅ Закончился {at}: все его инциденты решены; длился {lasted}",
+        "storm_more": "… и ещё {more}",
+        "storm_of_source": "источник {source}, без группы",
+        "storm_take_all": "Взять все",
+        "storm_reminder": "⏰ <b>Шторм: {group}</b>: {new} ждут {waited}, и никто не взял ни одного "
+                          "(напоминание {number} из {most})",
+        "storm_escalated": "⚠️ Эскалация: <b>шторм {group}</b>: {new} ждут {waited}, и никто не взял ни одного",
+        "storm_taken": "{name} берёт из шторма {group}: {count}",
+        "storm_nothing_new": "В шторме {group} сейчас нет новых инцидентов",
+        "storm_note": "Взят вместе со всем штормом {group} ({count})",
+    },
+}
+# Each noun's plural forms: English one and other; Russian one (1, 21), few (2-4, 22-24) and many (5-20, 11-14).
+NOUNS = {
+    "en": {"incident": ("incident", "incidents")},
+    "ru": {"incident": ("инцидент", "инцидента", "инцидентов")},
+}
+
+
+def language():
+    return current_app.config["LANGUAGE"]
+
+
+def say(key, **values):
+    """The text of `key` in the configured language, its placeholders filled."""
+    return TEXTS[language()][key].format(**values)
+
+
+def plural(count, noun):
+    """A count and its noun, in the form the configured language gives that count: 1 incident, 5 инцидентов."""
+    forms = NOUNS[language()][noun]
+    if len(forms) == 2:
+        return f"{count} {forms[count != 1]}"
+    ones, tens = count % 10, count % 100
+    form = 0 if ones == 1 and tens != 11 else 1 if 2 <= ones <= 4 and not 12 <= tens <= 14 else 2
+    return f"{count} {forms[form]}"
+
+
+# ---------------------------------------------------------------------------
 # Telegram: the Bot API, one handler for updates, two ways in (webhook and polling)
 # ---------------------------------------------------------------------------
 
@@ -3914,6 +3976,7 @@ def configuration():
         TELEGRAM_NOTIFY_CHAT_IDS=setting("TELEGRAM_NOTIFY_CHAT_IDS", chat_ids, ()),
         TELEGRAM_ESCALATE_CHAT_IDS=setting("TELEGRAM_ESCALATE_CHAT_IDS", chat_ids, ()),
         NOTIFY_REPEAT_INTERVAL=NOTIFY_REPEAT_INTERVAL_S,
+        LANGUAGE="en",
         MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
     )
 
