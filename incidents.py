@@ -128,11 +128,17 @@ HEARTBEATS_DUE_BATCH = 100  # heartbeats the clock reads at a time
 REOPEN_WINDOW_S = 900  # a resolved alert that fires again this soon reopens its incident
 REMIND_AFTER_S = 600  # an incident still new this long after it became new is called for again
 REMIND_MAX = 3  # reminders before the incident is escalated
+STORM_THRESHOLD = 5  # more incidents of one group than this, opened within STORM_WINDOW_S, are a storm
+STORM_WINDOW_S = 60
 REMIND_BATCH = 100  # due reminders handled in one transaction
 DURATION_BUCKETS = (60, 300, 900, 1800, 3600, 14400, 86400)  # seconds, for the time to acknowledge and resolve
 NOTIFY_REPEAT_INTERVAL_S = 60  # a change is shown at once; repeats alone at most once per interval
 NOTIFY_POLL_S = 0.5  # how often the sender looks for news in the outbox
 NOTIFY_DESCRIPTION_LINES = 10
+TELEGRAM_WINDOW_S = 60  # Telegram's minute, which its limits count in (see Pace); tests shrink it
+GROUP_CALLS_PER_MINUTE = 20  # sends and edits in one group or channel
+RESERVED_FIRST = 4  # of those, kept for first messages: edits and replies wait instead
+CALLS_PER_SECOND = 30  # in all chats together
 TELEGRAM_TEXT_MAX = 4096  # a message's length, in UTF-16 code units as Telegram counts them
 CALLBACK_ANSWER_MAX = 200  # the same, of the answer to a button
 STORED_TIMESTAMP = r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z"
@@ -520,6 +526,13 @@ MIGRATIONS = (
             message_id INTEGER NOT NULL,
             shown_at TEXT NOT NULL CHECK (shown_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z'),
             PRIMARY KEY (storm_id, chat_id)
+        ) STRICT, WITHOUT ROWID""",
+        # The senders' Bot API calls, by method and outcome, for /metrics.
+        """CREATE TABLE telegram_calls (
+            method TEXT NOT NULL CHECK (length(method) BETWEEN 1 AND 100),
+            outcome TEXT NOT NULL CHECK (outcome IN ('sent', 'throttled', 'failed')),
+            count INTEGER NOT NULL CHECK (count >= 0),
+            PRIMARY KEY (method, outcome)
         ) STRICT, WITHOUT ROWID""",
     ),
 )
@@ -1585,27 +1598,33 @@ def add_repeat_event(db, incident_id, at):
 # The chats to reach of a list of chat ids (a JSON parameter): one that became a supergroup at its
 # new id, one the bot was removed from not at all.
 REACHABLE_CHATS = """SELECT coalesce(gone.moved_to, chats.value) AS chat_id
-    FROM json_each(?) AS chats LEFT JOIN notify_chats_gone AS gone ON gone.chat_id = chats.value
+    FROM json_each(:chats) AS chats LEFT JOIN notify_chats_gone AS gone ON gone.chat_id = chats.value
     WHERE gone.chat_id IS NULL OR gone.moved_to NOT IN (SELECT chat_id FROM notify_chats_gone)"""
 
 
-def incident_chats(db, incident_id):
-    """The chats that show an incident: the notify chats, and the escalation chats once it was escalated."""
+def shown_chats(escalated_at):
+    """The chats that show an incident or a storm: the notify chats, and the escalation chats once it was
+    escalated."""
     config = current_app.config
-    escalate = config["TELEGRAM_ESCALATE_CHAT_IDS"]
-    if escalate and db.execute("SELECT escalated_at FROM incidents WHERE id = ?", (incident_id,)).fetchone()[0]:
-        return [*config["TELEGRAM_NOTIFY_CHAT_IDS"], *escalate]
-    return config["TELEGRAM_NOTIFY_CHAT_IDS"]
+    return [*config["TELEGRAM_NOTIFY_CHAT_IDS"], *(config["TELEGRAM_ESCALATE_CHAT_IDS"] if escalated_at else ())]
 
 
 def queue_notification(db, incident_id, kind, chats=None):
-    """Record, in the transaction of a change, that the incident's message in each chat must catch up."""
-    chats = incident_chats(db, incident_id) if chats is None else chats
-    if chats:
-        db.execute(f"""INSERT INTO notify_outbox (incident_id, chat_id, kind, seq, queued_at)
-                       SELECT ?, chat_id, ?, 1, ? FROM ({REACHABLE_CHATS}) WHERE true
-                       ON CONFLICT (incident_id, chat_id, kind) DO UPDATE SET seq = seq + 1""",
-                   (incident_id, kind, now(), json.dumps(chats)))
+    """Record, in the transaction of a change, that the incident's message in each chat must catch up. An
+    incident of a storm has its own message only where it had one before the storm (see Storms): elsewhere the
+    storm's message shows its changes."""
+    if not current_app.config["TELEGRAM_NOTIFY_CHAT_IDS"]:
+        return
+    incident = db.execute("SELECT escalated_at, storm_id FROM incidents WHERE id = ?", (incident_id,)).fetchone()
+    db.execute(f"""INSERT INTO notify_outbox (incident_id, chat_id, kind, seq, queued_at)
+                   SELECT :id, chat_id, :kind, 1, :at FROM ({REACHABLE_CHATS})
+                   WHERE :storm IS NULL OR chat_id IN (SELECT chat_id FROM notify_messages WHERE incident_id = :id
+                                                       UNION SELECT chat_id FROM notify_outbox WHERE incident_id = :id)
+                   ON CONFLICT (incident_id, chat_id, kind) DO UPDATE SET seq = seq + 1""",
+               {"id": incident_id, "kind": kind, "at": now(), "storm": incident["storm_id"],
+                "chats": json.dumps(shown_chats(incident["escalated_at"]) if chats is None else chats)})
+    if incident["storm_id"] is not None and kind == "change":
+        queue_storm(db, incident["storm_id"], "change")
 
 
 def fold_report(db, dedup_key, at):
@@ -1632,10 +1651,10 @@ def status_clock(current, status, at):
     Becoming new opens it afresh: both cleared, the reminders started again. Leaving new acknowledges
     it (once) and stops them; leaving the open statuses resolves it, and reopening clears that again.
     """
-    if status == "new":
+    if status == "new":  # an incident of a storm is reminded of with its storm
         after, chats = current_app.config["REMIND_AFTER"], current_app.config["TELEGRAM_NOTIFY_CHAT_IDS"]
         return {"acknowledged_at": None, "resolved_at": None, "opened_at": at, "reminders": 0,
-                "remind_at": shifted(at, after) if after and chats else None}
+                "remind_at": shifted(at, after) if after and chats and current["storm_id"] is None else None}
     clock = {"acknowledged_at": current["acknowledged_at"] or at, "remind_at": None}
     if status in OPEN_STATUSES:
         clock["resolved_at"] = None
@@ -1649,7 +1668,7 @@ def status_clock(current, status, at):
 def insert_incident(db, values, at, note=None, actor=None):
     """A new incident and its `created` event: (id, incident JSON)."""
     status = values.get("status", DEFAULT_STATUS)
-    clock = status_clock({"status": "new", "acknowledged_at": None}, status, at)
+    clock = status_clock({"status": "new", "acknowledged_at": None, "storm_id": None}, status, at)
     incident_id, body = db.execute(
         f"""INSERT INTO incidents (description, status, source, dedup_key, group_name, created_at, updated_at,
                                    last_seen_at, opened_at, acknowledged_at, resolved_at, remind_at)
@@ -1658,6 +1677,7 @@ def insert_incident(db, values, at, note=None, actor=None):
          at, clock["acknowledged_at"], clock.get("resolved_at"), clock["remind_at"]),
     ).fetchone()
     add_event(db, incident_id, at, "created", to_status=status, note=note, actor=actor)
+    join_storm(db, incident_id, values, at)
     queue_notification(db, incident_id, "change")
     return incident_id, body
 
@@ -1696,8 +1716,8 @@ def change_incident(db, incident_id, values, note=None, actor=None, taken_by=Non
     (unless the change names someone). updated_at moves only when a value really changes; a note
     alone is a `note` event.
     """
-    current = db.execute("SELECT status, description, dedup_key, assignee, acknowledged_at FROM incidents WHERE id = ?",
-                         (incident_id,)).fetchone()
+    current = db.execute("""SELECT status, description, dedup_key, assignee, acknowledged_at, storm_id FROM incidents
+                            WHERE id = ?""", (incident_id,)).fetchone()
     if current is None:
         raise no_such_incident(incident_id)
     if values.get("status") == "in_progress" != current["status"] and current["assignee"] is None:
@@ -1964,6 +1984,7 @@ TEXTS = {
         "storm_escalated": "⚠️ Escalated: <b>storm {group}</b>: {new} waited {waited} and nobody has taken any",
         "storm_taken": "{count} of storm {group} taken by {name}",
         "storm_nothing_new": "Nothing of storm {group} is new now",
+        "storm_unknown": "There is no storm #{number}",
         "storm_note": "Taken with the whole storm {group} ({count})",
     },
     "ru": {
@@ -1978,6 +1999,7 @@ TEXTS = {
         "storm_escalated": "⚠️ Эскалация: <b>шторм {group}</b>: {new} ждут {waited}, и никто не взял ни одного",
         "storm_taken": "{name} берёт из шторма {group}: {count}",
         "storm_nothing_new": "В шторме {group} сейчас нет новых инцидентов",
+        "storm_unknown": "Шторма №{number} нет",
         "storm_note": "Взят вместе со всем штормом {group} ({count})",
     },
 }
@@ -2032,6 +2054,51 @@ class BotApiError(Exception):
         self.migrate_to = telegram_id(parameters.get("migrate_to_chat_id"))  # a group became this supergroup
 
 
+class Pace:
+    """Telegram's limits (its Bot FAQ), kept by the sender itself so that Telegram never has to refuse: about 20
+    calls a minute in a group or channel (edits count), one a second in any chat, 30 a second in all. A group
+    keeps RESERVED_FIRST of its minute for first messages, so that a new incident is shown within seconds
+    whatever edits wait. A 429 that comes anyway holds its chat alone, for as long as Telegram asks.
+
+    `window` is Telegram's minute (TELEGRAM_WINDOW, 60 s): every limit scales with it, so that tests can
+    shrink it together with their Bot API stand-in's.
+    """
+
+    def __init__(self, window):
+        self.scale = window / 60
+        self.calls = collections.defaultdict(collections.deque)  # chat -> when its calls went, the last window
+        self.everywhere = collections.deque()  # when every call went, the last second (scaled)
+        self.held = {}  # chat -> until when Telegram asked us to wait
+        self.lock = threading.Lock()  # the poller and the sender share a bot
+
+    def wait(self, chat_id, first):
+        """Seconds before a call to the chat may go (a first message, or an edit or reply): 0 for now."""
+        moment, calls = time.monotonic(), self.calls[chat_id]
+        while calls and calls[0] <= moment - 60 * self.scale:
+            calls.popleft()
+        while self.everywhere and self.everywhere[0] <= moment - self.scale:
+            self.everywhere.popleft()
+        waits = [self.held.get(chat_id, 0) - moment]
+        if calls:
+            waits.append(calls[-1] + self.scale - moment)  # one a second in a chat
+        room = GROUP_CALLS_PER_MINUTE - (0 if first else RESERVED_FIRST)
+        if chat_id < 0 and len(calls) >= room:  # a group or a channel: its minute
+            waits.append(calls[len(calls) - room] + 60 * self.scale - moment)
+        if len(self.everywhere) >= CALLS_PER_SECOND:
+            waits.append(self.everywhere[0] + self.scale - moment)
+        return max(0.0, *waits)
+
+    def take_turn(self, chat_id):
+        """Wait until a call to the chat may go (a second call of one delivery, a reply to a report), and count it."""
+        with self.lock:
+            time.sleep(self.wait(chat_id, True))
+            self.calls[chat_id].append(moment := time.monotonic())
+            self.everywhere.append(moment)
+
+    def hold(self, chat_id, seconds):
+        self.held[chat_id] = time.monotonic() + seconds
+
+
 class Bot:
     """The configured bot: its Bot API calls and its id.
 
@@ -2039,12 +2106,36 @@ class Bot:
     token is cut out of any error text before it is said.
     """
 
-    def __init__(self, token, base_url):
+    def __init__(self, token, base_url, window=TELEGRAM_WINDOW_S):
         self.token, self.base_url = token, base_url.rstrip("/")
         self.id = int(token.partition(":")[0])
+        self.pace = Pace(window)
+        self.counts = collections.Counter()  # (method, outcome) of the calls not yet recorded (see record_calls)
+        self.counting = threading.Lock()  # the poller and the sender share a bot
 
     def call(self, method, payload):
-        """POST one Bot API method and return its result, or raise BotApiError."""
+        """POST one Bot API method and return its result, or raise BotApiError; paced by chat, counted by outcome."""
+        if telegram_id(payload.get("chat_id")):
+            self.pace.take_turn(payload["chat_id"])
+        try:
+            result = self.attempt(method, payload)
+        except BotApiError as error:
+            self.count(method, "throttled" if error.code == 429 else "failed")
+            raise
+        self.count(method, "sent")
+        return result
+
+    def count(self, method, outcome, number=1):
+        with self.counting:
+            self.counts[method, outcome] += number
+
+    def take_counts(self):
+        """The calls counted so far, counted afresh from now."""
+        with self.counting:
+            counts, self.counts = self.counts, collections.Counter()
+        return counts
+
+    def attempt(self, method, payload):
         request = urllib.request.Request(f"{self.base_url}/bot{self.token}/{method}", json.dumps(payload).encode(),
                                          {"Content-Type": "application/json"})
         try:
@@ -2081,6 +2172,21 @@ class Bot:
         return message["message_id"]
 
 
+def record_calls(database, bot):
+    """Add the Bot API calls counted since the last time to the database's counts, for /metrics; those of a write
+    refused stay counted in memory for the next time."""
+    if not (counts := bot.take_counts()):
+        return
+    try:
+        database.write(lambda db: db.executemany(
+            """INSERT INTO telegram_calls (method, outcome, count) VALUES (?, ?, ?)
+               ON CONFLICT (method, outcome) DO UPDATE SET count = count + excluded.count""",
+            [(method, outcome, count) for (method, outcome), count in counts.items()]))
+    except sqlite3.Error:
+        for (method, outcome), number in counts.items():
+            bot.count(method, outcome, number)
+
+
 def learn_username(database, bot):
     """Ask getMe for the bot's @username and record it, so that the poller and the webhook alike ignore
     commands addressed to other bots."""
@@ -2102,7 +2208,7 @@ def telegram_bot():
     token = current_app.config["TELEGRAM_BOT_TOKEN"]
     if not token:
         raise click.UsageError("Set TELEGRAM_BOT_TOKEN to the token BotFather gave you (123456:ABC...).")
-    return Bot(token, current_app.config["TELEGRAM_API_URL"])
+    return Bot(token, current_app.config["TELEGRAM_API_URL"], current_app.config["TELEGRAM_WINDOW"])
 
 
 def retry_delay(error, delay):
@@ -2280,7 +2386,7 @@ BUTTON_ACTIONS = {
     "resolve": ("resolved", OPEN_STATUSES, "resolved"),
     "reopen": ("new", ("resolved", "closed"), "reopened"),
 }
-BUTTON_DATA = re.compile(r"(take|resolve|reopen):([0-9]{1,19})")
+BUTTON_DATA = re.compile(r"(take|resolve|reopen|takeall):([0-9]{1,19})")
 
 
 def telegram_button(db, callback):
@@ -2296,6 +2402,8 @@ def telegram_button(db, callback):
     match = BUTTON_DATA.fullmatch(data) if isinstance(data, str) else None
     if not match or int(match[2]) > MAX_ID:
         return callback_answer(callback, "Unknown action")
+    if match[1] == "takeall":
+        return callback_answer(callback, take_storm(db, int(match[2]), callback))
     return callback_answer(callback, *telegram_change(db, int(match[2]), match[1], callback))
 
 
@@ -2442,6 +2550,7 @@ def poll_telegram(database, db, bot):
     while True:
         time.sleep(delay)
         offset, delay = poll_once(database, bot, offset, delay)
+        record_calls(database, bot)
 
 
 def until_interrupted(banner, work):
@@ -2988,7 +3097,7 @@ def pending_notifications(db):
     """Each (incident, chat) the outbox has news for, oldest first, with its message so far."""
     return db.execute(
         """SELECT o.incident_id, o.chat_id, json_group_array(json_array(o.kind, o.seq)) AS entries,
-                  min(o.kind = 'repeat') AS repeats_only, m.message_id, m.shown_at
+                  min(o.kind = 'repeat') AS repeats_only, min(o.queued_at) AS queued_at, m.message_id, m.shown_at
            FROM notify_outbox AS o LEFT JOIN notify_messages AS m USING (incident_id, chat_id)
            GROUP BY o.incident_id, o.chat_id ORDER BY min(o.queued_at), o.incident_id"""
     ).fetchall()
@@ -3001,8 +3110,10 @@ def seconds_until_due(row, repeat_interval):
     return max(0.0, repeat_interval - age_seconds(row["shown_at"]))
 
 
-def show_incident(bot, row, text, markup):
-    """Send the message, or edit the one already shown; returns its message id."""
+def show_message(bot, row, render):
+    """Send the message render() makes (text, buttons) to the row's chat, or edit the one already shown there;
+    returns its message id."""
+    text, markup = render()
     message = {"chat_id": row["chat_id"], "text": text, "parse_mode": "HTML", "reply_markup": markup, **NO_PREVIEWS}
     if row["message_id"] is not None:
         try:
@@ -3102,70 +3213,88 @@ def chat_refused(database, chat_id, error):
     return False
 
 
-def send_and_record(database, chat_id, send, record, dropped, what):
-    """send() a Bot API call, then record(db, its result) before anything else is sent; False if the chat is gone.
+# One message to send or edit, or one reminder: `send()` calls the Bot API, `record(db, result)` remembers what it
+# did, `dropped(db, None)` what Telegram refused for good. A first message goes before edits and replies.
+Delivery = collections.namedtuple("Delivery", "due_in first queued_at chat_id what send record dropped")
+
+
+def send_and_record(database, bot, delivery):
+    """Send a delivery, then record it before anything else is sent; False if its chat is held, moved or gone.
 
     The record is tried again, with what Telegram accepted kept in memory, for as long as the
-    database refuses it. A 429 or a network error stops the pass (the caller waits); a chat that
-    moved or is gone is dealt with; a call Telegram refuses as a bad request is logged and
-    `dropped(db, None)` recorded instead, since trying it again would hold up everything after it.
+    database refuses it. A 429 holds its chat for what Telegram asks; a network error stops the pass
+    (the caller waits); a chat that moved or is gone is dealt with; a call Telegram refuses as a bad
+    request is logged and `dropped` recorded instead, since trying it again would hold up the rest.
     """
+    record, chat_id = delivery.record, delivery.chat_id
     try:
-        result = send()
+        result = delivery.send()
     except BotApiError as error:
+        if error.code == 429:
+            bot.pace.hold(chat_id, error.retry_after or TELEGRAM_BACKOFF_S[0])
+            current_app.logger.warning("%s: Telegram asks to wait (%s); the chat waits, the others go on",
+                                       delivery.what, error)
+            return False
         if chat_refused(database, chat_id, error):
             return False
         if not message_refused(error):
             raise
-        current_app.logger.error("%s: not sent (%s)", what, error)
-        record, result = dropped, None
-    keep_trying(lambda: database.write(lambda db: record(db, result)), f"{what}: sent, not yet recorded")
+        current_app.logger.error("%s: not sent (%s)", delivery.what, error)
+        record, result = delivery.dropped, None
+    keep_trying(lambda: database.write(lambda db: record(db, result)), f"{delivery.what}: sent, not yet recorded")
     return True
 
 
-def deliver_outbox(database, db, bot, repeat_interval):
-    """Bring every message the outbox names up to date; returns seconds until the next one is due.
-
-    A message shows the incident as it is when sent, so a burst of changes becomes one edit.
-    """
-    wait, dealt_with = NOTIFY_POLL_S, set()
-    for row in pending_notifications(db):
-        if row["chat_id"] in dealt_with:  # its rows were moved or dropped with it
+def deliver(database, bot, deliveries):
+    """Send what is due, first messages before edits and replies, oldest first, within Telegram's limits; returns
+    seconds until the next is due."""
+    wait, held = NOTIFY_POLL_S, set()
+    for delivery in sorted(deliveries, key=lambda delivery: (not delivery.first, delivery.queued_at)):
+        if delivery.chat_id in held:  # its rows were moved or dropped with it, or it must wait
             continue
-        due_in = seconds_until_due(row, repeat_interval)
+        due_in = delivery.due_in or bot.pace.wait(delivery.chat_id, delivery.first)
         if due_in:
             wait = min(wait, due_in)
-            continue
-        text, markup = incident_message(db, row["incident_id"])
+        elif not send_and_record(database, bot, delivery):
+            held.add(delivery.chat_id)
+    return wait
+
+
+def outbox_deliveries(db, bot):
+    """The outbox's incidents to show: a message shows the incident as it is when sent, so a burst of changes is
+    one edit."""
+    for row in pending_notifications(db):
         record = functools.partial(mark_delivered, row=row)
-        if not send_and_record(database, row["chat_id"], lambda: show_incident(bot, row, text, markup), record, record,
-                               f"incident {row['incident_id']} in chat {row['chat_id']}"):
-            dealt_with.add(row["chat_id"])
-    return wait
+        yield Delivery(seconds_until_due(row, current_app.config["NOTIFY_REPEAT_INTERVAL"]), row["message_id"] is None,
+                       row["queued_at"], row["chat_id"], f"incident {row['incident_id']} in chat {row['chat_id']}",
+                       functools.partial(show_message, bot, row, functools.partial(incident_message, db, row["incident_id"])),
+                       record, record)
 
 
-def deliver_notifications(database, db, bot, repeat_interval):
-    """One pass: reminders that fell due, the outbox, then reminders to send or take back; seconds to wait."""
+def deliver_notifications(database, db, bot):
+    """One pass: reminders that fell due, then the outbox, the storms and the reminders to send or take back;
+    returns seconds to wait."""
     schedule_reminders(database, db)
-    wait = deliver_outbox(database, db, bot, repeat_interval)
-    deliver_reminders(database, db, bot)
-    return wait
+    return deliver(database, bot, [*outbox_deliveries(db, bot), *storm_deliveries(db, bot),
+                                    *reminder_deliveries(db, bot)])
 
 
-def notify_once(database, db, bot, repeat_interval, delay):
-    """One pass over the outbox; returns how long to wait before the next, waiting out 429s, outages and
-    a database that refuses writes."""
+def notify_once(database, db, bot, delay):
+    """One pass over the outbox; returns how long to wait before the next, waiting out outages and a database
+    that refuses writes. The Bot API calls it made are counted for /metrics."""
     try:
-        return deliver_notifications(database, db, bot, repeat_interval)
+        return deliver_notifications(database, db, bot)
     except BotApiError as error:
         delay, why = retry_delay(error, delay), error
     except sqlite3.Error as error:
         delay, why = TELEGRAM_BACKOFF_S[0], error
+    finally:
+        record_calls(database, bot)
     current_app.logger.warning("notifications held (%s); trying again in %s s", why, delay)
     return delay
 
 
-def send_notifications(database, db, bot, repeat_interval, stop):
+def send_notifications(database, db, bot, stop):
     """Deliver the outbox until `stop` is set, after trying again the chats a refusal dropped."""
     config = current_app.config
     for chat_id in keep_trying(lambda: database.write(lambda writer: take_chats_back(writer, [
@@ -3174,7 +3303,7 @@ def send_notifications(database, db, bot, repeat_interval, stop):
                                    chat_id)
     delay = 0
     while not stop.wait(delay):
-        delay = notify_once(database, db, bot, repeat_interval, delay)
+        delay = notify_once(database, db, bot, delay)
 
 
 # ---------------------------------------------------------------------------
@@ -3195,10 +3324,11 @@ def schedule_reminders(database, db):
     """
     if not current_app.config["REMIND_AFTER"]:
         return
-    while due := [row[0] for row in db.execute(DUE_REMINDERS_SQL, (now(), REMIND_BATCH))]:
-        database.write(lambda writer: [remind(writer, incident_id) for incident_id in due])
-        if len(due) < REMIND_BATCH:
-            return
+    for sql, work in ((DUE_REMINDERS_SQL, remind), (DUE_STORMS_SQL, remind_storm)):
+        while due := [row[0] for row in db.execute(sql, (now(), REMIND_BATCH))]:
+            database.write(lambda writer: [work(writer, row_id) for row_id in due])
+            if len(due) < REMIND_BATCH:
+                break
 
 
 def remind(db, incident_id):
@@ -3229,9 +3359,9 @@ def remind(db, incident_id):
 def queue_reminders(db, incident_id, number, chats, at, shown_only=False):
     """A reminder to send in each of the chats (reached as they are now); with shown_only, in those that show it."""
     db.execute(f"""INSERT INTO notify_reminders (incident_id, chat_id, number, state, queued_at)
-                   SELECT ?, chat_id, ?, 'due', ? FROM ({REACHABLE_CHATS}) AS reachable
-                   WHERE NOT ? OR chat_id IN (SELECT chat_id FROM notify_messages WHERE incident_id = ?)""",
-               (incident_id, number, at, json.dumps(chats), shown_only, incident_id))
+                   SELECT :id, chat_id, :number, 'due', :at FROM ({REACHABLE_CHATS}) AS reachable
+                   WHERE NOT :shown_only OR chat_id IN (SELECT chat_id FROM notify_messages WHERE incident_id = :id)""",
+               {"id": incident_id, "number": number, "at": at, "chats": json.dumps(chats), "shown_only": shown_only})
 
 
 def escalate(db, incident_id, number, at):
@@ -3250,7 +3380,7 @@ def escalate(db, incident_id, number, at):
 def pending_reminders(db):
     """Reminders to send or to take back, oldest first, each with what its message needs."""
     return db.execute(
-        """SELECT r.id, r.incident_id, r.chat_id, r.number, r.state, r.message_id, i.status, i.description,
+        """SELECT r.id, r.incident_id, r.chat_id, r.number, r.state, r.message_id, r.queued_at, i.status, i.description,
                   i.assignee, coalesce(i.opened_at, i.created_at) AS opened_at, m.message_id AS reply_to
            FROM notify_reminders AS r JOIN incidents AS i ON i.id = r.incident_id
            LEFT JOIN notify_messages AS m ON m.incident_id = r.incident_id AND m.chat_id = r.chat_id
@@ -3284,6 +3414,8 @@ def show_reminder(bot, row):
 
 def take_back_reminder(bot, row):
     """Delete a reminder the incident no longer needs; one too old to delete loses its button instead."""
+    if row["message_id"] is None:
+        return
     where = {"chat_id": row["chat_id"], "message_id": row["message_id"]}
     for method, payload in (("deleteMessage", where),
                             ("editMessageText", {**where, "text": f"Incident #{row['incident_id']} is "
@@ -3308,23 +3440,17 @@ def forget_reminder(db, _, row):
     db.execute("DELETE FROM notify_reminders WHERE id = ?", (row["id"],))
 
 
-def deliver_reminders(database, db, bot):
-    """Send each reminder due while its incident is still new; take back those it no longer needs.
-
-    What Telegram accepted is recorded before anything else is sent, as for the outbox.
-    """
-    dealt_with = set()
+def reminder_deliveries(db, bot):
+    """Each reminder due while its incident is still new, and each to take back now that it is not."""
     for row in pending_reminders(db):
-        if row["chat_id"] in dealt_with:
-            continue
         forget = functools.partial(forget_reminder, row=row)
+        what = f"reminder {row['number']} of incident {row['incident_id']} in chat {row['chat_id']}"
         if row["state"] == "due" and row["status"] == "new":
-            send, record = (lambda: show_reminder(bot, row)), functools.partial(record_reminder, row=row)
+            yield Delivery(0, False, row["queued_at"], row["chat_id"], what, functools.partial(show_reminder, bot, row),
+                           functools.partial(record_reminder, row=row), forget)
         else:
-            send, record = (lambda: row["message_id"] is not None and take_back_reminder(bot, row)), forget
-        if not send_and_record(database, row["chat_id"], send, record, forget,
-                               f"reminder {row['number']} of incident {row['incident_id']} in chat {row['chat_id']}"):
-            dealt_with.add(row["chat_id"])
+            yield Delivery(0, False, row["queued_at"], row["chat_id"], what,
+                           functools.partial(take_back_reminder, bot, row), forget, forget)
 
 
 @contextmanager
@@ -3359,8 +3485,8 @@ def notifications_in_background(bot):
     def run():
         with app.app_context():
             try:
-                until_interrupted("Sending notifications.", lambda database, db: send_notifications(
-                    database, db, bot, app.config["NOTIFY_REPEAT_INTERVAL"], stop))
+                until_interrupted("Sending notifications.",
+                                  lambda database, db: send_notifications(database, db, bot, stop))
             except click.ClickException as error:
                 app.logger.error("notifications stopped: %s", error.message)
             except Exception:
@@ -3386,7 +3512,193 @@ def telegram_notify_command():
     learn_username(current_app.extensions["incidents"], bot)  # for the webhook beside it
     with sole_sender(current_app.extensions["incidents"].lock_base, bot.id):
         until_interrupted("Sending notifications; press Ctrl-C to stop.", lambda database, db: send_notifications(
-            database, db, bot, current_app.config["NOTIFY_REPEAT_INTERVAL"], threading.Event()))
+            database, db, bot, threading.Event()))
+
+
+# ---------------------------------------------------------------------------
+# Storms: many incidents of one group at once are one message in the chats
+# ---------------------------------------------------------------------------
+
+STORM_LIST_MAX = 10  # incidents a storm's message names: the first ones
+STORM_EDIT_S = 10  # a storm's message is edited at most this often (in Telegram's minute: see Pace)
+STORM_OPEN_SQL = f"SELECT 1 FROM incidents WHERE storm_id = ? AND {IS_OPEN} LIMIT 1"
+# The incidents of a group, or of a source without a group, opened since a moment and in no storm yet: each read
+# from its own index (by group, or by status and source).
+RECENT_OF_GROUP = "SELECT id FROM incidents WHERE group_name = :group AND created_at >= :since AND storm_id IS NULL"
+RECENT_OF_SOURCE = f"""SELECT id FROM incidents WHERE status IN ({sql_list(STATUSES)}) AND source = :source
+    AND created_at >= :since AND group_name IS NULL AND storm_id IS NULL"""
+PENDING_STORMS_SQL = """SELECT o.storm_id, o.chat_id, o.kind, o.seq, o.queued_at, m.message_id, m.shown_at
+    FROM storm_outbox AS o LEFT JOIN storm_messages AS m USING (storm_id, chat_id) ORDER BY o.queued_at"""
+DUE_STORMS_SQL = "SELECT id FROM storms WHERE remind_at <= ? ORDER BY remind_at LIMIT ?"
+
+
+def join_storm(db, incident_id, values, at):
+    """Put a new incident in the storm of its group (of its source, without a group): the one going on (an
+    incident of it still open), or a new one once more than STORM_THRESHOLD of them opened within
+    STORM_WINDOW, which takes them all. Only while incidents are shown in chats."""
+    config = current_app.config
+    if not (config["STORM_THRESHOLD"] and config["STORM_WINDOW"] and config["TELEGRAM_NOTIFY_CHAT_IDS"]):
+        return
+    key = {"group": values.get("group"), "source": None if values.get("group") else values["source"]}
+    storm = db.execute("SELECT id FROM storms WHERE group_name IS :group AND source IS :source ORDER BY id DESC LIMIT 1",
+                       key).fetchone()
+    if storm and db.execute(STORM_OPEN_SQL, (storm[0],)).fetchone():
+        members, storm_id = [incident_id], storm[0]
+    else:
+        members = [row[0] for row in db.execute(RECENT_OF_GROUP if key["group"] else RECENT_OF_SOURCE,
+                                                 {**key, "since": shifted(at, -config["STORM_WINDOW"])})]
+        if len(members) <= config["STORM_THRESHOLD"]:
+            return
+        storm_id = start_storm(db, key, members)
+    db.execute(f"UPDATE incidents SET storm_id = ?, remind_at = NULL WHERE id IN ({placeholders(members)})",
+               (storm_id, *members))  # reminded of with the storm, as one
+
+
+def start_storm(db, key, members):
+    """A new storm of these incidents, its reminder due REMIND_AFTER after the first of them opened."""
+    started = db.execute(f"SELECT min(created_at) FROM incidents WHERE id IN ({placeholders(members)})",
+                         members).fetchone()[0]
+    after = current_app.config["REMIND_AFTER"]
+    return db.execute("""INSERT INTO storms (group_name, source, started_at, remind_at) VALUES (:group, :source, :at, :remind)
+                         RETURNING id""", {**key, "at": started, "remind": after and shifted(started, after)}).fetchone()[0]
+
+
+def queue_storm(db, storm_id, kind, chats=None):
+    """Record that the storm's message in each of its chats must catch up (change), or that a reminder is due there
+    (remind)."""
+    if chats is None:
+        chats = shown_chats(db.execute("SELECT escalated_at FROM storms WHERE id = ?", (storm_id,)).fetchone()[0])
+    db.execute(f"""INSERT INTO storm_outbox (storm_id, chat_id, kind, seq, queued_at)
+                   SELECT :id, chat_id, :kind, 1, :at FROM ({REACHABLE_CHATS}) WHERE true
+                   ON CONFLICT (storm_id, chat_id, kind) DO UPDATE SET seq = seq + 1""",
+               {"id": storm_id, "kind": kind, "at": now(), "chats": json.dumps(chats)})
+
+
+def storm_counts(db, storm_id):
+    """Its incidents by status, counted from their index."""
+    counts = dict.fromkeys(STATUSES, 0)
+    counts.update(db.execute("SELECT status, count(*) FROM incidents WHERE storm_id = ? GROUP BY status", (storm_id,)))
+    return counts
+
+
+def storm_name(storm):
+    """What a storm is called: its group, or its source's words."""
+    return storm["group_name"] or say("storm_of_source", source=storm["source"])
+
+
+def storm_message(db, storm_id):
+    """The text (HTML, every value escaped) and buttons of a storm's message, as it is now: at most
+    TELEGRAM_TEXT_MAX, whatever its size."""
+    storm, counts = db.execute("SELECT * FROM storms WHERE id = ?", (storm_id,)).fetchone(), storm_counts(db, storm_id)
+    total, still = sum(counts.values()), counts["new"] + counts["in_progress"]
+    lines = [say("storm_title", group=html.escape(storm_name(storm), quote=False),
+                 incidents=plural(total, "incident"), since=short_time(storm["started_at"])),
+             say("storm_open", open=still, new=counts["new"], taken=counts["in_progress"], back=total - still)]
+    if not still:
+        ended = db.execute("SELECT max(resolved_at) FROM incidents WHERE storm_id = ?", (storm_id,)).fetchone()[0]
+        lines.append(say("storm_over", at=short_time(ended), lasted=waited(seconds_between(storm["started_at"], ended))))
+    first = db.execute("SELECT id, description FROM incidents WHERE storm_id = ? ORDER BY id LIMIT ?",
+                       (storm_id, STORM_LIST_MAX)).fetchall()
+    more = [say("storm_more", more=total - len(first))] if total > len(first) else []
+    room = (TELEGRAM_TEXT_MAX - utf16_length("\n".join(lines + more)) - 1) // STORM_LIST_MAX - len(f"#{MAX_ID} \n")
+    lines += [f"#{row['id']} {fit_description(row['description'].splitlines()[0], room)}" for row in first] + more
+    take_all = [[{"text": say("storm_take_all"), "callback_data": f"takeall:{storm_id}"}]] if counts["new"] else []
+    return "\n".join(lines), {"inline_keyboard": take_all}
+
+
+def seconds_between(earlier, later):
+    return (datetime.fromisoformat(later) - datetime.fromisoformat(earlier)).total_seconds()
+
+
+def storm_deliveries(db, bot):
+    """Each storm's message to show or bring up to date (at most once every STORM_EDIT_S while it changes), and
+    its reminders to send."""
+    edit_every = STORM_EDIT_S * current_app.config["TELEGRAM_WINDOW"] / 60
+    for row in db.execute(PENDING_STORMS_SQL):
+        what = f"storm {row['storm_id']} in chat {row['chat_id']}"
+        if row["kind"] == "change":
+            record = functools.partial(mark_storm_shown, row=row)
+            due_in = row["shown_at"] and max(0.0, edit_every - age_seconds(row["shown_at"]))
+            yield Delivery(due_in, row["message_id"] is None, row["queued_at"], row["chat_id"], what,
+                           functools.partial(show_message, bot, row, functools.partial(storm_message, db, row["storm_id"])),
+                           record, record)
+        else:
+            done = functools.partial(forget_storm_entry, row=row)
+            yield Delivery(0, False, row["queued_at"], row["chat_id"], f"reminder of {what}",
+                           functools.partial(show_storm_reminder, bot, db, row), done, done)
+
+
+def mark_storm_shown(db, message_id, row):
+    """Remember the storm's message (None: none was shown) and drop the entry, unless it changed meanwhile."""
+    if message_id is not None:
+        db.execute("""INSERT INTO storm_messages (storm_id, chat_id, message_id, shown_at) VALUES (?, ?, ?, ?)
+                      ON CONFLICT (storm_id, chat_id) DO UPDATE SET message_id = excluded.message_id,
+                                                                   shown_at = excluded.shown_at""",
+                   (row["storm_id"], row["chat_id"], message_id, now()))
+    forget_storm_entry(db, None, row)
+
+
+def forget_storm_entry(db, _, row):
+    db.execute("DELETE FROM storm_outbox WHERE storm_id = ? AND chat_id = ? AND kind = ? AND seq = ?",
+               (row["storm_id"], row["chat_id"], row["kind"], row["seq"]))
+
+
+def show_storm_reminder(bot, db, row):
+    """A storm's reminder or escalation: a reply to its message, with its Take all button; returns its id."""
+    storm, counts = db.execute("SELECT * FROM storms WHERE id = ?", (row["storm_id"],)).fetchone(), \
+        storm_counts(db, row["storm_id"])
+    remind_max = current_app.config["REMIND_MAX"]
+    text = say("storm_reminder" if storm["reminders"] <= remind_max else "storm_escalated",
+               group=html.escape(storm_name(storm), quote=False), new=plural(counts["new"], "incident"),
+               waited=waited(age_seconds(storm["started_at"])), number=storm["reminders"], most=remind_max)
+    message = {"chat_id": row["chat_id"], "text": text, "parse_mode": "HTML", **NO_PREVIEWS, "reply_markup": {
+        "inline_keyboard": [[{"text": say("storm_take_all"), "callback_data": f"takeall:{row['storm_id']}"}]]}}
+    if row["message_id"] is not None:
+        message["reply_parameters"] = {"message_id": row["message_id"], "allow_sending_without_reply": True}
+    return bot.send(message)
+
+
+def remind_storm(db, storm_id):
+    """A storm's reminder, as one for all of it, while any of it is new and nobody has taken any of it; after
+    the last, its escalation: the storm's message in the escalation chats, with a call there."""
+    storm, at, config = db.execute("SELECT * FROM storms WHERE id = ?", (storm_id,)).fetchone(), now(), \
+        current_app.config
+    if storm["remind_at"] is None or storm["remind_at"] > at:
+        return
+    counts, escalate = storm_counts(db, storm_id), config["TELEGRAM_ESCALATE_CHAT_IDS"]
+    if not counts["new"] or counts["in_progress"] or (not config["REMIND_MAX"] and not escalate):
+        db.execute("UPDATE storms SET remind_at = NULL WHERE id = ?", (storm_id,))
+    elif db.execute("SELECT 1 FROM storm_outbox WHERE storm_id = ? AND kind = 'remind'", (storm_id,)).fetchone():
+        db.execute("UPDATE storms SET remind_at = ? WHERE id = ?", (shifted(at, config["REMIND_AFTER"]), storm_id))
+    elif storm["reminders"] < config["REMIND_MAX"]:
+        db.execute("UPDATE storms SET reminders = reminders + 1, remind_at = ? WHERE id = ?",
+                   (shifted(at, config["REMIND_AFTER"]), storm_id))
+        queue_storm(db, storm_id, "remind")
+    else:
+        db.execute("UPDATE storms SET reminders = reminders + 1, remind_at = NULL, escalated_at = ? WHERE id = ?",
+                   (at if escalate else None, storm_id))
+        if escalate:
+            queue_storm(db, storm_id, "change", escalate)
+            queue_storm(db, storm_id, "remind", escalate)
+
+
+def take_storm(db, storm_id, update_part):
+    """Take All: every incident of the storm still new, taken by who tapped, each on its timeline as a tap on it
+    would; the answer in one line."""
+    storm = db.execute("SELECT * FROM storms WHERE id = ?", (storm_id,)).fetchone()
+    if storm is None:
+        return say("storm_unknown", number=storm_id)
+    fresh = [row[0] for row in db.execute("SELECT id FROM incidents WHERE storm_id = ? AND status = 'new' ORDER BY id",
+                                          (storm_id,))]
+    if not fresh:
+        queue_storm(db, storm_id, "change")  # the message shows it
+        return say("storm_nothing_new", group=storm_name(storm))
+    note = say("storm_note", group=storm_name(storm), count=plural(len(fresh), "incident"))[:NOTE_MAX]
+    for incident_id in fresh:
+        change_incident(db, incident_id, {"status": "in_progress"}, note, telegram_sender(update_part),
+                        telegram_name(update_part))
+    return say("storm_taken", count=plural(len(fresh), "incident"), group=storm_name(storm),
+               name=telegram_name(update_part))
 
 
 # ---------------------------------------------------------------------------
@@ -3465,6 +3777,7 @@ def metrics():
                           "Seconds from when an incident was last opened until it was resolved or closed, by source.",
                           [row for row in durations if row["metric"] == "resolve"]),
         *heartbeat_families(db),
+        *telegram_families(db),
     ]
     return Response("\n".join(lines) + "\n", content_type=METRICS_CONTENT_TYPE)
 
@@ -3488,6 +3801,17 @@ def heartbeat_families(db):
             *metric_family("incidents_heartbeat_checkins_total", "counter",
                            "Check-ins received, by kind: ping (a success) or fail (a failure reported).",
                            [({"kind": "ping"}, counts["pings"]), ({"kind": "fail"}, counts["failures"])])]
+
+
+def telegram_families(db):
+    """The senders' Bot API calls, by method and outcome, and the storms going on (an incident of them open)."""
+    calls = db.execute("SELECT method, outcome, count FROM telegram_calls ORDER BY method, outcome").fetchall()
+    storms = db.execute(f"SELECT count(*) FROM storms WHERE EXISTS ({STORM_OPEN_SQL.replace('?', 'storms.id')})")
+    return [*metric_family("incidents_telegram_calls_total", "counter",
+                           "Bot API calls of the senders, by method and outcome: sent, throttled (429) or failed.",
+                           [({"method": row["method"], "outcome": row["outcome"]}, row["count"]) for row in calls]),
+            *metric_family("incidents_storms_open", "gauge", "Storms with an incident still open.",
+                           [({}, storms.fetchone()[0])])]
 
 
 # The files SQLite and this service keep beside the database, by the suffix after its name.
@@ -3972,6 +4296,9 @@ def configuration():
         REOPEN_WINDOW=setting("INCIDENTS_REOPEN_WINDOW", whole_seconds(0, 10**9), REOPEN_WINDOW_S),
         REMIND_AFTER=setting("INCIDENTS_REMIND_AFTER", whole_seconds(0, 10**9), REMIND_AFTER_S),
         REMIND_MAX=setting("INCIDENTS_REMIND_MAX", whole_seconds(0, 10**9, "reminders"), REMIND_MAX),
+        STORM_THRESHOLD=setting("INCIDENTS_STORM_THRESHOLD", whole_seconds(0, 10**6, "incidents"), STORM_THRESHOLD),
+        STORM_WINDOW=setting("INCIDENTS_STORM_WINDOW", whole_seconds(0, 86400), STORM_WINDOW_S),
+        TELEGRAM_WINDOW=setting("TELEGRAM_LIMIT_WINDOW", whole_seconds(1, TELEGRAM_WINDOW_S), TELEGRAM_WINDOW_S),
         TELEGRAM_ALLOWED_CHAT_IDS=setting("TELEGRAM_ALLOWED_CHAT_IDS", chat_ids, ()),
         TELEGRAM_NOTIFY_CHAT_IDS=setting("TELEGRAM_NOTIFY_CHAT_IDS", chat_ids, ()),
         TELEGRAM_ESCALATE_CHAT_IDS=setting("TELEGRAM_ESCALATE_CHAT_IDS", chat_ids, ()),

@@ -55,7 +55,8 @@ def clean_environment(monkeypatch):
     for name in ("INCIDENTS_DB", "INCIDENTS_API_TOKEN", "INCIDENTS_BUSY_TIMEOUT", "INCIDENTS_REOPEN_WINDOW",
                  "INCIDENTS_REMIND_AFTER", "INCIDENTS_REMIND_MAX", "TELEGRAM_WEBHOOK_SECRET", "TELEGRAM_BOT_TOKEN",
                  "TELEGRAM_API_URL", "TELEGRAM_ALLOWED_CHAT_IDS", "TELEGRAM_NOTIFY_CHAT_IDS",
-                 "TELEGRAM_ESCALATE_CHAT_IDS"):
+                 "TELEGRAM_ESCALATE_CHAT_IDS", "INCIDENTS_STORM_THRESHOLD", "INCIDENTS_STORM_WINDOW",
+                 "TELEGRAM_LIMIT_WINDOW"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -2043,6 +2044,9 @@ class FakeBot:
             raise answer
         return answer
 
+    def take_counts(self):
+        return {}
+
 
 @pytest.mark.parametrize("update_id, offset", [(-5, 0), (2**63 - 1, 2**63), (2**63, 2**63 + 1)])
 def test_poller_moves_past_an_update_it_can_never_store_though_it_comes_alone(bot_app, caplog, update_id, offset):
@@ -2185,6 +2189,9 @@ def test_an_update_that_fails_halfway_leaves_nothing_behind(notify_app, db_path,
 # ---------------------------------------------------------------------------
 
 TOKEN = "123456:TEST-token"
+# Telegram's limits count in a minute; the tests shrink it to this, for the stand-in and the sender together (the
+# service's default is Telegram's 60 s: see incidents.Pace).
+WINDOW = 2
 
 
 class FakeBotApi(http.server.ThreadingHTTPServer):
@@ -2192,8 +2199,9 @@ class FakeBotApi(http.server.ThreadingHTTPServer):
     answerCallbackQuery recorded, with the errors Telegram gives for floods, unchanged and deleted
     messages and chats the bot was removed from."""
 
-    def __init__(self):
+    def __init__(self, window=WINDOW):
         super().__init__(("127.0.0.1", 0), FakeBotApiHandler)
+        self.window, self.by_chat, self.throttled = window, {}, []  # Telegram's limits, as Pace describes them
         self.updates, self.offsets, self.sent = [], [], []
         self.edits, self.answers, self.calls = [], [], []  # calls: (method, time) of every send and edit shown
         self.messages = {}  # message_id -> the message as the chat shows it now
@@ -2223,8 +2231,24 @@ class FakeBotApi(http.server.ThreadingHTTPServer):
             assert time.monotonic() < deadline, f"timed out; sent so far: {self.sent}, edits: {self.edits}"
             time.sleep(0.05)
 
+    def over_the_limits(self, chat_id):
+        """Whether a call to the chat now breaks Telegram's limits: one a second in a chat, 20 a minute in a group,
+        30 a second in all (each scaled to the window, with a little slack for the way here)."""
+        moment, scale = time.monotonic(), self.window / 60
+        calls = self.by_chat.setdefault(chat_id, [])
+        everywhere = [at for times in self.by_chat.values() for at in times if at > moment - scale * 0.85]
+        over = (calls and moment - calls[-1] < scale * 0.5) or len(everywhere) >= 30 or (
+            chat_id < 0 and len([at for at in calls if at > moment - self.window * 0.85]) >= 20)
+        if not over:
+            calls.append(moment)
+        return over
+
     def show(self, method, payload):
         """sendMessage or editMessageText: (status, answer) as Telegram would give them."""
+        if self.over_the_limits(payload["chat_id"]):
+            self.throttled.append((method, payload["chat_id"], time.monotonic()))
+            return 429, {"ok": False, "error_code": 429, "description": "Too Many Requests: retry after 1",
+                         "parameters": {"retry_after": 1}}
         if payload["chat_id"] in self.gone:
             self.calls.append(("403", time.monotonic()))
             return 403, {"ok": False, "error_code": 403,
@@ -2341,7 +2365,7 @@ def poller(db_path, bot_api, token=TOKEN, **env):
     process = subprocess.Popen(
         [sys.executable, "-m", "flask", "--app", "incidents", "telegram-poll"], cwd=HERE,
         env={**os.environ, "INCIDENTS_DB": str(db_path), "TELEGRAM_BOT_TOKEN": token, "TELEGRAM_API_URL": bot_api.url,
-             "TELEGRAM_ALLOWED_CHAT_IDS": ",".join(map(str, ALLOWED)), **env},
+             "TELEGRAM_ALLOWED_CHAT_IDS": ",".join(map(str, ALLOWED)), "TELEGRAM_LIMIT_WINDOW": str(WINDOW), **env},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -2443,10 +2467,12 @@ def test_poll_backoff_doubles_to_a_limit_and_honours_retry_after(db_path, bot_ap
 DUTY, NIGHT, SUPERGROUP = -100777, -100888, -1001234567890
 
 
-def notify_config(db_path, bot_api, chats=(DUTY,), interval=1):
+def notify_config(db_path, bot_api, chats=(DUTY,), interval=1, storms=0):
+    """Notifications to the fake Bot API, with Telegram's limits in its window; no storms unless a threshold is
+    given."""
     return {"DATABASE": str(db_path), "TESTING": True, "TELEGRAM_NOTIFY_CHAT_IDS": chats, "TELEGRAM_BOT_TOKEN": TOKEN,
             "TELEGRAM_API_URL": bot_api.url, "TELEGRAM_WEBHOOK_SECRET": SECRET, "NOTIFY_REPEAT_INTERVAL": interval,
-            "TELEGRAM_ALLOWED_CHAT_IDS": ALLOWED}
+            "TELEGRAM_ALLOWED_CHAT_IDS": ALLOWED, "TELEGRAM_WINDOW": WINDOW, "STORM_THRESHOLD": storms}
 
 
 @pytest.fixture
@@ -2969,7 +2995,8 @@ def bot_command(db_path, bot_api, command, chats=str(DUTY), **env):
     return subprocess.Popen(
         [sys.executable, "-m", "flask", "--app", "incidents", command], cwd=HERE,
         env={**os.environ, "INCIDENTS_DB": str(db_path), "TELEGRAM_BOT_TOKEN": TOKEN, "TELEGRAM_API_URL": bot_api.url,
-             "TELEGRAM_NOTIFY_CHAT_IDS": chats, "TELEGRAM_ALLOWED_CHAT_IDS": ",".join(map(str, ALLOWED)), **env},
+             "TELEGRAM_NOTIFY_CHAT_IDS": chats, "TELEGRAM_ALLOWED_CHAT_IDS": ",".join(map(str, ALLOWED)),
+             "TELEGRAM_LIMIT_WINDOW": str(WINDOW), "INCIDENTS_STORM_THRESHOLD": "0", **env},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -3108,7 +3135,7 @@ def test_bot_token_appears_in_no_line_the_poller_or_the_sender_prints(db_path, m
     with app.app_context(), caplog.at_level("DEBUG"):
         bot = incidents.telegram_bot()
         for attempt in (lambda: incidents.poll_once(database, bot, 0, 0),
-                        lambda: incidents.notify_once(database, database.acquire(), bot, 1, 0),
+                        lambda: incidents.notify_once(database, database.acquire(), bot, 0),
                         lambda: incidents.learn_username(database, bot)):
             try:
                 attempt()
@@ -4148,7 +4175,8 @@ def test_metrics_parse_and_every_family_has_help_and_type(client):
         "incidents_oldest_new_age_seconds": "gauge", "incidents_notifications_pending": "gauge",
         "incidents_notifications_oldest_age_seconds": "gauge", "incidents_time_to_acknowledge_seconds": "histogram",
         "incidents_time_to_resolve_seconds": "histogram", "incidents_heartbeats": "gauge",
-        "incidents_heartbeat_checkins_total": "counter"}
+        "incidents_heartbeat_checkins_total": "counter", "incidents_telegram_calls_total": "counter",
+        "incidents_storms_open": "gauge"}
 
 
 def test_metrics_label_values_are_escaped_as_the_format_says(client):
