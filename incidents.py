@@ -3653,8 +3653,10 @@ def show_storm_reminder(bot, db, row):
                waited=waited(age_seconds(storm["started_at"])), number=storm["reminders"], most=remind_max)
     message = {"chat_id": row["chat_id"], "text": text, "parse_mode": "HTML", **NO_PREVIEWS, "reply_markup": {
         "inline_keyboard": [[{"text": say("storm_take_all"), "callback_data": f"takeall:{row['storm_id']}"}]]}}
-    if row["message_id"] is not None:
-        message["reply_parameters"] = {"message_id": row["message_id"], "allow_sending_without_reply": True}
+    shown = db.execute("SELECT message_id FROM storm_messages WHERE storm_id = ? AND chat_id = ?",
+                       (row["storm_id"], row["chat_id"])).fetchone()  # perhaps sent in this very pass
+    if shown:
+        message["reply_parameters"] = {"message_id": shown[0], "allow_sending_without_reply": True}
     return bot.send(message)
 
 
