@@ -3825,6 +3825,52 @@ def test_heartbeat_is_late_from_the_moment_its_period_ends_and_down_from_the_mom
         assert client.get("/heartbeats/point-7").json["status"] == status, moment
 
 
+# What each heartbeat is around its deadlines, moment by moment (seconds after their creation).
+HEARTBEATS_OVER_TIME = {
+    "grace": ("up", "up", "late", "late", "down", "down"),  # period 60, grace 30
+    "no-grace": ("up", "up", "down", "down", "down", "down"),  # period 60, grace 0: never late
+    "paused": ("paused",) * 6,
+    "failed": ("down",) * 6,  # a failure marked it down at once
+    "failed-paused": ("paused",) * 6,
+    "resolved-by-a-person": ("down",) * 6,  # its incident resolved, no check-in since
+}
+
+
+def test_each_status_filter_lists_only_heartbeats_whose_own_status_it_is_around_every_deadline(
+        app, client, monkeypatch):
+    app.extensions["incidents"].stop_clock()  # the moments are the test's: no clock marks a heartbeat down meanwhile
+    start, moment = "2026-12-01T08:00:00.000Z", ["2026-12-01T08:00:00.000Z"]
+    monkeypatch.setattr(incidents, "now", lambda: moment[0])
+    for name in HEARTBEATS_OVER_TIME:
+        put_heartbeat(client, name, period=60, grace=0 if name == "no-grace" else 30, paused=name == "paused")
+    for name in ("failed", "failed-paused", "resolved-by-a-person"):
+        client.post(f"/heartbeats/{name}/fail")
+    put_heartbeat(client, "failed-paused", status=200, period=60, paused=True)
+    patch(client, client.get("/heartbeats/resolved-by-a-person").json["incident_id"], status="resolved", actor="olga")
+    for step, seconds in enumerate((0, 59.999, 60, 89.999, 90, 150)):
+        moment[0] = incidents.shifted(start, seconds)
+        listed = {status: answered_list(client, f"/heartbeats?status={status}&limit=2")
+                  for status in incidents.HEARTBEAT_STATUSES}
+        for status, items in listed.items():
+            for item in items:
+                assert item["status"] == status and client.get(f"/heartbeats/{item['name']}").json == item, seconds
+        assert {item["name"]: status for status, items in listed.items() for item in items} == {
+            name: statuses[step] for name, statuses in HEARTBEATS_OVER_TIME.items()}, seconds
+
+
+def test_no_check_in_writes_on_an_incident_a_person_resolved(client, db_path):
+    put_heartbeat(client, "backup-job")
+    client.post("/heartbeats/backup-job/fail")
+    (incident_id, *_), = heartbeat_incidents(db_path, "backup-job")
+    patch(client, incident_id, status="resolved", actor="olga")
+    resolved = (client.get(f"/incidents/{incident_id}").json, client.get(f"/incidents/{incident_id}/events").json)
+    for signal in ("ping", "0", "ping", "fail", "ping"):
+        client.post(f"/heartbeats/backup-job/{signal}")
+        assert client.get("/heartbeats/backup-job").json["incident_id"] != incident_id, signal
+    assert (client.get(f"/incidents/{incident_id}").json, client.get(f"/incidents/{incident_id}/events").json) == resolved
+    assert [row[1] for row in heartbeat_incidents(db_path, "backup-job")] == ["resolved", "resolved"]  # the failure's own
+
+
 def test_the_clocks_write_looks_at_the_deadline_again_and_opens_nothing_for_a_heartbeat_that_checked_in(
         app, client, db_path):
     put_heartbeat(client, "point-7", period=60, grace=0)
