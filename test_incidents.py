@@ -1339,6 +1339,94 @@ def accepted(parse, text):
         return False
 
 
+def bound_cases(schema, where, sample):
+    """(where, value at a bound, value just past it) for every bound the schema states, its items' and
+    properties' too; `sample` is a valid value there (an example's), `where` the path to it."""
+    schema = OPENAPI["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]] if "$ref" in schema else schema
+    cases = [(where, value, value + step) for keyword, step in (("minimum", -1), ("maximum", 1))
+             if (value := schema.get(keyword)) is not None]
+    cases += [(where, "x" * length, "x" * (length + step)) for keyword, step in (("minLength", -1), ("maxLength", 1))
+              if (length := schema.get(keyword)) is not None and length + step >= 0]
+    cases += [(where, value, f"{schema['enum'][0]}-") for value in schema.get("enum", ())]
+    if "maxItems" in schema:
+        cases.append((where, sample[:1] * schema["maxItems"], sample[:1] * (schema["maxItems"] + 1)))
+    if "items" in schema:
+        cases += bound_cases(schema["items"], [*where, 0], (sample or [None])[0])
+    for name, part in schema.get("properties", {}).items():
+        cases += bound_cases(part, [*where, name], (sample or {}).get(name))
+    return cases
+
+
+def with_value(request, where, value):
+    """A copy of a request (path, query and body, each a dict) with one value set."""
+    request = json.loads(json.dumps(request))
+    *path, last = where
+    container = functools.reduce(lambda part, key: part[key], path, request)
+    if isinstance(container, list) and last == len(container):
+        container.append(value)
+    else:
+        container[last] = value
+    return request
+
+
+PATH_SAMPLES = {"incident_id": 1, "name": "scooter-4521", "signal": "ping"}  # an incident the test creates first
+# How a value is refused where it is not by a 422 naming the field: by operationId (a route that answers in its
+# caller's format), else by where the value is (a URL that names nothing is 404).
+REFUSALS = {"path": lambda response, field: response.status_code == 404}
+
+
+def refused(response, operation_id, where):
+    """Whether a response refuses the value at `where`, in the route's own way (422 naming the field, else REFUSALS)."""
+    field = where[1] + "".join(f"[{key}]" if type(key) is int else f".{key}" for key in where[2:])
+    if (refusal := REFUSALS.get(operation_id, REFUSALS.get(where[0]))) is not None:
+        return refusal(response, field)
+    return response.status_code == 422 and field.removesuffix("[0]") in error_fields(response)
+
+
+def documented_requests():
+    """Each operation that states a bound: (method, path template, operationId, a valid request, its bound cases)."""
+    for template, operations in OPENAPI["paths"].items():
+        for method, operation in operations.items():
+            request = {"path": {}, "query": {}, "body": None}
+            cases = []
+            for parameter in operation["parameters"]:
+                if parameter["in"] in ("path", "query"):
+                    sample = PATH_SAMPLES[parameter["name"]] if parameter["in"] == "path" else \
+                        [] if parameter["schema"]["type"] == "array" else None
+                    if sample is not None:
+                        request[parameter["in"]][parameter["name"]] = sample
+                    cases += bound_cases(parameter["schema"], [parameter["in"], parameter["name"]], sample)
+            body = operation.get("requestBody", {}).get("content", {}).get("application/json")
+            if body:
+                request["body"] = body["example"]
+                cases += bound_cases(body["schema"], ["body"], body["example"])
+            if cases:
+                yield method, template, operation["operationId"], request, cases
+
+
+def send_documented(client, method, template, request):
+    path = re.sub(r"\{(\w+)\}", lambda match: urllib.parse.quote(str(request["path"][match[1]])), template)
+    return client.open(path, method=method.upper(), query_string=MultiDict(
+        [(name, item) for name, value in request["query"].items() for item in
+         (value if isinstance(value, list) else [value])]), json=request["body"])
+
+
+def test_every_bound_in_the_document_is_the_codes_bound(client):
+    create(client)  # the incident the paths name
+    client.get("/openapi.json")
+    mismatches = []
+    for method, template, operation_id, request, cases in documented_requests():
+        for where, at_bound, past in cases:
+            accepted = send_documented(client, method, template, with_value(request, where, at_bound))
+            if accepted.status_code >= 300:
+                mismatches.append(f"{method} {template} {where}={str(at_bound)[:30]}: {accepted.status_code} "
+                                  f"{accepted.get_data(as_text=True)[:300]}")
+            past_it = send_documented(client, method, template, with_value(request, where, past))
+            if not refused(past_it, operation_id, where):
+                mismatches.append(f"{method} {template} {where}={str(past)[:30]} is not refused naming it")
+    assert not mismatches, "\n".join(mismatches)
+
+
 def test_a_response_off_the_document_fails_the_test_that_received_it(client):
     create(client)
     with pytest.raises(AssertionError, match="is not in the document"):
