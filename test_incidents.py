@@ -3,6 +3,7 @@ import base64
 import errno
 import functools
 import hashlib
+import html
 import http.client
 import http.server
 import io
@@ -2217,10 +2218,42 @@ def test_an_update_that_fails_halfway_leaves_nothing_behind(notify_app, db_path,
 TOKEN = "123456:TEST-token"
 
 
+# Telegram's HTML subset: its tags (with the attributes each may have), and its entities.
+TELEGRAM_TAG_ATTRIBUTES = {"b": "", "strong": "", "i": "", "em": "", "u": "", "ins": "", "s": "", "strike": "",
+                           "del": "", "tg-spoiler": "", "pre": "", "a": r' href="[^"<>]*"', "span": ' class="tg-spoiler"',
+                           "code": r'(?: class="language-[\w+-]+")?', "blockquote": "(?: expandable)?"}
+TELEGRAM_ENTITY = re.compile(r"&(?:lt|gt|amp|quot|#[0-9]+|#x[0-9a-fA-F]+);")
+
+
+def telegram_html_problems(text):
+    """Why Telegram would refuse a text sent with parse_mode HTML: a tag, an entity or a < > & it does not take,
+    or tags that are not balanced."""
+    problems, opened = [], []
+    for token in re.finditer(r"<[^<>]*>?|&[^&<>;\s]*;?|>", text):
+        tag = re.fullmatch(r"<(/?)([\w-]+)([^<>]*)>", token[0])
+        if token[0].startswith("&"):
+            problems += [] if TELEGRAM_ENTITY.fullmatch(token[0]) else [f"{token[0]!r} is no entity Telegram takes"]
+        elif not tag or tag[2] not in TELEGRAM_TAG_ATTRIBUTES or not re.fullmatch(
+                "" if tag[1] else TELEGRAM_TAG_ATTRIBUTES[tag[2]], tag[3]):
+            problems.append(f"{token[0]!r} at {token.start()} is no tag Telegram takes")
+        elif not tag[1]:
+            opened.append(tag[2])
+        elif not opened or opened.pop() != tag[2]:
+            problems.append(f"{token[0]!r} at {token.start()} closes no open <{tag[2]}>")
+    return problems + [f"<{name}> is never closed" for name in opened]
+
+
+def as_shown(payload):
+    """What a chat shows of a text sent to the Bot API: HTML as its text, anything else as it is."""
+    text = payload.get("text", "")
+    return html.unescape(re.sub(r"<[^<>]*>", "", text)) if payload.get("parse_mode") == "HTML" else text
+
+
 class FakeBotApi(http.server.ThreadingHTTPServer):
     """Enough of the Bot API for the bot: getUpdates from a list; sendMessage, editMessageText and
     answerCallbackQuery recorded, with the errors Telegram gives for floods, unchanged and deleted
-    messages and chats the bot was removed from."""
+    messages and chats the bot was removed from. A text in HTML that Telegram would refuse is refused,
+    as Telegram does, and recorded in `malformed`, which fails the test that sent it."""
 
     def __init__(self):
         super().__init__(("127.0.0.1", 0), FakeBotApiHandler)
@@ -2240,6 +2273,7 @@ class FakeBotApi(http.server.ThreadingHTTPServer):
         self.uneditable = {}  # message id -> why Telegram refuses to edit it
         self.undeletable = set()  # message ids too old to delete
         self.arrived = threading.Event()  # set when a send or edit comes in
+        self.malformed = []  # (method, text, problems) of each HTML text Telegram would refuse
         self.lock = threading.Lock()
         threading.Thread(target=self.serve_forever, args=(0.02,), daemon=True).start()  # quick to shut down
 
@@ -2262,8 +2296,11 @@ class FakeBotApi(http.server.ThreadingHTTPServer):
         if payload["chat_id"] in self.moved:
             return 400, {"ok": False, "error_code": 400, "description": "Bad Request: group chat was upgraded to a "
                          "supergroup chat", "parameters": {"migrate_to_chat_id": self.moved[payload["chat_id"]]}}
-        if self.rejects:
-            self.rejects -= 1
+        problems = telegram_html_problems(payload["text"]) if payload.get("parse_mode") == "HTML" else []
+        if problems:
+            self.malformed.append((method, payload["text"], problems))
+        if self.rejects or problems:
+            self.rejects -= not problems
             return 400, {"ok": False, "error_code": 400, "description": "Bad Request: can't parse entities"}
         if method == "editMessageText" and payload["message_id"] in self.uneditable:
             return 400, {"ok": False, "error_code": 400, "description": self.uneditable[payload["message_id"]]}
@@ -2352,6 +2389,7 @@ def bot_api():
     yield fake
     fake.shutdown()
     fake.server_close()
+    assert not fake.malformed, f"texts Telegram would refuse: {fake.malformed}"
 
 
 def ended(process, timeout=20):
@@ -3297,6 +3335,60 @@ def test_poller_shows_a_new_incident_within_two_seconds_while_its_long_poll_wait
     finally:
         stop_command(poller_process)
     assert delay < 2.0, f"commit to sendMessage took {delay:.2f} s"
+
+
+# Every free text a person or a client can set, and how: one line each. Set to MARKUP and a tag of its own, it
+# must show as typed wherever it shows in Telegram (a note shows nowhere there: it stays on the timeline).
+MARKUP = "<b>&amp;</b> & <i>"
+FREE_TEXTS = {
+    "description": lambda client, say, text: patch(client, 1, description=text),
+    "actor": lambda client, say, text: patch(client, 1, status="in_progress", actor=text),
+    "note": lambda client, say, text: patch(client, 1, note=text, actor="olga"),
+    "assignee": lambda client, say, text: patch(client, 2, assignee=text),
+    "heartbeat": lambda client, say, text: put_heartbeat(client, "point-7", description=text) and client.post(
+        "/heartbeats/point-7/fail"),  # incident 3
+    "Telegram name": lambda client, say, text: say({"callback_query": {
+        "id": "cb-7", "from": {"id": 7, "first_name": text}, "data": "resolve:3", "message": {
+            "message_id": 1003, "chat": {"id": DUTY, "type": "supergroup"}}}}),
+    "Telegram report": lambda client, say, text: say(telegram_update(0, text, message_id=70)),  # incident 4
+}
+NOT_IN_TELEGRAM = {"note"}
+
+
+def telegram_pass(app, updates=()):
+    """Updates taken as telegram-poll takes them (replies and answers sent), then one pass of the sender."""
+    with app.app_context():
+        database, bot = app.extensions["incidents"], incidents.telegram_bot()
+        incidents.take_updates(database, bot, [{**update, "update_id": 1} for update in updates], 0)
+        db = database.acquire()
+        try:
+            incidents.deliver_notifications(database, db, bot, 0)
+        finally:
+            database.release(db)
+
+
+def test_every_text_a_person_sets_reaches_telegram_well_formed_and_shown_as_typed(db_path, bot_api, migrated):
+    app = app_on_copy(db_path, migrated, **reminders_config(db_path, bot_api, REMIND_AFTER=600, REMIND_MAX=1))
+    client = app.test_client()
+    bot_api.undeletable.update(range(1000, 1100))  # a reminder taken back is edited, not deleted
+    create(client, "Point 7 is dark")
+    create(client, "Scooter 12 is offline")
+    for name, set_text in FREE_TEXTS.items():
+        set_text(client, lambda update: telegram_pass(app, [update]), f"{MARKUP} [{name}]")
+        telegram_pass(app)
+    for message_id, command in enumerate(("/incidents", "/heartbeats", "/take 4", "/resolve 4", "/help", "/take x"), 71):
+        telegram_pass(app, [telegram_update(0, command, message_id=message_id)])
+    for _ in range(2):  # a reminder, then the escalation
+        query(db_path, "UPDATE incidents SET remind_at = '2026-01-01T00:00:00.000Z' WHERE remind_at IS NOT NULL")
+        telegram_pass(app)
+    telegram_pass(app, [{"callback_query": {"id": "cb-2", "from": IVAN, "data": "take:2", "message": {
+        "message_id": 1002, "chat": {"id": DUTY, "type": "supergroup"}}}}])
+    shown = [as_shown(payload) for payload in bot_api.sent + bot_api.edits + bot_api.answers]
+    assert not bot_api.malformed and any(payload.get("parse_mode") == "HTML" for payload in bot_api.edits)
+    for name in FREE_TEXTS:
+        assert all(text.count(f"[{name}]") == text.count(f"{MARKUP} [{name}]") for text in shown), name
+        assert any(f"[{name}]" in text for text in shown) != (name in NOT_IN_TELEGRAM), name
+    assert any(text.startswith("⏰") for text in shown) and any("is in progress now" in text for text in shown)
 
 
 # ---------------------------------------------------------------------------
