@@ -141,6 +141,8 @@ def check_against_the_document(request, response):
     if media != "text/plain":
         errors = schema_errors(response.json, content["schema"], OPENAPI)
         assert not errors, f"{request.method} {request.path} {response.status_code}: {errors}"
+        if isinstance(response.json, dict) and response.json.get("parse_mode") == "HTML":  # a webhook's reply
+            assert not telegram_html_problems(response.json["text"]), response.json["text"]
 
 
 class DocumentedClient(flask.testing.FlaskClient):
