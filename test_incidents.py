@@ -1621,9 +1621,17 @@ def open_files(folder):
     return [name for name in names if name.startswith(str(folder))]
 
 
-def test_app_start_leaves_nothing_open_for_a_server_that_forks_after_it(tmp_path):
+def test_app_start_leaves_nothing_open_for_a_server_that_forks_after_it(tmp_path, monkeypatch):
+    # The clock a start leaves running reads on each tick and keeps that connection for reuse until a fork: no tick
+    # may come between the start and the look (three starts on a loaded machine took longer than a test's tick).
+    monkeypatch.setattr(incidents, "CLOCK_TICK_S", 3600)
     apps = [incidents.create_app({"DATABASE": str(tmp_path / f"{n}.db")}) for n in range(3)]  # each migrates a file
     assert open_files(tmp_path) == [] and all(app.extensions["incidents"].writer is None for app in apps)
+    with apps[0].app_context():
+        incidents.open_silent_heartbeats()  # a tick's work, before the server forks
+    assert open_files(tmp_path) and apps[0].extensions["incidents"].clock is not None
+    apps[0].extensions["incidents"].before_fork()
+    assert open_files(tmp_path) == [] and apps[0].extensions["incidents"].clock is None
 
 
 def test_existing_database_keeps_its_mode(db_path):
