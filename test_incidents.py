@@ -2718,10 +2718,10 @@ def test_folded_repeats_are_one_edit_per_interval_with_the_final_count(db_path, 
         started = time.monotonic()
         for _ in range(100):
             report(client, key="ping:7")
-        assert time.monotonic() - started < 0.5
         bot_api.wait_for(lambda: "Repeated 101 times" in bot_api.messages[1001]["text"])
         time.sleep(0.8)  # room for any further edit the interval would allow
-    assert len(bot_api.sent) == 1 and len(bot_api.edits) <= 2
+        edits, intervals = len(bot_api.edits), (time.monotonic() - started) / 0.5  # however long the load made it
+    assert len(bot_api.sent) == 1 and edits <= intervals + 1
     assert outbox(db_path) == []
 
 
@@ -2999,7 +2999,8 @@ def test_reminders_do_not_pile_up_while_telegram_is_unreachable(db_path, bot_api
     with sending(app):
         create(client)
         bot_api.wait_for(lambda: len(bot_api.sent) == 1)
-        bot_api.status = 502  # every call fails for three intervals
+        bot_api.status = 502  # every call fails for three intervals (or more, on a loaded machine)
+        wait_until(lambda: len(events(client, 1)["items"]) == 2)
         time.sleep(0.7)
         assert [e["type"] for e in events(client, 1)["items"]] == ["created", "reminded"]
         bot_api.status = None
@@ -3794,12 +3795,19 @@ def heartbeat_incidents(db_path, name):
 
 
 def wait_until(condition, seconds=5):
-    """What condition() returns once it is true, or a failure after `seconds`."""
+    """What condition() returns once it is true, or a failure after `seconds`: a bound on failing only, which
+    costs nothing when the condition comes (5 s is fifty of a test's clock ticks, a hundred sender passes)."""
     deadline = time.monotonic() + seconds
     while not (result := condition()):
         assert time.monotonic() < deadline, "not within the time allowed"
         time.sleep(0.02)
     return result
+
+
+def clock_tick(app):
+    """The clock's work, done now in the test's thread: a tick for sure, where a sleep would leave it to the load."""
+    with app.app_context():
+        incidents.open_silent_heartbeats()
 
 
 def test_heartbeat_is_created_then_replaced_keeping_its_last_check_in(client, db_path):
@@ -3992,16 +4000,14 @@ def test_silence_opens_one_incident_by_itself_with_a_note_on_what_was_expected(a
     put_heartbeat(client, "point-7", description="Point 7 does not respond", period=120, grace=30, source="partner")
     client.post("/heartbeats/point-7/ping")
     age_heartbeat(db_path, "point-7", 200)
-    (incident_id, status, source, description), = wait_until(lambda: heartbeat_incidents(db_path, "point-7"), 2)
+    (incident_id, status, source, description), = wait_until(lambda: heartbeat_incidents(db_path, "point-7"))
     assert (status, source, description) == ("new", "partner", "Point 7 does not respond")
     created = client.get(f"/incidents/{incident_id}/events").json["items"][0]
     assert re.fullmatch(r"No check-in since \d{4}-\d\d-\d\d \d\d:\d\d UTC; expected every 2 min with 30 s of grace",
                         created["note"]) and created["actor"] == "heartbeat"
     heartbeat = client.get("/heartbeats/point-7").json
     assert (heartbeat["status"], heartbeat["incident_id"]) == ("down", incident_id)
-    with app.app_context():
-        incidents.open_silent_heartbeats()  # another process's clock, a moment later
-    time.sleep(0.25)
+    clock_tick(app)  # another process's clock, a moment later
     assert len(heartbeat_incidents(db_path, "point-7")) == 1
 
 
@@ -4075,10 +4081,10 @@ def test_the_clocks_write_looks_at_the_deadline_again_and_opens_nothing_for_a_he
 def test_heartbeat_that_never_checked_in_goes_down_after_period_and_grace(client, db_path):
     put_heartbeat(client, "scooter-9", period=60, grace=30)
     age_heartbeat(db_path, "scooter-9", 85)  # created 85 s ago: the deadline is 5 s away
-    time.sleep(0.25)
+    clock_tick(client.application)
     assert client.get("/heartbeats/scooter-9").json["status"] == "late" and not heartbeat_incidents(db_path, "scooter-9")
     age_heartbeat(db_path, "scooter-9", 6)
-    (incident_id, *_), = wait_until(lambda: heartbeat_incidents(db_path, "scooter-9"), 1)
+    (incident_id, *_), = wait_until(lambda: heartbeat_incidents(db_path, "scooter-9"))
     note = client.get(f"/incidents/{incident_id}/events").json["items"][0]["note"]
     assert note.startswith("No check-in since it was created, ")
 
@@ -4087,27 +4093,27 @@ def test_incident_a_person_resolved_is_left_alone_until_a_check_in_and_the_next_
         client, db_path):
     put_heartbeat(client, "point-7", period=60, grace=0)
     age_heartbeat(db_path, "point-7", 90)
-    (first, *_), = wait_until(lambda: heartbeat_incidents(db_path, "point-7"), 2)
+    (first, *_), = wait_until(lambda: heartbeat_incidents(db_path, "point-7"))
     patch(client, first, status="resolved", actor="olga")
     heartbeat = client.get("/heartbeats/point-7").json
     assert (heartbeat["status"], heartbeat["incident_id"]) == ("down", None)
-    time.sleep(0.25)  # more than a tick: nobody is paged again
+    clock_tick(client.application)  # nobody is paged again
     assert len(heartbeat_incidents(db_path, "point-7")) == 1
     client.post("/heartbeats/point-7/ping")
     assert [row[1] for row in heartbeat_incidents(db_path, "point-7")] == ["resolved"]  # left as she left it
     age_heartbeat(db_path, "point-7", 90)
-    wait_until(lambda: len(heartbeat_incidents(db_path, "point-7")) == 2, 2)
+    wait_until(lambda: len(heartbeat_incidents(db_path, "point-7")) == 2)
 
 
 def test_down_heartbeat_opens_no_second_incident_and_a_report_with_its_key_folds_into_it(client, db_path):
     put_heartbeat(client, "point-7", period=60, grace=0)
     age_heartbeat(db_path, "point-7", 90)
-    (incident_id, *_), = wait_until(lambda: heartbeat_incidents(db_path, "point-7"), 2)
+    (incident_id, *_), = wait_until(lambda: heartbeat_incidents(db_path, "point-7"))
     client.post("/heartbeats/point-7/fail", data="still broken")
     folded = client.post("/incidents", json={"description": "Point 7 is dark", "source": "operator",
                                              "dedup_key": "heartbeat:point-7"})
     assert folded.status_code == 200 and folded.json["id"] == incident_id and folded.json["occurrences"] == 3
-    time.sleep(0.25)
+    clock_tick(client.application)
     assert len(heartbeat_incidents(db_path, "point-7")) == 1
     assert "still broken" in [e.get("note") for e in client.get(f"/incidents/{incident_id}/events").json["items"]]
 
@@ -4139,7 +4145,7 @@ def test_silent_heartbeats_incident_goes_to_the_duty_chat(notify_app, db_path):
     client = notify_app.test_client()
     put_heartbeat(client, "point-7", period=60, grace=0)
     age_heartbeat(db_path, "point-7", 90)
-    (incident_id, *_), = wait_until(lambda: heartbeat_incidents(db_path, "point-7"), 2)
+    (incident_id, *_), = wait_until(lambda: heartbeat_incidents(db_path, "point-7"))
     assert (incident_id, DUTY, "change") in outbox(db_path)
     assert query(db_path, "SELECT remind_at IS NOT NULL FROM incidents") == [(1,)]
 
@@ -5122,15 +5128,19 @@ def test_writer_that_cannot_checkpoint_waits_instead_of_spinning(app, client, mo
     with pytest.raises(sqlite3.OperationalError, match="No locks available"):
         database.write(lambda db: None)  # the writer takes no turn now
     calls.clear()
-    time.sleep(0.5)
-    assert 3 <= len(calls) <= 12  # it goes on trying, once an idle interval (0.05 s), not thousands of times
+    started = time.monotonic()
+    wait_until(lambda: len(calls) >= 3)  # it goes on trying
+    time.sleep(0.3)
+    tries, intervals = len(calls), (time.monotonic() - started) / 0.05
+    assert tries <= intervals + 2  # once an idle interval (0.05 s), not thousands of times
     monkeypatch.setattr(incidents.fcntl, "flock", real)
     turns, real_take = [], incidents.Writer.take_turn
     monkeypatch.setattr(incidents.Turns, "wanted", lambda turns: True)  # another process always waits
     monkeypatch.setattr(incidents.Writer, "take_turn", lambda writer, waiting: turns.append(waiting) or real_take(
         writer, waiting))
     create(client)
-    time.sleep(0.5)
+    wait_until(lambda: False in turns)  # the idle turn
+    time.sleep(0.3)
     assert turns[0] is True and 1 <= turns.count(False) <= 2  # the idle turn checkpointed, then nothing to do
 
 
@@ -5702,7 +5712,7 @@ def test_sigkill_mid_load_loses_no_acknowledged_incident(db_path):
         threads = [threading.Thread(target=writer, args=(url, f"w{t}")) for t in range(4)]
         for thread in threads:
             thread.start()
-        time.sleep(0.8)
+        wait_until(lambda: len(acknowledged) > 50, 30)  # however slowly a loaded machine answers
         process.send_signal(signal.SIGKILL)
         process.wait(5)
         stop.set()
