@@ -5183,7 +5183,7 @@ def test_no_commit_checkpoints_and_a_write_is_answered_before_the_checkpoint_aft
         real(writer)
     monkeypatch.setattr(incidents.Writer, "checkpoint", slow_checkpoint)
     answered = timed(lambda: create(client))[1]
-    assert started.wait(5) and answered < 1  # the checkpoint began after the answer, and still runs
+    assert started.wait(5) and answered < 5  # the checkpoint began after the answer, and still runs (for 10 s)
     release.set()
     assert app.extensions["incidents"].writer.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
 
@@ -5367,7 +5367,7 @@ def test_backup_under_load_restores_whole_in_wal_mode_and_answers_as_the_origina
         reader.execute("SELECT count(*) FROM incidents").fetchone()  # a long reader, which a rollback journal obeys
         (status, _, _), seconds = timed(lambda: send(url, "/incidents", {"description": "After", "source": "operator"}))
         reader.close()
-    assert status == 201 and seconds < 1
+    assert status == 201 and seconds < 4  # a rollback journal would wait out the busy timeout (5 s), then refuse
     assert restored.stat().st_mode & 0o777 == 0o600
 
 
