@@ -2540,6 +2540,19 @@ def sending(app):
             yield
 
 
+def sender_passes(monkeypatch):
+    """A list that grows by one after each pass of the sender: a test waits for passes, not for time."""
+    passes, real = [], incidents.deliver_notifications
+    monkeypatch.setattr(incidents, "deliver_notifications", lambda *args: (real(*args), passes.append(1))[0])
+    return passes
+
+
+def after_passes(passes, count):
+    """Return once the sender has made `count` passes more than now."""
+    done = len(passes)
+    wait_until(lambda: len(passes) >= done + count)
+
+
 def tap(client, data, callback_id="cb-1", sender=IVAN, chat=DUTY):
     """A button tap as Telegram delivers it to the webhook; returns the webhook's answer."""
     update = {"update_id": 900, "callback_query": {
@@ -2725,14 +2738,14 @@ def test_folded_repeats_are_one_edit_per_interval_with_the_final_count(db_path, 
     assert outbox(db_path) == []
 
 
-def test_status_change_is_shown_at_once_while_repeats_wait(db_path, bot_api):
+def test_status_change_is_shown_at_once_while_repeats_wait(db_path, bot_api, monkeypatch):
     app = incidents.create_app(notify_config(db_path, bot_api, interval=60))
-    client = app.test_client()
+    client, passes = app.test_client(), sender_passes(monkeypatch)
     with sending(app):
         report(client, key="ping:7")
         bot_api.wait_for(lambda: len(bot_api.sent) == 1)
         report(client, key="ping:7")
-        time.sleep(0.3)  # six passes of the sender
+        after_passes(passes, 6)
         assert bot_api.edits == []  # a repeat alone waits for the interval
         client.patch("/incidents/1", json={"status": "in_progress"})
         bot_api.wait_for(lambda: len(bot_api.edits) == 1, seconds=3)
@@ -2919,9 +2932,9 @@ def test_incident_nobody_takes_is_called_for_again_then_escalated_and_kept_curre
     assert query(db_path, "SELECT * FROM notify_reminders") == []
 
 
-def test_reminders_stop_once_taken_and_those_sent_call_for_nothing(db_path, bot_api, migrated):
+def test_reminders_stop_once_taken_and_those_sent_call_for_nothing(db_path, bot_api, migrated, monkeypatch):
     app = app_on_copy(db_path, migrated, **reminders_config(db_path, bot_api, REMIND_AFTER=0.4, REMIND_MAX=3))
-    client = app.test_client()
+    client, passes = app.test_client(), sender_passes(monkeypatch)
     bot_api.undeletable.add(1002)  # older than Telegram lets a bot delete
     with sending(app):
         create(client)
@@ -2929,14 +2942,16 @@ def test_reminders_stop_once_taken_and_those_sent_call_for_nothing(db_path, bot_
         patch(client, 1, status="resolved", actor="olga")
         bot_api.wait_for(lambda: query(db_path, "SELECT count(*) FROM notify_reminders") == [(0,)])
         time.sleep(0.6)  # past the next reminder's time
+        after_passes(passes, 2)
     assert len(reminders_in(bot_api)) == 1 and not bot_api.chat(LEAD)
     assert bot_api.messages[1002]["text"] == "Incident #1 is resolved now." and not bot_api.messages[1002]["reply_markup"]
     assert [e["type"] for e in events(client, 1)["items"]] == ["created", "reminded", "status_changed"]
 
 
-def test_reminder_is_due_by_the_database_so_a_restart_neither_sends_it_early_nor_loses_it(db_path, bot_api, migrated):
+def test_reminder_is_due_by_the_database_so_a_restart_neither_sends_it_early_nor_loses_it(db_path, bot_api, migrated,
+                                                                                          monkeypatch):
     app = app_on_copy(db_path, migrated, **reminders_config(db_path, bot_api, REMIND_AFTER=0.5, REMIND_MAX=3))
-    client = app.test_client()
+    client, passes = app.test_client(), sender_passes(monkeypatch)
     created = time.monotonic()
     create(client)
     with sending(app):  # a sender that stops before the reminder is due
@@ -2945,7 +2960,7 @@ def test_reminder_is_due_by_the_database_so_a_restart_neither_sends_it_early_nor
     time.sleep(max(0.0, created + 1.3 - time.monotonic()))  # two reminders' time passes while no sender runs
     with sending(app):
         bot_api.wait_for(lambda: len(reminders_in(bot_api)) == 1)
-        time.sleep(0.2)  # no burst of the reminders missed
+        after_passes(passes, 3)  # no burst of the reminders missed
         assert len(reminders_in(bot_api)) == 1
     remind_at, reminders = query(db_path, "SELECT remind_at, reminders FROM incidents")[0]
     assert reminders == 1 and incidents.age_seconds(remind_at) < -0.2  # the next comes an interval after
