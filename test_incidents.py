@@ -3367,8 +3367,9 @@ def test_poller_shows_a_new_incident_within_two_seconds_while_its_long_poll_wait
 # must show as typed wherever it shows in Telegram (a note shows nowhere there: it stays on the timeline).
 MARKUP = "<b>&amp;</b> & <i>"
 FREE_TEXTS = {
-    "description": lambda client, say, text: patch(client, 1, description=text),
-    "actor": lambda client, say, text: patch(client, 1, status="in_progress", actor=text),
+    "description": lambda client, say, text: patch(client, 1, description="\n".join([text] * 11)),  # cut to 10 lines
+    "actor": lambda client, say, text: patch(client, 1, status="in_progress", actor=text) and patch(
+        client, 1, status="resolved", actor=text),  # taken by, then resolved by
     "note": lambda client, say, text: patch(client, 1, note=text, actor="olga"),
     "assignee": lambda client, say, text: patch(client, 2, assignee=text),
     "heartbeat": lambda client, say, text: put_heartbeat(client, "point-7", description=text) and client.post(
