@@ -3132,7 +3132,7 @@ def test_poller_and_sender_outlive_a_database_locked_past_the_busy_timeout_repea
         for n in range(3):
             create(client, f"Burst {n}")
         assert bot_api.arrived.wait(10)  # a message is on its way: its record will meet the lock
-        holder = hold_database(db_path, 1.5)
+        holder = hold_database(db_path, 2.5)  # past the busy timeout (1 s) of a write that starts up to 1.4 s late
         bot_api.updates.append(telegram_update(1, "Самокат 12 сломан"))  # to store while the lock is held
         holder.join()
         bot_api.wait_for(lambda: sorted(shown_incidents(bot_api)) == [1, 2, 3, 4] and outbox(db_path) == []
@@ -5060,19 +5060,24 @@ def test_health_says_503_only_where_a_write_would_get_no_turn_and_every_request_
         db_path, migrated, monkeypatch):
     monkeypatch.setattr(incidents, "HEALTH_PROBE_S", 0.2)
     client = app_on_copy(db_path, migrated, BUSY_TIMEOUT=1).test_client()
-    for held, status in ((0.4, 200), (1.6, 503)):  # shorter than the busy timeout: a write would go through
+    for held in (0.4, None):  # shorter than the busy timeout, a write would go through; held throughout, none would
         time.sleep(0.25)
         outside = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
         outside.execute("BEGIN IMMEDIATE")
-        threading.Timer(held, outside.rollback).start()
+        release = threading.Timer(held, outside.rollback) if held else None
+        if release:
+            release.start()
         answers = []
         threads = [threading.Thread(target=lambda: answers.append(client.get("/health").status_code)) for _ in range(4)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join(10)
-        assert answers == [status] * 4, held
-        time.sleep(held)
+        assert answers == [200 if held else 503] * 4, held
+        if release:
+            release.join()
+        else:
+            outside.rollback()
         outside.close()
 
 
