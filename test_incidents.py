@@ -2189,7 +2189,7 @@ TOKEN = "123456:TEST-token"
 
 class FakeBotApi(http.server.ThreadingHTTPServer):
     """Enough of the Bot API for the bot: getUpdates from a list; sendMessage, editMessageText and
-    answerCallbackQuery recorded, with the errors Telegram gives for floods, unchanged and deleted
+    answerCallbackQuery and setMyCommands recorded, with the errors Telegram gives for floods, unchanged and deleted
     messages and chats the bot was removed from."""
 
     def __init__(self):
@@ -2206,6 +2206,8 @@ class FakeBotApi(http.server.ThreadingHTTPServer):
         self.rejects = 0  # sends or edits to refuse as a bad request
         self.hold = 0  # seconds a getUpdates with nothing new waits (a long poll), at most its timeout
         self.username = "incidents_bot"
+        self.menus = []  # each setMyCommands payload
+        self.menu_refused = False  # answer setMyCommands 400
         self.moved = {}  # group chat id -> the supergroup it became
         self.uneditable = {}  # message id -> why Telegram refuses to edit it
         self.undeletable = set()  # message ids too old to delete
@@ -2296,6 +2298,11 @@ class FakeBotApiHandler(http.server.BaseHTTPRequestHandler):
                 return self.answer(*fake.show(method, payload))
         if method == "answerCallbackQuery":
             fake.answers.append(payload)
+            return self.answer(200, {"ok": True, "result": True})
+        if method == "setMyCommands":
+            fake.menus.append(payload)
+            if fake.menu_refused:
+                return self.answer(400, {"ok": False, "error_code": 400, "description": "Bad Request: BOT_COMMAND_INVALID"})
             return self.answer(200, {"ok": True, "result": True})
         if method == "getMe":
             return self.answer(200, {"ok": True, "result": {"id": 123456, "is_bot": True, "username": fake.username}})
