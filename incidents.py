@@ -2043,6 +2043,7 @@ TEXTS = {
         "alert_from_unknown": "Alert from {sender}, firing since an unknown time",
         "alert_ended": "The alert ended at {ended}",
         "alert_ended_unknown": "The alert ended at an unknown time",
+        "alert_unnamed": "Alert without a name",
         "storm_title": "🌩 <b>Storm: {group}</b> · {incidents} since {since}",
         "storm_open": "Open: {open} (new {new}, taken {taken}) · back: {back}",
         "storm_over": "✅ Over {at}: every incident of it resolved; it lasted {lasted}",
@@ -2075,7 +2076,7 @@ TEXTS = {
         "incident_header": "<b>Инцидент #{id}</b> · {status} · {source}",
         "reported": "Поступил {at}",
         "repeated": "Повторился {times}, последний раз {at}",
-        "taken_by": "Взял {actor}, {at}",
+        "taken_by": "Взят: {actor}, {at}",
         "now_status": "Теперь {status}: {actor}, {at}",
         "assigned": "Назначен: {assignee}",
         "reminder": "⏰ <b>Инцидент #{id}</b> ждёт уже {waited}, и {nobody} (напоминание {number} из {most})",
@@ -2119,9 +2120,9 @@ TEXTS = {
         "tap_unknown": "Неизвестное действие",
         "no_incident": "Инцидента #{id} нет",
         "already": "Инцидент #{id} уже {status}",
-        "done_take": "Инцидент #{id} взял {name}{still}",
-        "done_resolve": "Инцидент #{id} решил {name}{still}",
-        "done_reopen": "Инцидент #{id} снова открыл {name}{still}",
+        "done_take": "Инцидент #{id} взят: {name}{still}",
+        "done_resolve": "Инцидент #{id} решён: {name}{still}",
+        "done_reopen": "Инцидент #{id} снова открыт: {name}{still}",
         "still_assigned": " (назначен: {assignee})",
         "reopen_held": "Инцидент #{holder} открыт с тем же ключом {dedup_key!r}; решите или закройте его, прежде чем "
                        "открывать снова этот, или работайте с инцидентом #{holder}.",
@@ -2144,6 +2145,7 @@ TEXTS = {
         "alert_from_unknown": "Оповещение от {sender}, срабатывает с неизвестного времени",
         "alert_ended": "Оповещение закончилось {ended}",
         "alert_ended_unknown": "Оповещение закончилось в неизвестное время",
+        "alert_unnamed": "Оповещение без имени",
         "storm_title": "🌩 <b>Шторм: {group}</b> · {incidents} с {since}",
         "storm_open": "Открыто: {open} (новых {new}, взято {taken}) · вернулось: {back}",
         "storm_over": "✅ Закончился {at}: все его инциденты решены; длился {lasted}",
@@ -2745,7 +2747,7 @@ def alert_group(group_key):
 def alert_description(labels, annotations):
     """What the person on duty reads first: summary, description, then every label."""
     title = next((text.strip() for text in (annotations.get("summary", ""), labels.get("alertname", ""))
-                  if has_visible_text(text)), "Alert without a name")
+                  if has_visible_text(text)), say("alert_unnamed"))
     lines = [title, annotations.get("description", ""),
              " ".join(f"{name}={value}" for name, value in sorted(labels.items()))]
     return "\n".join(line.strip() for line in lines if line.strip())[:DESCRIPTION_MAX].strip()
