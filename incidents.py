@@ -2358,10 +2358,10 @@ def chat_allowed(db, chat_id):
         (chat_id, json.dumps(sorted(allowed)))).fetchone() is not None
 
 
-def warn_if_no_chat_allowed(say):
+def warn_if_no_chat_allowed(tell):
     """Say once, at startup, that the bot acts nowhere: no chat is allowed."""
     if not allowed_chats():
-        say("Telegram: no chat may use the bot, so it acts nowhere; set TELEGRAM_ALLOWED_CHAT_IDS (or "
+        tell("Telegram: no chat may use the bot, so it acts nowhere; set TELEGRAM_ALLOWED_CHAT_IDS (or "
             "TELEGRAM_NOTIFY_CHAT_IDS) to the chats whose messages it should act on.")
 
 

@@ -2304,7 +2304,8 @@ class FakeBotApiHandler(http.server.BaseHTTPRequestHandler):
         if method == "setMyCommands":
             fake.menus.append(payload)
             if fake.menu_refused:
-                return self.answer(400, {"ok": False, "error_code": 400, "description": "Bad Request: BOT_COMMAND_INVALID"})
+                return self.answer(400, {"ok": False, "error_code": 400,
+                                         "description": "Bad Request: BOT_COMMAND_INVALID"})
             return self.answer(200, {"ok": True, "result": True})
         if method == "getMe":
             return self.answer(200, {"ok": True, "result": {"id": 123456, "is_bot": True, "username": fake.username}})
@@ -4237,9 +4238,9 @@ def test_bot_registers_its_command_menu_in_the_language_when_it_starts(db_path, 
         bot_api.wait_for(lambda: bot_api.menus)
     finally:
         stop_command(process)
-    assert bot_api.menus == [{"commands": [
-        {"command": name, "description": description}
-        for name, description in zip(["incident", "incidents", "heartbeats", "take", "resolve", "help"], MENU[language])]}]
+    names = ["incident", "incidents", "heartbeats", "take", "resolve", "help"]
+    assert bot_api.menus == [{"commands": [{"command": name, "description": description}
+                                           for name, description in zip(names, MENU[language])]}]
 
 
 def test_a_refused_command_menu_is_logged_and_the_bot_goes_on(db_path, bot_api):
@@ -4260,54 +4261,53 @@ def speaking_app(db_path, bot_api, migrated, monkeypatch, language):
     return app_on_copy(db_path, migrated, **notify_config(db_path, bot_api), **SPOKEN[language])
 
 
-# Each message and its reply, in order (see test_replies_and_tap_answers_in_each_language).
-REPLIES = {"en": [
-    "Send me a problem and I register it as an incident.\nIn a private chat, any text is a report. In a group: "
-    "/incident <text>.\n/incidents - the newest unresolved incidents\n/heartbeats - the heartbeats that are late or "
-    "down\n/take <id> - take an incident (in_progress)\n/resolve <id> - resolve an incident\n\nThis chat's id is 111; "
-    "the bot acts here.",
-    "Send me a problem and I register it as an incident.\nIn a private chat, any text is a report. In a group: "
-    "/incident <text>.\n/incidents - the newest unresolved incidents\n/heartbeats - the heartbeats that are late or "
-    "down\n/take <id> - take an incident (in_progress)\n/resolve <id> - resolve an incident\n\nThis chat's id is 999; "
-    "the bot does not act here. To allow it, add 999 to TELEGRAM_ALLOWED_CHAT_IDS.",
-    "This chat (999) may not use this bot. To allow it, add 999 to TELEGRAM_ALLOWED_CHAT_IDS.",
-    "I only understand text. /help",
-    "Describe the problem: /incident <text>",
-    "Send the incident number, e.g. /take 17",
-    "Incident #1 registered",
-    "Nothing was registered: the text must not contain NUL characters.",
-    "Nothing was registered: the text must contain a visible character, not only spaces or control characters.",
-    "Nothing was registered: the text must be valid Unicode (no lone surrogates).",
-    "Every heartbeat checks in on time.",
-    "Incident #2 registered",
-    "#3 [new] point-7 stopped checking in\n#2 [in_progress] Точка 7 не отвечает\n#1 [new] Самокат 12 сломан",
-    "point-7 [down] last check-in 2026-12-07 11:13 UTC, incident #3",
-    "Incident #1 resolved by @ivan_ops",
-    "No unresolved incidents.",
-], "ru": [
-    "Пришлите мне проблему, и я зарегистрирую её как инцидент.\nВ личном чате любой текст — это сообщение о проблеме. "
-    "В группе: /incident <текст>.\n/incidents — новейшие нерешённые инциденты\n/heartbeats — пульсы, которые "
-    "опаздывают или молчат\n/take <номер> — взять инцидент в работу\n/resolve <номер> — отметить инцидент решённым\n\n"
-    "Номер этого чата: 111; бот здесь работает.",
-    "Пришлите мне проблему, и я зарегистрирую её как инцидент.\nВ личном чате любой текст — это сообщение о проблеме. "
-    "В группе: /incident <текст>.\n/incidents — новейшие нерешённые инциденты\n/heartbeats — пульсы, которые "
-    "опаздывают или молчат\n/take <номер> — взять инцидент в работу\n/resolve <номер> — отметить инцидент решённым\n\n"
-    "Номер этого чата: 999; бот здесь не работает. Чтобы разрешить, добавьте 999 в TELEGRAM_ALLOWED_CHAT_IDS.",
-    "Этому чату (999) нельзя пользоваться ботом. Чтобы разрешить, добавьте 999 в TELEGRAM_ALLOWED_CHAT_IDS.",
-    "Я понимаю только текст. /help",
-    "Опишите проблему: /incident <текст>",
-    "Пришлите номер инцидента, например: /take 17",
-    "Инцидент #1 зарегистрирован",
-    "Ничего не зарегистрировано: текст не должен содержать нулевых символов.",
-    "Ничего не зарегистрировано: текст должен содержать видимый символ, а не только пробелы и управляющие символы.",
-    "Ничего не зарегистрировано: текст должен быть правильным Юникодом (без одиночных суррогатов).",
-    "Все пульсы отмечаются вовремя.",
-    "Инцидент #2 зарегистрирован",
-    "#3 [новый] point-7 stopped checking in\n#2 [в работе] Точка 7 не отвечает\n#1 [новый] Самокат 12 сломан",
-    "point-7 [молчит] последняя отметка: 07.12.2026 14:13 MSK, инцидент #3",
-    "Инцидент #1 решён: @ivan_ops",
-    "Нерешённых инцидентов нет.",
-]}
+REPLIES = [  # each reply in English and in Russian, in order
+    ("Send me a problem and I register it as an incident.\nIn a private chat, any text is a report. In a group: "
+     "/incident <text>.\n/incidents - the newest unresolved incidents\n/heartbeats - the heartbeats that are late "
+     "or down\n/take <id> - take an incident (in_progress)\n/resolve <id> - resolve an incident\n\nThis chat's id "
+     "is 111; the bot acts here.",
+     "Пришлите мне проблему, и я зарегистрирую её как инцидент.\nВ личном чате любой текст — это сообщение о "
+     "проблеме. В группе: /incident <текст>.\n/incidents — новейшие нерешённые инциденты\n/heartbeats — пульсы, "
+     "которые опаздывают или молчат\n/take <номер> — взять инцидент в работу\n/resolve <номер> — отметить инцидент "
+     "решённым\n\nНомер этого чата: 111; бот здесь работает."),
+    ("Send me a problem and I register it as an incident.\nIn a private chat, any text is a report. In a group: "
+     "/incident <text>.\n/incidents - the newest unresolved incidents\n/heartbeats - the heartbeats that are late "
+     "or down\n/take <id> - take an incident (in_progress)\n/resolve <id> - resolve an incident\n\nThis chat's id "
+     "is 999; the bot does not act here. To allow it, add 999 to TELEGRAM_ALLOWED_CHAT_IDS.",
+     "Пришлите мне проблему, и я зарегистрирую её как инцидент.\nВ личном чате любой текст — это сообщение о "
+     "проблеме. В группе: /incident <текст>.\n/incidents — новейшие нерешённые инциденты\n/heartbeats — пульсы, "
+     "которые опаздывают или молчат\n/take <номер> — взять инцидент в работу\n/resolve <номер> — отметить инцидент "
+     "решённым\n\nНомер этого чата: 999; бот здесь не работает. Чтобы разрешить, добавьте 999 в "
+     "TELEGRAM_ALLOWED_CHAT_IDS."),
+    ("This chat (999) may not use this bot. To allow it, add 999 to TELEGRAM_ALLOWED_CHAT_IDS.",
+     "Этому чату (999) нельзя пользоваться ботом. Чтобы разрешить, добавьте 999 в TELEGRAM_ALLOWED_CHAT_IDS."),
+    ("I only understand text. /help",
+     "Я понимаю только текст. /help"),
+    ("Describe the problem: /incident <text>",
+     "Опишите проблему: /incident <текст>"),
+    ("Send the incident number, e.g. /take 17",
+     "Пришлите номер инцидента, например: /take 17"),
+    ("Incident #1 registered",
+     "Инцидент #1 зарегистрирован"),
+    ("Nothing was registered: the text must not contain NUL characters.",
+     "Ничего не зарегистрировано: текст не должен содержать нулевых символов."),
+    ("Nothing was registered: the text must contain a visible character, not only spaces or control characters.",
+     "Ничего не зарегистрировано: текст должен содержать видимый символ, а не только пробелы и управляющие символы."),
+    ("Nothing was registered: the text must be valid Unicode (no lone surrogates).",
+     "Ничего не зарегистрировано: текст должен быть правильным Юникодом (без одиночных суррогатов)."),
+    ("Every heartbeat checks in on time.",
+     "Все пульсы отмечаются вовремя."),
+    ("Incident #2 registered",
+     "Инцидент #2 зарегистрирован"),
+    ("#3 [new] point-7 stopped checking in\n#2 [in_progress] Точка 7 не отвечает\n#1 [new] Самокат 12 сломан",
+     "#3 [новый] point-7 stopped checking in\n#2 [в работе] Точка 7 не отвечает\n#1 [новый] Самокат 12 сломан"),
+    ("point-7 [down] last check-in 2026-12-07 11:13 UTC, incident #3",
+     "point-7 [молчит] последняя отметка: 07.12.2026 14:13 MSK, инцидент #3"),
+    ("Incident #1 resolved by @ivan_ops",
+     "Инцидент #1 решён: @ivan_ops"),
+    ("No unresolved incidents.",
+     "Нерешённых инцидентов нет."),
+]
 
 
 @pytest.mark.parametrize("language", SPOKEN)
@@ -4332,20 +4332,31 @@ def test_replies_to_commands_and_reports_in_each_language(db_path, bot_api, migr
         patch(client, incident_id, status="resolved")
     replies.append(client.post("/telegram/webhook", json=telegram_update(15, "/incidents"),
                                headers={"X-Telegram-Bot-Api-Secret-Token": SECRET}).json)
-    assert [reply["text"] for reply in replies] == REPLIES[language]
+    assert [reply["text"] for reply in replies] == [pair[language == "ru"] for pair in REPLIES]
 
 
-TAP_ANSWERS = {"en": [
-    "Incident #1 taken by Ольга", "Incident #1 is already in progress", "Incident #2 taken by Ольга (assigned to Пётр)",
-    "Incident #1 resolved by Ольга", "Incident #1 reopened by Ольга", "There is no incident #99", "Unknown action",
-    "Not allowed in this chat", "Incident 4 is open with the same dedup_key 'ping:7'; resolve or close it before "
-    "reopening this one, or work on incident 4.",
-], "ru": [
-    "Инцидент #1 взят: Ольга", "Инцидент #1 уже в работе", "Инцидент #2 взят: Ольга (назначен: Пётр)",
-    "Инцидент #1 решён: Ольга", "Инцидент #1 снова открыт: Ольга", "Инцидента #99 нет", "Неизвестное действие",
-    "В этом чате нельзя", "Инцидент #4 открыт с тем же ключом 'ping:7'; решите или закройте его, прежде чем открывать "
-    "снова этот, или работайте с инцидентом #4.",
-]}
+TAP_ANSWERS = [  # each answer in English and in Russian, in order
+    ("Incident #1 taken by Ольга",
+     "Инцидент #1 взят: Ольга"),
+    ("Incident #1 is already in progress",
+     "Инцидент #1 уже в работе"),
+    ("Incident #2 taken by Ольга (assigned to Пётр)",
+     "Инцидент #2 взят: Ольга (назначен: Пётр)"),
+    ("Incident #1 resolved by Ольга",
+     "Инцидент #1 решён: Ольга"),
+    ("Incident #1 reopened by Ольга",
+     "Инцидент #1 снова открыт: Ольга"),
+    ("There is no incident #99",
+     "Инцидента #99 нет"),
+    ("Unknown action",
+     "Неизвестное действие"),
+    ("Not allowed in this chat",
+     "В этом чате нельзя"),
+    ("Incident 4 is open with the same dedup_key 'ping:7'; resolve or close it before reopening this one, or work "
+     "on incident 4.",
+     "Инцидент #4 открыт с тем же ключом 'ping:7'; решите или закройте его, прежде чем открывать снова этот, или "
+     "работайте с инцидентом #4."),
+]
 
 
 @pytest.mark.parametrize("language", SPOKEN)
@@ -4359,40 +4370,49 @@ def test_answers_to_taps_in_each_language(db_path, bot_api, migrated, monkeypatc
     answers = [tap(client, data, sender=OLGA) for data in ("take:1", "take:1", "take:2", "resolve:1", "reopen:1",
                                                           "take:99", "delete:1")]
     answers += [tap(client, "take:1", chat=-100555), tap(client, "reopen:3")]
-    assert [answer["text"] for answer in answers] == TAP_ANSWERS[language]
+    assert [answer["text"] for answer in answers] == [pair[language == "ru"] for pair in TAP_ANSWERS]
 
 
-MESSAGES = {"en": [
-    ("<b>Incident #1</b> · resolved · monitoring\nDisk is full on db1\nReported 2026-12-07 11:13 UTC\nRepeated 2 times, "
-     "last 2026-12-07 11:13 UTC\nTaken by @ivan_ops (Telegram user 111), 2026-12-07 11:13 UTC\nNow resolved: by Пётр, "
-     "2026-12-07 11:13 UTC", [("Reopen", "reopen:1")]),
-    ("<b>Incident #2</b> · new · operator\nСамокат 12 не отвечает\nReported 2026-12-07 11:13 UTC\nAssigned to Пётр",
-     [("Take", "take:2"), ("Resolve", "resolve:2")]),
-    ("<b>Incident #3</b> · closed · partner\nТочка 7\nReported 2026-12-07 11:13 UTC\nTaken by someone, "
-     "2026-12-07 11:13 UTC", [("Reopen", "reopen:3")]),
-    ("<b>Incident #4</b> · in progress · monitoring\npoint-7 stopped checking in\nReported 2026-12-07 11:13 UTC\n"
-     "Taken by @ivan_ops (Telegram user 111), 2026-12-07 11:13 UTC", [("Resolve", "resolve:4")]),
-    ("⏰ <b>Incident #2</b> has waited 2 min and nobody has taken it (assigned to Пётр) (reminder 1 of 3)\n"
-     "Самокат 12 не отвечает", [("Take", "take:2")]),
-    ("⚠️ Escalated: <b>incident #3</b> has waited 1 h 2 min and nobody has taken it\nТочка 7", [("Take", "take:3")]),
-    "Incident #4 is in progress now.",
-    "Nobody took it after the last reminder: announced to the escalation chats",
-], "ru": [
-    ("<b>Инцидент #1</b> · решён · мониторинг\nDisk is full on db1\nПоступил 07.12.2026 14:13 MSK\nПовторился 2 раза, "
-     "последний раз 07.12.2026 14:13 MSK\nВзят: @ivan_ops (пользователь Telegram 111), 07.12.2026 14:13 MSK\n"
-     "Теперь решён: Пётр, 07.12.2026 14:13 MSK", [("Открыть снова", "reopen:1")]),
-    ("<b>Инцидент #2</b> · новый · оператор\nСамокат 12 не отвечает\nПоступил 07.12.2026 14:13 MSK\nНазначен: Пётр",
-     [("Взять", "take:2"), ("Решено", "resolve:2")]),
-    ("<b>Инцидент #3</b> · закрыт · партнёр\nТочка 7\nПоступил 07.12.2026 14:13 MSK\nВзят: кто-то, "
-     "07.12.2026 14:13 MSK", [("Открыть снова", "reopen:3")]),
-    ("<b>Инцидент #4</b> · в работе · мониторинг\npoint-7 stopped checking in\nПоступил 07.12.2026 14:13 MSK\n"
-     "Взят: @ivan_ops (пользователь Telegram 111), 07.12.2026 14:13 MSK", [("Решено", "resolve:4")]),
-    ("⏰ <b>Инцидент #2</b> ждёт уже 2 минуты, и никто его не взял (назначен: Пётр) (напоминание 1 из 3)\n"
-     "Самокат 12 не отвечает", [("Взять", "take:2")]),
-    ("⚠️ Эскалация: <b>инцидент #3</b> ждёт уже 1 час 2 минуты, и никто его не взял\nТочка 7", [("Взять", "take:3")]),
-    "Инцидент #4 теперь в работе.",
-    "Никто не взял его после последнего напоминания: отправлен в чаты эскалации",
-]}
+MESSAGES = [  # each message (text, buttons) in English and in Russian, in order
+    (("<b>Incident #1</b> · resolved · monitoring\nDisk is full on db1\nReported 2026-12-07 11:13 UTC\nRepeated 2 "
+      "times, last 2026-12-07 11:13 UTC\nTaken by @ivan_ops (Telegram user 111), 2026-12-07 11:13 UTC\nNow "
+      "resolved: by Пётр, 2026-12-07 11:13 UTC",
+      [("Reopen", "reopen:1")]),
+     ("<b>Инцидент #1</b> · решён · мониторинг\nDisk is full on db1\nПоступил 07.12.2026 14:13 MSK\nПовторился 2 "
+      "раза, последний раз 07.12.2026 14:13 MSK\nВзят: @ivan_ops (пользователь Telegram 111), 07.12.2026 14:13 "
+      "MSK\nТеперь решён: Пётр, 07.12.2026 14:13 MSK",
+      [("Открыть снова", "reopen:1")])),
+    (("<b>Incident #2</b> · new · operator\nСамокат 12 не отвечает\nReported 2026-12-07 11:13 UTC\nAssigned to Пётр",
+      [("Take", "take:2"), ("Resolve", "resolve:2")]),
+     ("<b>Инцидент #2</b> · новый · оператор\nСамокат 12 не отвечает\nПоступил 07.12.2026 14:13 MSK\nНазначен: Пётр",
+      [("Взять", "take:2"), ("Решено", "resolve:2")])),
+    (("<b>Incident #3</b> · closed · partner\nТочка 7\nReported 2026-12-07 11:13 UTC\nTaken by someone, 2026-12-07 "
+      "11:13 UTC",
+      [("Reopen", "reopen:3")]),
+     ("<b>Инцидент #3</b> · закрыт · партнёр\nТочка 7\nПоступил 07.12.2026 14:13 MSK\nВзят: кто-то, 07.12.2026 "
+      "14:13 MSK",
+      [("Открыть снова", "reopen:3")])),
+    (("<b>Incident #4</b> · in progress · monitoring\npoint-7 stopped checking in\nReported 2026-12-07 11:13 UTC\n"
+      "Taken by @ivan_ops (Telegram user 111), 2026-12-07 11:13 UTC",
+      [("Resolve", "resolve:4")]),
+     ("<b>Инцидент #4</b> · в работе · мониторинг\npoint-7 stopped checking in\nПоступил 07.12.2026 14:13 MSK\n"
+      "Взят: @ivan_ops (пользователь Telegram 111), 07.12.2026 14:13 MSK",
+      [("Решено", "resolve:4")])),
+    (("⏰ <b>Incident #2</b> has waited 2 min and nobody has taken it (assigned to Пётр) (reminder 1 of 3)\nСамокат "
+      "12 не отвечает",
+      [("Take", "take:2")]),
+     ("⏰ <b>Инцидент #2</b> ждёт уже 2 минуты, и никто его не взял (назначен: Пётр) (напоминание 1 из 3)\nСамокат "
+      "12 не отвечает",
+      [("Взять", "take:2")])),
+    (("⚠️ Escalated: <b>incident #3</b> has waited 1 h 2 min and nobody has taken it\nТочка 7",
+      [("Take", "take:3")]),
+     ("⚠️ Эскалация: <b>инцидент #3</b> ждёт уже 1 час 2 минуты, и никто его не взял\nТочка 7",
+      [("Взять", "take:3")])),
+    ("Incident #4 is in progress now.",
+     "Инцидент #4 теперь в работе."),
+    ("Nobody took it after the last reminder: announced to the escalation chats",
+     "Никто не взял его после последнего напоминания: отправлен в чаты эскалации"),
+]
 
 
 class SentBot:
@@ -4440,44 +4460,43 @@ def test_incident_messages_and_reminders_in_each_language(db_path, bot_api, migr
         app.extensions["incidents"].write(lambda db: incidents.escalate(db, 2, 4, FIXED_NOW))
     shown += [(message["text"], message["reply_markup"]) for message in bot.sent[:2]]
     assert [(text, buttons({"reply_markup": markup})) for text, markup in shown] + [bot.sent[2]["text"]] + [
-        events(client, 2)["items"][-1]["note"]] == MESSAGES[language]
+        events(client, 2)["items"][-1]["note"]] == [pair[language == "ru"] for pair in MESSAGES]
 
 
-NOTES = {"en": [
-    "Reported in Telegram by @ivan_ops (Telegram user 111) in a private chat (chat 111, message 1)",
-    "Reported in Telegram by Ольга (Telegram user 333) in chat 'Операторы' (chat -100222, message 2)",
-    "No check-in since it was created, 2026-12-07 11:13 UTC; expected every 2 min with 30 s of grace",
-    "Checked in again after 2 min of silence",
-    "No check-in since 2026-12-07 11:13 UTC; expected every 2 min with 30 s of grace",
-    "Its heartbeat point-7 was deleted: no check-in will resolve this incident now",
-    "The check-in reported a failure (exit status 3)",
-    "The check-in reported a failure",
-    "Alert from alertmanager, firing since 2026-11-23T07:00:00.123Z",
-    "The alert ended at 2026-11-23T07:10:00.000Z",
-    "The alert fired again (started 2026-11-23T07:00:00.123Z)",
-    "Alert from grafana, firing since an unknown time",
-    "The alert ended at an unknown time",
-    "The alert fired again (started at an unknown time)",
-    "Alert from alertmanager, firing since 2026-11-23T07:00:00.123Z",
-    "Alert without a name",
-], "ru": [
-    "Сообщение в Telegram от @ivan_ops (пользователь Telegram 111) в личном чате (чат 111, сообщение 1)",
-    "Сообщение в Telegram от Ольга (пользователь Telegram 333) в чате «Операторы» (чат -100222, сообщение 2)",
-    "Нет отметок с создания, 07.12.2026 14:13 MSK; ожидались раз в 2 минуты, с запасом в 30 секунд",
-    "Снова на связи, молчал 2 минуты",
-    "Нет отметок с 07.12.2026 14:13 MSK; ожидались раз в 2 минуты, с запасом в 30 секунд",
-    "Его пульс point-7 удалён: теперь ни одна отметка не решит этот инцидент",
-    "Отметка сообщила о сбое (код завершения 3)",
-    "Отметка сообщила о сбое",
-    "Оповещение от alertmanager, срабатывает с 2026-11-23T07:00:00.123Z",
-    "Оповещение закончилось 2026-11-23T07:10:00.000Z",
-    "Оповещение сработало снова (началось 2026-11-23T07:00:00.123Z)",
-    "Оповещение от grafana, срабатывает с неизвестного времени",
-    "Оповещение закончилось в неизвестное время",
-    "Оповещение сработало снова (началось в неизвестное время)",
-    "Оповещение от alertmanager, срабатывает с 2026-11-23T07:00:00.123Z",
-    "Оповещение без имени",
-]}
+NOTES = [  # each note in English and in Russian, in order
+    ("Reported in Telegram by @ivan_ops (Telegram user 111) in a private chat (chat 111, message 1)",
+     "Сообщение в Telegram от @ivan_ops (пользователь Telegram 111) в личном чате (чат 111, сообщение 1)"),
+    ("Reported in Telegram by Ольга (Telegram user 333) in chat 'Операторы' (chat -100222, message 2)",
+     "Сообщение в Telegram от Ольга (пользователь Telegram 333) в чате «Операторы» (чат -100222, сообщение 2)"),
+    ("No check-in since it was created, 2026-12-07 11:13 UTC; expected every 2 min with 30 s of grace",
+     "Нет отметок с создания, 07.12.2026 14:13 MSK; ожидались раз в 2 минуты, с запасом в 30 секунд"),
+    ("Checked in again after 2 min of silence",
+     "Снова на связи, молчал 2 минуты"),
+    ("No check-in since 2026-12-07 11:13 UTC; expected every 2 min with 30 s of grace",
+     "Нет отметок с 07.12.2026 14:13 MSK; ожидались раз в 2 минуты, с запасом в 30 секунд"),
+    ("Its heartbeat point-7 was deleted: no check-in will resolve this incident now",
+     "Его пульс point-7 удалён: теперь ни одна отметка не решит этот инцидент"),
+    ("The check-in reported a failure (exit status 3)",
+     "Отметка сообщила о сбое (код завершения 3)"),
+    ("The check-in reported a failure",
+     "Отметка сообщила о сбое"),
+    ("Alert from alertmanager, firing since 2026-11-23T07:00:00.123Z",
+     "Оповещение от alertmanager, срабатывает с 2026-11-23T07:00:00.123Z"),
+    ("The alert ended at 2026-11-23T07:10:00.000Z",
+     "Оповещение закончилось 2026-11-23T07:10:00.000Z"),
+    ("The alert fired again (started 2026-11-23T07:00:00.123Z)",
+     "Оповещение сработало снова (началось 2026-11-23T07:00:00.123Z)"),
+    ("Alert from grafana, firing since an unknown time",
+     "Оповещение от grafana, срабатывает с неизвестного времени"),
+    ("The alert ended at an unknown time",
+     "Оповещение закончилось в неизвестное время"),
+    ("The alert fired again (started at an unknown time)",
+     "Оповещение сработало снова (началось в неизвестное время)"),
+    ("Alert from alertmanager, firing since 2026-11-23T07:00:00.123Z",
+     "Оповещение от alertmanager, срабатывает с 2026-11-23T07:00:00.123Z"),
+    ("Alert without a name",
+     "Оповещение без имени"),
+]
 
 
 @pytest.mark.parametrize("language", SPOKEN)
@@ -4510,7 +4529,7 @@ def test_notes_the_service_writes_on_timelines_in_each_language(db_path, bot_api
         client.post("/integrations/alertmanager", json=payload)
     notes = [note for (note,) in query(db_path, "SELECT note FROM events WHERE note IS NOT NULL ORDER BY id")]
     assert notes + [query(db_path, "SELECT description FROM incidents ORDER BY id DESC LIMIT 1")[0][0].splitlines()[0]] \
-        == NOTES[language]
+        == [pair[language == "ru"] for pair in NOTES]
 
 
 @pytest.mark.parametrize("language", SPOKEN)
