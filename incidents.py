@@ -2090,7 +2090,7 @@ TEXTS = {
         "command_heartbeats": "пульсы, которые опаздывают или молчат",
         "command_take": "взять инцидент в работу",
         "command_resolve": "отметить инцидент решённым",
-        "command_help": "что умеет бот, и номер этого чата",
+        "command_help": "что умеет бот и номер этого чата",
         "help": "Пришлите мне проблему, и я зарегистрирую её как инцидент.\n"
                 "В личном чате любой текст — это сообщение о проблеме. В группе: /incident <текст>.\n"
                 "/incidents — {incidents}\n/heartbeats — {heartbeats}\n/take <номер> — {take}\n"
@@ -2134,7 +2134,7 @@ TEXTS = {
         "heartbeat_incident": ", инцидент #{id}",
         "heartbeats_more": "… и другие: GET /heartbeats?status=late,down",
         "silent": "Нет отметок с {at}; ожидались раз в {period}, с запасом в {grace}",
-        "silent_since_created": "Нет отметок с создания, {at}; ожидались раз в {period}, с запасом в {grace}",
+        "silent_since_created": "Нет отметок с момента создания, {at}; ожидались раз в {period}, с запасом в {grace}",
         "back": "Снова на связи, молчал {silence}",
         "heartbeat_deleted": "Его пульс {name} удалён: теперь ни одна отметка не решит этот инцидент",
         "check_in_failed": "Отметка сообщила о сбое",

@@ -4196,8 +4196,8 @@ def test_neither_setting_means_english_and_utc_and_both_are_read_trimmed(db_path
     *[("INCIDENTS_LANGUAGE", value, f"must be one of en, ru (the language of the chats), not {value!r}")
       for value in ("de", "russian", "ру", "en-US")],
     *[("INCIDENTS_TIMEZONE", value, f"must be a time zone of the IANA database, such as Europe/Moscow or UTC, not "
-                                    f"{value!r}") for value in ("Europe/Atlantis", "Europe", "MSK+3", "utc",
-                                                                "../../etc/passwd", "/etc/localtime", "Europe//Moscow")],
+                                    f"{value!r}")
+      for value in ("Europe/Atlantis", "Europe", "MSK+3", "utc", "../../etc/passwd", "/etc/localtime", "Europe//Moscow")],
 ])
 def test_bad_language_or_time_zone_stops_startup_in_one_line_naming_it(db_path, monkeypatch, name, value, message):
     monkeypatch.setenv(name, value)
@@ -4227,7 +4227,7 @@ MENU = {
     "en": ["report a problem", "the newest unresolved incidents", "the heartbeats that are late or down",
            "take an incident (in_progress)", "resolve an incident", "what the bot does, and this chat's id"],
     "ru": ["сообщить о проблеме", "новейшие нерешённые инциденты", "пульсы, которые опаздывают или молчат",
-           "взять инцидент в работу", "отметить инцидент решённым", "что умеет бот, и номер этого чата"],
+           "взять инцидент в работу", "отметить инцидент решённым", "что умеет бот и номер этого чата"],
 }
 
 
@@ -4469,7 +4469,7 @@ NOTES = [  # each note in English and in Russian, in order
     ("Reported in Telegram by Ольга (Telegram user 333) in chat 'Операторы' (chat -100222, message 2)",
      "Сообщение в Telegram от Ольга (пользователь Telegram 333) в чате «Операторы» (чат -100222, сообщение 2)"),
     ("No check-in since it was created, 2026-12-07 11:13 UTC; expected every 2 min with 30 s of grace",
-     "Нет отметок с создания, 07.12.2026 14:13 MSK; ожидались раз в 2 минуты, с запасом в 30 секунд"),
+     "Нет отметок с момента создания, 07.12.2026 14:13 MSK; ожидались раз в 2 минуты, с запасом в 30 секунд"),
     ("Checked in again after 2 min of silence",
      "Снова на связи, молчал 2 минуты"),
     ("No check-in since 2026-12-07 11:13 UTC; expected every 2 min with 30 s of grace",
@@ -4523,13 +4523,14 @@ def test_notes_the_service_writes_on_timelines_in_each_language(db_path, bot_api
     client.post("/heartbeats/job/3")
     client.post("/heartbeats/job/fail")
     unknown = {key: value for key, value in am_alert(fingerprint="f2").items() if key not in ("startsAt", "endsAt")}
+    unnamed = am_alert(fingerprint="f3", labels={"point": "9"}, annotations={})
     for payload in (am_payload(am_alert()), am_payload(am_alert("resolved")), am_payload(am_alert()),
-                    grafana_payload(unknown), grafana_payload({**unknown, "status": "resolved"}), grafana_payload(unknown),
-                    am_payload(am_alert(fingerprint="f3", labels={"point": "9"}, annotations={}))):
+                    grafana_payload(unknown), grafana_payload({**unknown, "status": "resolved"}),
+                    grafana_payload(unknown), am_payload(unnamed)):
         client.post("/integrations/alertmanager", json=payload)
     notes = [note for (note,) in query(db_path, "SELECT note FROM events WHERE note IS NOT NULL ORDER BY id")]
-    assert notes + [query(db_path, "SELECT description FROM incidents ORDER BY id DESC LIMIT 1")[0][0].splitlines()[0]] \
-        == [pair[language == "ru"] for pair in NOTES]
+    [(description,)] = query(db_path, "SELECT description FROM incidents ORDER BY id DESC LIMIT 1")
+    assert notes + description.splitlines()[:1] == [pair[language == "ru"] for pair in NOTES]
 
 
 @pytest.mark.parametrize("language", SPOKEN)
