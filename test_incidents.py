@@ -4301,38 +4301,46 @@ REPLIES = [  # each reply in English and in Russian, in order
      "Инцидент #2 зарегистрирован"),
     ("#3 [new] point-7 stopped checking in\n#2 [in_progress] Точка 7 не отвечает\n#1 [new] Самокат 12 сломан",
      "#3 [новый] point-7 stopped checking in\n#2 [в работе] Точка 7 не отвечает\n#1 [новый] Самокат 12 сломан"),
-    ("point-7 [down] last check-in 2026-12-07 11:13 UTC, incident #3",
-     "point-7 [молчит] последняя отметка: 07.12.2026 14:13 MSK, инцидент #3"),
+    ("job-9 [late] last check-in never\npoint-7 [down] last check-in 2026-12-07 11:13 UTC, incident #3",
+     "job-9 [опаздывает] последняя отметка: не было\npoint-7 [молчит] последняя отметка: 07.12.2026 14:13 MSK, "
+     "инцидент #3"),
     ("Incident #1 resolved by @ivan_ops",
      "Инцидент #1 решён: @ivan_ops"),
     ("No unresolved incidents.",
      "Нерешённых инцидентов нет."),
+    ("Incident #4 registered (your name is shown without characters that cannot be stored)",
+     "Инцидент #4 зарегистрирован (ваше имя показано без символов, которые нельзя сохранить)"),
 ]
 
 
 @pytest.mark.parametrize("language", SPOKEN)
 def test_replies_to_commands_and_reports_in_each_language(db_path, bot_api, migrated, monkeypatch, language):
     client = speaking_app(db_path, bot_api, migrated, monkeypatch, language).test_client()
+
+    def send(*updates):
+        return [client.post("/telegram/webhook", json=update, headers={"X-Telegram-Bot-Api-Secret-Token": SECRET}
+                            ).json["text"] for update in updates]
+
     stranger = {"id": 999, "type": "private", "first_name": "Гость"}
-    replies = [client.post("/telegram/webhook", json=update, headers={"X-Telegram-Bot-Api-Secret-Token": SECRET}).json
-               for update in [telegram_update(1, "/help"), telegram_update(16, "/start", chat=stranger),
-                              telegram_update(2, "Сломалось", chat=stranger),
-                              telegram_update(3, sticker={"file_id": "x"}), telegram_update(4, "/incident"),
-                              telegram_update(5, "/take"), telegram_update(6, "Самокат 12 сломан"),
-                              telegram_update(7, "Сам\x00окат"), telegram_update(8, "\x01\x02"),
-                              telegram_update(9, "Сам\ud800окат"), telegram_update(10, "/heartbeats"),
-                              telegram_update(11, "/incident Точка 7 не отвечает", chat=GROUP_CHAT, sender=OLGA)]]
+    replies = send(telegram_update(1, "/help"), telegram_update(16, "/start", chat=stranger),
+                   telegram_update(2, "Сломалось", chat=stranger), telegram_update(3, sticker={"file_id": "x"}),
+                   telegram_update(4, "/incident"), telegram_update(5, "/take"), telegram_update(6, "Самокат 12 сломан"),
+                   telegram_update(7, "Сам\x00окат"), telegram_update(8, "\x01\x02"), telegram_update(9, "Сам\ud800окат"),
+                   telegram_update(10, "/heartbeats"),
+                   telegram_update(11, "/incident Точка 7 не отвечает", chat=GROUP_CHAT, sender=OLGA))
     tap(client, "take:2")
     put_heartbeat(client, "point-7")
     client.post("/heartbeats/point-7/fail")
-    replies += [client.post("/telegram/webhook", json=update, headers={"X-Telegram-Bot-Api-Secret-Token": SECRET}).json
-                for update in [telegram_update(12, "/incidents", chat=GROUP_CHAT), telegram_update(13, "/heartbeats"),
-                               telegram_update(14, "/resolve 1")]]
+    put_heartbeat(client, "job-9")
+    with sqlite3.connect(db_path) as db:  # late, and never checked in
+        db.execute("UPDATE heartbeats SET late_at = '2026-12-07T11:00:00.000Z' WHERE name = 'job-9'")
+    replies += send(telegram_update(12, "/incidents", chat=GROUP_CHAT), telegram_update(13, "/heartbeats"),
+                    telegram_update(14, "/resolve 1"))
     for incident_id in (2, 3):
         patch(client, incident_id, status="resolved")
-    replies.append(client.post("/telegram/webhook", json=telegram_update(15, "/incidents"),
-                               headers={"X-Telegram-Bot-Api-Secret-Token": SECRET}).json)
-    assert [reply["text"] for reply in replies] == [pair[language == "ru"] for pair in REPLIES]
+    replies += send(telegram_update(15, "/incidents"),
+                    telegram_update(17, "Самокат 9", sender={**IVAN, "username": None, "first_name": "Ив\x07ан"}))
+    assert replies == [pair[language == "ru"] for pair in REPLIES]
 
 
 TAP_ANSWERS = [  # each answer in English and in Russian, in order
