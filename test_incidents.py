@@ -4197,7 +4197,7 @@ def test_neither_setting_means_english_and_utc_and_both_are_read_trimmed(db_path
       for value in ("de", "russian", "ру", "en-US")],
     *[("INCIDENTS_TIMEZONE", value, f"must be a time zone of the IANA database, such as Europe/Moscow or UTC, not "
                                     f"{value!r}")
-      for value in ("Europe/Atlantis", "Europe", "MSK+3", "utc", "../../etc/passwd", "/etc/localtime", "Europe//Moscow")],
+      for value in ("Europe/Atlantis", "Europe", "MSK+3", "utc", "../../etc/passwd", "/etc/localtime", "A//B")],
 ])
 def test_bad_language_or_time_zone_stops_startup_in_one_line_naming_it(db_path, monkeypatch, name, value, message):
     monkeypatch.setenv(name, value)
@@ -4324,9 +4324,9 @@ def test_replies_to_commands_and_reports_in_each_language(db_path, bot_api, migr
     stranger = {"id": 999, "type": "private", "first_name": "Гость"}
     replies = send(telegram_update(1, "/help"), telegram_update(16, "/start", chat=stranger),
                    telegram_update(2, "Сломалось", chat=stranger), telegram_update(3, sticker={"file_id": "x"}),
-                   telegram_update(4, "/incident"), telegram_update(5, "/take"), telegram_update(6, "Самокат 12 сломан"),
-                   telegram_update(7, "Сам\x00окат"), telegram_update(8, "\x01\x02"), telegram_update(9, "Сам\ud800окат"),
-                   telegram_update(10, "/heartbeats"),
+                   telegram_update(4, "/incident"), telegram_update(5, "/take"),
+                   telegram_update(6, "Самокат 12 сломан"), telegram_update(7, "Сам\x00окат"),
+                   telegram_update(8, "\x01\x02"), telegram_update(9, "Сам\ud800окат"), telegram_update(10, "/heartbeats"),
                    telegram_update(11, "/incident Точка 7 не отвечает", chat=GROUP_CHAT, sender=OLGA))
     tap(client, "take:2")
     put_heartbeat(client, "point-7")
