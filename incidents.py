@@ -35,6 +35,8 @@ Environment (README.md says more):
     INCIDENTS_REMIND_AFTER      seconds an incident may stay new before a reminder, and between them
                                 (default 600; 0 turns reminders off)
     INCIDENTS_REMIND_MAX        reminders before the incident is escalated (default 3)
+    INCIDENTS_LANGUAGE          en (default) or ru: the language of the chats and of the service's own notes
+    INCIDENTS_TIMEZONE          the IANA zone (Europe/Moscow) of every time those texts show (default UTC)
     TELEGRAM_WEBHOOK_SECRET     enables the webhook; Telegram sends it in X-Telegram-Bot-Api-Secret-Token
     TELEGRAM_BOT_TOKEN          the bot's token from BotFather, for telegram-poll and telegram-notify
     TELEGRAM_API_URL            the Bot API's address (default: https://api.telegram.org)
@@ -67,6 +69,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import weakref
+import zoneinfo
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
@@ -1970,9 +1973,97 @@ def list_events(incident_id):
 # ---------------------------------------------------------------------------
 
 # One catalog: key -> text, with {placeholders}; every language has every key and the same placeholders (a test
-# holds this). A count reads as plural(count, noun), with each language's plural forms of the noun.
+# holds this). A count reads as plural(count, noun), with each language's plural forms of the noun. The API stays
+# English: clients parse it, and a script's author reads the README.
 TEXTS = {
     "en": {
+        "time": "{at:%Y-%m-%d %H:%M %Z}",
+        "hours_minutes": "{hours} {minutes}",
+        "someone": "someone",
+        "actor_heartbeat": "heartbeat",
+        "telegram_actor": "{name} (Telegram user {id})",
+        "status_new": "new",
+        "status_in_progress": "in progress",
+        "status_resolved": "resolved",
+        "status_closed": "closed",
+        "source_operator": "operator",
+        "source_monitoring": "monitoring",
+        "source_partner": "partner",
+        "button_take": "Take",
+        "button_resolve": "Resolve",
+        "button_reopen": "Reopen",
+        "incident_header": "<b>Incident #{id}</b> · {status} · {source}",
+        "reported": "Reported {at}",
+        "repeated": "Repeated {times}, last {at}",
+        "taken_by": "Taken by {actor}, {at}",
+        "now_status": "Now {status}: by {actor}, {at}",
+        "assigned": "Assigned to {assignee}",
+        "reminder": "⏰ <b>Incident #{id}</b> has waited {waited} and {nobody} (reminder {number} of {most})",
+        "escalated": "⚠️ Escalated: <b>incident #{id}</b> has waited {waited} and {nobody}",
+        "nobody": "nobody has taken it",
+        "nobody_assigned": "nobody has taken it (assigned to {assignee})",
+        "reminder_taken_back": "Incident #{id} is {status} now.",
+        "escalation_note": "Nobody took it after the last reminder: announced to the escalation chats",
+        "command_incident": "report a problem",
+        "command_incidents": "the newest unresolved incidents",
+        "command_heartbeats": "the heartbeats that are late or down",
+        "command_take": "take an incident (in_progress)",
+        "command_resolve": "resolve an incident",
+        "command_help": "what the bot does, and this chat's id",
+        "help": "Send me a problem and I register it as an incident.\n"
+                "In a private chat, any text is a report. In a group: /incident <text>.\n"
+                "/incidents - {incidents}\n/heartbeats - {heartbeats}\n/take <id> - {take}\n/resolve <id> - {resolve}",
+        "help_acts_here": "{help}\n\nThis chat's id is {chat_id}; the bot acts here.",
+        "help_not_here": "{help}\n\nThis chat's id is {chat_id}; the bot does not act here. "
+                         "To allow it, add {chat_id} to TELEGRAM_ALLOWED_CHAT_IDS.",
+        "chat_not_allowed": "This chat ({chat_id}) may not use this bot. To allow it, add {chat_id} to "
+                            "TELEGRAM_ALLOWED_CHAT_IDS.",
+        "only_text": "I only understand text. /help",
+        "describe": "Describe the problem: /incident <text>",
+        "send_number": "Send the incident number, e.g. /{command} 17",
+        "registered": "Incident #{id} registered",
+        "registered_name_cleaned": "Incident #{id} registered (your name is shown without characters that cannot "
+                                   "be stored)",
+        "not_registered": "Nothing was registered: the text {reason}.",
+        "text_nul": "must not contain NUL characters",
+        "text_invisible": "must contain a visible character, not only spaces or control characters",
+        "text_unicode": "must be valid Unicode (no lone surrogates)",
+        "report_note": "Reported in Telegram by {actor} in {where} (chat {chat}, message {message})",
+        "private_chat": "a private chat",
+        "group_chat": "chat {title!r}",
+        "no_open_incidents": "No unresolved incidents.",
+        "open_new": "new",  # in /incidents: the status as the API names it
+        "open_in_progress": "in_progress",
+        "tap_not_allowed": "Not allowed in this chat",
+        "tap_unknown": "Unknown action",
+        "no_incident": "There is no incident #{id}",
+        "already": "Incident #{id} is already {status}",
+        "done_take": "Incident #{id} taken by {name}{still}",
+        "done_resolve": "Incident #{id} resolved by {name}{still}",
+        "done_reopen": "Incident #{id} reopened by {name}{still}",
+        "still_assigned": " (assigned to {assignee})",
+        "reopen_held": "Incident {holder} is open with the same dedup_key {dedup_key!r}; resolve or close it before "
+                       "reopening this one, or work on incident {holder}.",
+        "heartbeat_late": "late",
+        "heartbeat_down": "down",
+        "heartbeats_on_time": "Every heartbeat checks in on time.",
+        "heartbeat_line": "{name} [{status}] last check-in {last}{incident}",
+        "heartbeat_never": "never",
+        "heartbeat_incident": ", incident #{id}",
+        "heartbeats_more": "… and more: GET /heartbeats?status=late,down",
+        "silent": "No check-in since {at}; expected every {period} with {grace} of grace",
+        "silent_since_created": "No check-in since it was created, {at}; expected every {period} with {grace} of grace",
+        "back": "Checked in again after {silence} of silence",
+        "heartbeat_deleted": "Its heartbeat {name} was deleted: no check-in will resolve this incident now",
+        "check_in_failed": "The check-in reported a failure",
+        "check_in_exit_status": "The check-in reported a failure (exit status {status})",
+        "alert_again": "The alert fired again (started {started})",
+        "alert_again_unknown": "The alert fired again (started at an unknown time)",
+        "alert_from": "Alert from {sender}, firing since {since}",
+        "alert_from_unknown": "Alert from {sender}, firing since an unknown time",
+        "alert_ended": "The alert ended at {ended}",
+        "alert_ended_unknown": "The alert ended at an unknown time",
+        "alert_unnamed": "Alert without a name",
         "storm_title": "🌩 <b>Storm: {group}</b> · {incidents} since {since}",
         "storm_open": "Open: {open} (new {new}, taken {taken}) · back: {back}",
         "storm_over": "✅ Over {at}: every incident of it resolved; it lasted {lasted}",
@@ -1988,15 +2079,104 @@ TEXTS = {
         "storm_note": "Taken with the whole storm {group} ({count})",
     },
     "ru": {
+        "time": "{at:%d.%m.%Y %H:%M %Z}",
+        "hours_minutes": "{hours} {minutes}",
+        "someone": "кто-то",
+        "actor_heartbeat": "пульс",
+        "telegram_actor": "{name} (пользователь Telegram {id})",
+        "status_new": "новый",
+        "status_in_progress": "в работе",
+        "status_resolved": "решён",
+        "status_closed": "закрыт",
+        "source_operator": "оператор",
+        "source_monitoring": "мониторинг",
+        "source_partner": "партнёр",
+        "button_take": "Взять",
+        "button_resolve": "Решено",
+        "button_reopen": "Открыть снова",
+        "incident_header": "<b>Инцидент #{id}</b> · {status} · {source}",
+        "reported": "Поступил {at}",
+        "repeated": "Повторился {times}, последний раз {at}",
+        "taken_by": "Взят: {actor}, {at}",
+        "now_status": "Теперь {status}: {actor}, {at}",
+        "assigned": "Назначен: {assignee}",
+        "reminder": "⏰ <b>Инцидент #{id}</b> ждёт уже {waited}, и {nobody} (напоминание {number} из {most})",
+        "escalated": "⚠️ Эскалация: <b>инцидент #{id}</b> ждёт уже {waited}, и {nobody}",
+        "nobody": "никто его не взял",
+        "nobody_assigned": "никто его не взял (назначен: {assignee})",
+        "reminder_taken_back": "Инцидент #{id} теперь {status}.",
+        "escalation_note": "Никто не взял его после последнего напоминания: отправлен в чаты эскалации",
+        "command_incident": "сообщить о проблеме",
+        "command_incidents": "новейшие нерешённые инциденты",
+        "command_heartbeats": "пульсы, которые опаздывают или молчат",
+        "command_take": "взять инцидент в работу",
+        "command_resolve": "отметить инцидент решённым",
+        "command_help": "что умеет бот и номер этого чата",
+        "help": "Пришлите мне проблему, и я зарегистрирую её как инцидент.\n"
+                "В личном чате любой текст — это сообщение о проблеме. В группе: /incident <текст>.\n"
+                "/incidents — {incidents}\n/heartbeats — {heartbeats}\n/take <номер> — {take}\n"
+                "/resolve <номер> — {resolve}",
+        "help_acts_here": "{help}\n\nНомер этого чата: {chat_id}; бот здесь работает.",
+        "help_not_here": "{help}\n\nНомер этого чата: {chat_id}; бот здесь не работает. "
+                         "Чтобы разрешить, добавьте {chat_id} в TELEGRAM_ALLOWED_CHAT_IDS.",
+        "chat_not_allowed": "Этому чату ({chat_id}) нельзя пользоваться ботом. Чтобы разрешить, добавьте {chat_id} в "
+                            "TELEGRAM_ALLOWED_CHAT_IDS.",
+        "only_text": "Я понимаю только текст. /help",
+        "describe": "Опишите проблему: /incident <текст>",
+        "send_number": "Пришлите номер инцидента, например: /{command} 17",
+        "registered": "Инцидент #{id} зарегистрирован",
+        "registered_name_cleaned": "Инцидент #{id} зарегистрирован (ваше имя показано без символов, которые нельзя "
+                                   "сохранить)",
+        "not_registered": "Ничего не зарегистрировано: текст {reason}.",
+        "text_nul": "не должен содержать нулевых символов",
+        "text_invisible": "должен содержать видимый символ, а не только пробелы и управляющие символы",
+        "text_unicode": "должен быть правильным Юникодом (без одиночных суррогатов)",
+        "report_note": "Сообщение в Telegram от {actor} {where} (чат {chat}, сообщение {message})",
+        "private_chat": "в личном чате",
+        "group_chat": "в чате «{title}»",
+        "no_open_incidents": "Нерешённых инцидентов нет.",
+        "open_new": "новый",
+        "open_in_progress": "в работе",
+        "tap_not_allowed": "В этом чате нельзя",
+        "tap_unknown": "Неизвестное действие",
+        "no_incident": "Инцидента #{id} нет",
+        "already": "Инцидент #{id} уже {status}",
+        "done_take": "Инцидент #{id} взят: {name}{still}",
+        "done_resolve": "Инцидент #{id} решён: {name}{still}",
+        "done_reopen": "Инцидент #{id} снова открыт: {name}{still}",
+        "still_assigned": " (назначен: {assignee})",
+        "reopen_held": "Инцидент #{holder} открыт с тем же ключом {dedup_key!r}; решите или закройте его, прежде чем "
+                       "открывать снова этот, или работайте с инцидентом #{holder}.",
+        "heartbeat_late": "опаздывает",
+        "heartbeat_down": "молчит",
+        "heartbeats_on_time": "Все пульсы отмечаются вовремя.",
+        "heartbeat_line": "{name} [{status}] последняя отметка: {last}{incident}",
+        "heartbeat_never": "не было",
+        "heartbeat_incident": ", инцидент #{id}",
+        "heartbeats_more": "… и другие: GET /heartbeats?status=late,down",
+        "silent": "Нет отметок с {at}; ожидались раз в {period}, с запасом в {grace}",
+        "silent_since_created": "Нет отметок с момента создания, {at}; ожидались раз в {period}, с запасом в {grace}",
+        "back": "Снова на связи, молчал {silence}",
+        "heartbeat_deleted": "Его пульс {name} удалён: теперь ни одна отметка не решит этот инцидент",
+        "check_in_failed": "Отметка сообщила о сбое",
+        "check_in_exit_status": "Отметка сообщила о сбое (код завершения {status})",
+        "alert_again": "Оповещение сработало снова (началось {started})",
+        "alert_again_unknown": "Оповещение сработало снова (началось в неизвестное время)",
+        "alert_from": "Оповещение от {sender}, срабатывает с {since}",
+        "alert_from_unknown": "Оповещение от {sender}, срабатывает с неизвестного времени",
+        "alert_ended": "Оповещение закончилось {ended}",
+        "alert_ended_unknown": "Оповещение закончилось в неизвестное время",
+        "alert_unnamed": "Оповещение без имени",
         "storm_title": "🌩 <b>Шторм: {group}</b> · {incidents} с {since}",
         "storm_open": "Открыто: {open} (новых {new}, взято {taken}) · вернулось: {back}",
         "storm_over": "✅ Закончился {at}: все его инциденты решены; длился {lasted}",
         "storm_more": "… и ещё {more}",
         "storm_of_source": "источник {source}, без группы",
         "storm_take_all": "Взять все",
-        "storm_reminder": "⏰ <b>Шторм: {group}</b>: {new} ждут {waited}, и никто не взял ни одного "
-                          "(напоминание {number} из {most})",
-        "storm_escalated": "⚠️ Эскалация: <b>шторм {group}</b>: {new} ждут {waited}, и никто не взял ни одного",
+        "storm_reminder": "⏰ <b>Шторм: {group}</b>: новые ждут уже {waited}, и никто не взял ни одного ({new}; "
+                          "напоминание {number} из {most})",
+        "storm_escalated": "⚠️ Эскалация: <b>шторм {group}</b>: новые ждут уже {waited}, и никто не взял ни одного "
+                           "({new})",
         "storm_taken": "{name} берёт из шторма {group}: {count}",
         "storm_nothing_new": "В шторме {group} сейчас нет новых инцидентов",
         "storm_unknown": "Шторма №{number} нет",
@@ -2004,9 +2184,13 @@ TEXTS = {
     },
 }
 # Each noun's plural forms: English one and other; Russian one (1, 21), few (2-4, 22-24) and many (5-20, 11-14).
+# Durations are said as how long something lasted (accusative in Russian: 1 минуту, 21 секунду).
 NOUNS = {
-    "en": {"incident": ("incident", "incidents")},
-    "ru": {"incident": ("инцидент", "инцидента", "инцидентов")},
+    "en": {"incident": ("incident", "incidents"), "time": ("time", "times"), "second": ("s", "s"),
+           "minute": ("min", "min"), "hour": ("h", "h")},
+    "ru": {"incident": ("инцидент", "инцидента", "инцидентов"), "time": ("раз", "раза", "раз"),
+           "second": ("секунду", "секунды", "секунд"), "minute": ("минуту", "минуты", "минут"),
+           "hour": ("час", "часа", "часов")},
 }
 
 
@@ -2029,16 +2213,31 @@ def plural(count, noun):
     return f"{count} {forms[form]}"
 
 
+def shown_time(timestamp):
+    """A stored timestamp as people read it: in the configured zone, naming it (2026-11-23 07:05 UTC, 23.11.2026
+    10:05 MSK); the zone database knows its daylight saving."""
+    return say("time", at=datetime.fromisoformat(timestamp).astimezone(current_app.config["TIMEZONE"]))
+
+
+def shown_actor(actor):
+    """Who did something, as the chat reads it: a Telegram user's stored name in the language, no one as someone."""
+    telegram = TELEGRAM_ACTOR.fullmatch(actor or "")
+    if telegram:
+        return say("telegram_actor", name=telegram[1], id=telegram[2])
+    return say("actor_heartbeat") if actor == "heartbeat" else actor or say("someone")
+
+
+def told(reason):
+    """An English reason the API gives (a text that cannot be stored), in the configured language."""
+    key = next((key for key, text in TEXTS["en"].items() if key.startswith("text_") and text == reason), None)
+    return say(key) if key else reason
+
+
 # ---------------------------------------------------------------------------
 # Telegram: the Bot API, one handler for updates, two ways in (webhook and polling)
 # ---------------------------------------------------------------------------
 
-TELEGRAM_HELP = """Send me a problem and I register it as an incident.
-In a private chat, any text is a report. In a group: /incident <text>.
-/incidents - the newest unresolved incidents
-/heartbeats - the heartbeats that are late or down
-/take <id> - take an incident (in_progress)
-/resolve <id> - resolve an incident"""
+BOT_COMMANDS = ("incident", "incidents", "heartbeats", "take", "resolve", "help")  # the menu Telegram shows
 NO_PREVIEWS = {"link_preview_options": {"is_disabled": True}}  # a URL in a message does not unfurl
 
 
@@ -2203,6 +2402,22 @@ def learn_username(database, bot):
         "the bot's username not recorded")
 
 
+def register_commands(bot):
+    """setMyCommands: the menu of commands, described in the language; a refusal is logged, nothing more."""
+    try:
+        bot.call("setMyCommands", {"commands": [{"command": command, "description": say(f"command_{command}")}
+                                                for command in BOT_COMMANDS]})
+    except BotApiError as error:
+        current_app.logger.warning("the bot's commands are not registered (%s); Telegram shows no menu of them",
+                                   error)
+
+
+def telegram_help_text():
+    """/help's text: what the bot does and its commands."""
+    return say("help", **{command: say(f"command_{command}") for command in ("incidents", "heartbeats", "take",
+                                                                              "resolve")})
+
+
 def telegram_bot():
     """The configured bot, or a usage error that says what to set."""
     token = current_app.config["TELEGRAM_BOT_TOKEN"]
@@ -2249,10 +2464,10 @@ def chat_allowed(db, chat_id):
         (chat_id, json.dumps(sorted(allowed)))).fetchone() is not None
 
 
-def warn_if_no_chat_allowed(say):
+def warn_if_no_chat_allowed(tell):
     """Say once, at startup, that the bot acts nowhere: no chat is allowed."""
     if not allowed_chats():
-        say("Telegram: no chat may use the bot, so it acts nowhere; set TELEGRAM_ALLOWED_CHAT_IDS (or "
+        tell("Telegram: no chat may use the bot, so it acts nowhere; set TELEGRAM_ALLOWED_CHAT_IDS (or "
             "TELEGRAM_NOTIFY_CHAT_IDS) to the chats whose messages it should act on.")
 
 
@@ -2272,7 +2487,10 @@ def telegram_name(update_part):
     username = clean_name(user.get("username") or "")
     name = f"@{username}" if username else " ".join(
         clean_name(user[part]) for part in ("first_name", "last_name") if user.get(part)).strip()
-    return (name or "someone")[:ACTOR_MAX]
+    return (name or say("someone"))[:ACTOR_MAX]
+
+
+TELEGRAM_ACTOR = re.compile(r"(.*) \(Telegram user ([0-9]+|\?)\)", re.DOTALL)  # what telegram_sender stores
 
 
 def telegram_sender(update_part):
@@ -2288,16 +2506,15 @@ def telegram_report(db, message, text):
     if known is None:
         chat = message["chat"]
         title = clean_name(chat.get("title", ""))
-        where = "a private chat" if chat.get("type") == "private" else f"chat {title!r}"
+        where = say("private_chat") if chat.get("type") == "private" else say("group_chat", title=title)
         actor = telegram_sender(message)
         values = {"description": clean_text(text, DESCRIPTION_MAX), "source": "operator", "dedup_key": dedup_key}
-        note = f"Reported in Telegram by {actor} in {where} (chat {chat['id']}, message {message['message_id']})"
+        note = say("report_note", actor=shown_actor(actor), where=where, chat=chat["id"], message=message["message_id"])
         known = report_incident(db, values, note[:NOTE_MAX], actor)
     user = telegram_user(message)
     cleaned = any(isinstance(user.get(part), str) and clean_name(user[part]) != user[part].strip()
                   for part in ("username", "first_name", "last_name"))
-    return f"Incident #{known[0]} registered" + (
-        " (your name is shown without characters that cannot be stored)" if cleaned else "")
+    return say("registered_name_cleaned" if cleaned else "registered", id=known[0])
 
 
 def telegram_open_incidents(db):
@@ -2305,15 +2522,16 @@ def telegram_open_incidents(db):
     rows = db.execute(*list_sql({"status": OPEN_STATUSES, "limit": TELEGRAM_LIST_MAX})).fetchall()
     items = [json.loads(row[-1]) for row in rows[:TELEGRAM_LIST_MAX]]
     if not items:
-        return "No unresolved incidents."
-    return "\n".join(f"#{i['id']} [{i['status']}] {i['description'].splitlines()[0][:100]}" for i in items)
+        return say("no_open_incidents")
+    return "\n".join(f"#{i['id']} [{say('open_' + i['status'])}] {i['description'].splitlines()[0][:100]}"
+                     for i in items)
 
 
 def telegram_set_status(db, message, argument, action):
     """/take and /resolve: the change a button makes, answered as the button is."""
     incident_id = whole_number(argument.removeprefix("#"), 1, MAX_ID)
     if incident_id is None:
-        return f"Send the incident number, e.g. /{action} 17"
+        return say("send_number", command=action)
     return telegram_change(db, incident_id, action, message)[0]
 
 
@@ -2339,22 +2557,20 @@ def telegram_command(db, message, command, argument):
     if not command:
         return telegram_report(db, message, argument) if private else None
     if command == "/incident":
-        return telegram_report(db, message, argument) if argument else "Describe the problem: /incident <text>"
+        return telegram_report(db, message, argument) if argument else say("describe")
     if command == "/incidents":
         return telegram_open_incidents(db)
     if command == "/heartbeats":
         return heartbeats_needing_attention(db)
     if command in ("/take", "/resolve"):
         return telegram_set_status(db, message, argument, command[1:])
-    return TELEGRAM_HELP if private else None
+    return telegram_help_text() if private else None
 
 
 def telegram_help(db, chat_id):
     """/start and /help, in any chat: what the bot does, and this chat's id for whoever sets it up."""
-    if chat_allowed(db, chat_id):
-        return f"{TELEGRAM_HELP}\n\nThis chat's id is {chat_id}; the bot acts here."
-    return (f"{TELEGRAM_HELP}\n\nThis chat's id is {chat_id}; the bot does not act here. "
-            f"To allow it, add {chat_id} to TELEGRAM_ALLOWED_CHAT_IDS.")
+    return say("help_acts_here" if chat_allowed(db, chat_id) else "help_not_here", help=telegram_help_text(),
+               chat_id=chat_id)
 
 
 def telegram_reply(db, message):
@@ -2368,23 +2584,22 @@ def telegram_reply(db, message):
     if command in ("/start", "/help"):
         return telegram_help(db, chat_id)
     if not chat_allowed(db, chat_id):
-        return (f"This chat ({chat_id}) may not use this bot. To allow it, add {chat_id} to "
-                "TELEGRAM_ALLOWED_CHAT_IDS.") if private else None
+        return say("chat_not_allowed", chat_id=chat_id) if private else None
     if not (command or argument):
-        return "I only understand text. /help" if private else None
+        return say("only_text") if private else None
     try:
         return telegram_command(db, message, command, argument)
     except ApiError as error:
         return error.detail
     except ValueError as error:  # text that cannot be stored as it is
-        return f"Nothing was registered: the text {error}."
+        return say("not_registered", reason=told(str(error)))
 
 
-# What a button does: action -> (the status it sets, the statuses it is meant for, the verb it is told by).
+# What a button does: action -> (the status it sets, the statuses it is meant for); it is told by say("done_<action>").
 BUTTON_ACTIONS = {
-    "take": ("in_progress", ("new",), "taken"),
-    "resolve": ("resolved", OPEN_STATUSES, "resolved"),
-    "reopen": ("new", ("resolved", "closed"), "reopened"),
+    "take": ("in_progress", ("new",)),
+    "resolve": ("resolved", OPEN_STATUSES),
+    "reopen": ("new", ("resolved", "closed")),
 }
 BUTTON_DATA = re.compile(r"(take|resolve|reopen|takeall):([0-9]{1,19})")
 
@@ -2397,11 +2612,11 @@ def telegram_button(db, callback):
     """
     chat = (callback.get("message") or {}).get("chat") if isinstance(callback.get("message"), dict) else None
     if not (isinstance(chat, dict) and telegram_id(chat.get("id")) and chat_allowed(db, chat["id"])):
-        return callback_answer(callback, "Not allowed in this chat")
+        return callback_answer(callback, say("tap_not_allowed"))
     data = callback.get("data")
     match = BUTTON_DATA.fullmatch(data) if isinstance(data, str) else None
     if not match or int(match[2]) > MAX_ID:
-        return callback_answer(callback, "Unknown action")
+        return callback_answer(callback, say("tap_unknown"))
     if match[1] == "takeall":
         return callback_answer(callback, take_storm(db, int(match[2]), callback))
     return callback_answer(callback, *telegram_change(db, int(match[2]), match[1], callback))
@@ -2410,21 +2625,22 @@ def telegram_button(db, callback):
 def telegram_change(db, incident_id, action, update_part):
     """A change of status from Telegram, by a button or a command (take, resolve, reopen): (its answer, whether
     it is an alert). One the incident has moved past changes nothing, says "already", and refreshes its message."""
-    status, meant_for, verb = BUTTON_ACTIONS[action]
-    current = db.execute("SELECT status FROM incidents WHERE id = ?", (incident_id,)).fetchone()
+    status, meant_for = BUTTON_ACTIONS[action]
+    current = db.execute("SELECT status, dedup_key FROM incidents WHERE id = ?", (incident_id,)).fetchone()
     if current is None:
-        return f"There is no incident #{incident_id}", False
+        return say("no_incident", id=incident_id), False
     if current["status"] not in meant_for:
         queue_notification(db, incident_id, "change")
-        return f"Incident #{incident_id} is already {current['status'].replace('_', ' ')}", False
+        return say("already", id=incident_id, status=say(f"status_{current['status']}")), False
     try:
         change_incident(db, incident_id, {"status": status}, actor=telegram_sender(update_part),
                         taken_by=telegram_name(update_part))
     except ApiError as error:  # reopening while another open incident holds the dedup_key
-        return error.detail, True
+        return say("reopen_held", holder=error.extensions["open_incident_id"], dedup_key=current["dedup_key"]), True
     assignee = db.execute("SELECT assignee FROM incidents WHERE id = ?", (incident_id,)).fetchone()[0]
-    still = f" (assigned to {assignee})" if action == "take" and assignee not in (None, telegram_name(update_part)) else ""
-    return f"Incident #{incident_id} {verb} by {telegram_name(update_part)}{still}", False
+    still = say("still_assigned", assignee=assignee) if action == "take" and assignee not in (
+        None, telegram_name(update_part)) else ""
+    return say(f"done_{action}", id=incident_id, name=telegram_name(update_part), still=still), False
 
 
 def callback_answer(callback, text, alert=False):
@@ -2577,6 +2793,7 @@ def telegram_poll_command():
     bot = telegram_bot()
     warn_if_no_chat_allowed(lambda line: click.echo(line, err=True))
     learn_username(current_app.extensions["incidents"], bot)
+    register_commands(bot)
     with contextlib.ExitStack() as stack:
         if current_app.config["TELEGRAM_NOTIFY_CHAT_IDS"]:
             stack.enter_context(sole_sender(current_app.extensions["incidents"].lock_base, bot.id))
@@ -2639,7 +2856,7 @@ def alert_group(group_key):
 def alert_description(labels, annotations):
     """What the person on duty reads first: summary, description, then every label."""
     title = next((text.strip() for text in (annotations.get("summary", ""), labels.get("alertname", ""))
-                  if has_visible_text(text)), "Alert without a name")
+                  if has_visible_text(text)), say("alert_unnamed"))
     lines = [title, annotations.get("description", ""),
              " ".join(f"{name}={value}" for name, value in sorted(labels.items()))]
     return "\n".join(line.strip() for line in lines if line.strip())[:DESCRIPTION_MAX].strip()
@@ -2708,12 +2925,13 @@ def fire_alert(db, alert, dedup_key, sender, at, reopen_after):
         fold_report(db, dedup_key, at)
         return latest["id"], "folded"
     if latest and latest["status"] == "resolved" and reopen_after and latest["changed_at"] >= reopen_after:
-        note = f"The alert fired again (started {alert.get('startsAt', 'at an unknown time')})"
+        note = say("alert_again", started=alert["startsAt"]) if "startsAt" in alert else say("alert_again_unknown")
         change_incident(db, latest["id"], {"status": "new"}, note, sender)
         return latest["id"], "reopened"
     values = {"description": alert_description(alert["labels"], alert["annotations"]),
               "source": "monitoring", "dedup_key": dedup_key, "group": alert["group"]}
-    note = f"Alert from {sender}, firing since {alert.get('startsAt', 'an unknown time')}"
+    note = say("alert_from", sender=sender, since=alert["startsAt"]) if "startsAt" in alert else \
+        say("alert_from_unknown", sender=sender)
     return insert_incident(db, values, at, note, sender)[0], "created"
 
 
@@ -2722,7 +2940,7 @@ def resolve_alert(db, alert, dedup_key, sender):
     latest = alert_incident(db, dedup_key)
     if latest is None or latest["status"] not in OPEN_STATUSES:
         return latest and latest["id"], "unchanged"
-    note = f"The alert ended at {alert.get('endsAt', 'an unknown time')}"
+    note = say("alert_ended", ended=alert["endsAt"]) if "endsAt" in alert else say("alert_ended_unknown")
     change_incident(db, latest["id"], {"status": "resolved"}, note, sender)
     return latest["id"], "resolved"
 
@@ -2873,9 +3091,8 @@ def open_silent(db, name):
     if heartbeat is None:
         return
     last = heartbeat["last_ping_at"]
-    note = (f"No check-in since {short_time(last)}" if last else
-            f"No check-in since it was created, {short_time(heartbeat['created_at'])}") + \
-        f"; expected every {waited(heartbeat['period'])} with {waited(heartbeat['grace'])} of grace"
+    note = say("silent" if last else "silent_since_created", at=shown_time(last or heartbeat["created_at"]),
+               period=waited(heartbeat["period"]), grace=waited(heartbeat["grace"]))
     incident_id = report_silence(db, heartbeat, note)
     db.execute("UPDATE heartbeats SET down = 1, incident_id = ?, updated_at = ? WHERE id = ?",
                (incident_id, at, heartbeat["id"]))
@@ -2898,8 +3115,7 @@ def record_check_in(db, name, failure):
         incident_id = report_silence(db, heartbeat, failure)
     elif incident_id:
         silent = age_seconds(heartbeat["last_ping_at"] or heartbeat["created_at"])
-        change_incident(db, incident_id, {"status": "resolved"}, f"Checked in again after {waited(silent)} of silence",
-                        "heartbeat")
+        change_incident(db, incident_id, {"status": "resolved"}, say("back", silence=waited(silent)), "heartbeat")
     return db.execute(CHECK_IN_SQL, {"at": at, "down": int(failure is not None),
                                                      "incident_id": incident_id or None, "name": name}).fetchone()[0]
 
@@ -2911,7 +3127,7 @@ def remove_heartbeat(db, name):
         raise no_such_heartbeat(name)
     if incident_id := open_incident_of(db, heartbeat):
         add_event(db, incident_id, now(), "note", actor="heartbeat",
-                  note=f"Its heartbeat {name} was deleted: no check-in will resolve this incident now")
+                  note=say("heartbeat_deleted", name=name))
     db.execute("DELETE FROM heartbeats WHERE id = ?", (heartbeat["id"],))
 
 
@@ -2926,8 +3142,7 @@ def failure_note(signal):
     text = head.decode("utf-8", "replace").replace("\x00", "\ufffd")[:NOTE_MAX].strip()
     if has_visible_text(text):
         return text
-    return f"The check-in reported a failure (exit status {signal})" if signal.isdigit() else \
-        "The check-in reported a failure"
+    return say("check_in_exit_status", status=signal) if signal.isdigit() else say("check_in_failed")
 
 
 def list_heartbeats_sql(query):
@@ -2959,15 +3174,16 @@ def heartbeats_needing_attention(db):
     rows = db.execute(list_heartbeats_sql({"status": ["late", "down"]}),
                       {"after": "", "fetch": TELEGRAM_LIST_MAX + 1, "now": now()}).fetchall()
     if not rows:
-        return "Every heartbeat checks in on time."
+        return say("heartbeats_on_time")
     lines = []
     for row in rows[:TELEGRAM_LIST_MAX]:
         heartbeat = json.loads(row[1])
         last = heartbeat["last_ping_at"]
-        lines.append(f"{heartbeat['name']} [{heartbeat['status']}] last check-in "
-                     f"{short_time(last) if last else 'never'}" +
-                     (f", incident #{heartbeat['incident_id']}" if heartbeat["incident_id"] else ""))
-    return "\n".join(lines + (["… and more: GET /heartbeats?status=late,down"] if len(rows) > TELEGRAM_LIST_MAX else []))
+        lines.append(say("heartbeat_line", name=heartbeat["name"], status=say(f"heartbeat_{heartbeat['status']}"),
+                         last=shown_time(last) if last else say("heartbeat_never"),
+                         incident=say("heartbeat_incident", id=heartbeat["incident_id"]) if heartbeat["incident_id"]
+                         else ""))
+    return "\n".join(lines + ([say("heartbeats_more")] if len(rows) > TELEGRAM_LIST_MAX else []))
 
 
 def heartbeat_cursor(text):
@@ -3030,18 +3246,13 @@ def check_in(name, signal):
 # Notifications: every incident in the duty chats, kept current, with buttons
 # ---------------------------------------------------------------------------
 
-# The buttons that fit each status: (callback action, label).
+# The buttons that fit each status: callback actions, each labelled say("button_<action>").
 NOTIFY_BUTTONS = {
-    "new": (("take", "Take"), ("resolve", "Resolve")),
-    "in_progress": (("resolve", "Resolve"),),
-    "resolved": (("reopen", "Reopen"),),
-    "closed": (("reopen", "Reopen"),),
+    "new": ("take", "resolve"),
+    "in_progress": ("resolve",),
+    "resolved": ("reopen",),
+    "closed": ("reopen",),
 }
-
-
-def short_time(timestamp):
-    """2026-11-23T07:05:30.123Z as 2026-11-23 07:05 UTC."""
-    return f"{timestamp[:10]} {timestamp[11:16]} UTC"
 
 
 def utf16_length(text):
@@ -3074,22 +3285,24 @@ def incident_message(db, incident_id):
     change, take = (db.execute(f"""SELECT id, actor, at FROM events WHERE incident_id = ? AND type = 'status_changed'
                                    {condition} ORDER BY id DESC LIMIT 1""", (incident_id,)).fetchone()
                     for condition in ("", "AND from_status = 'new'"))
-    status = incident["status"].replace("_", " ")
-    header = f"<b>Incident #{incident_id}</b> · {status} · {incident['source']}"
-    lines = [f"Reported {short_time(incident['created_at'])}"]
+    status = say(f"status_{incident['status']}")
+    header = say("incident_header", id=incident_id, status=status, source=say(f"source_{incident['source']}"))
+    lines = [say("reported", at=shown_time(incident["created_at"]))]
     if incident["occurrences"] > 1:
-        lines.append(f"Repeated {incident['occurrences']} times, last {short_time(incident['last_seen_at'])}")
+        lines.append(say("repeated", times=plural(incident["occurrences"], "time"),
+                         at=shown_time(incident["last_seen_at"])))
     taken = take if take and incident["acknowledged_at"] else None  # who took it and when, however it went on
     if taken:
-        lines.append(f"Taken by {html.escape(taken['actor'] or 'someone', quote=False)}, {short_time(taken['at'])}")
+        lines.append(say("taken_by", actor=html.escape(shown_actor(taken["actor"]), quote=False),
+                         at=shown_time(taken["at"])))
     if change and change["id"] != (taken and taken["id"]):
-        lines.append(f"Now {status}: by {html.escape(change['actor'] or 'someone', quote=False)}, "
-                     f"{short_time(change['at'])}")
+        lines.append(say("now_status", status=status, actor=html.escape(shown_actor(change["actor"]), quote=False),
+                         at=shown_time(change["at"])))
     if incident["assignee"] and incident["assignee"] != (taken and (taken["actor"] or "").split(" (Telegram user ")[0]):
-        lines.append(f"Assigned to {html.escape(incident['assignee'], quote=False)}")
+        lines.append(say("assigned", assignee=html.escape(incident["assignee"], quote=False)))
     room = TELEGRAM_TEXT_MAX - utf16_length("\n".join([header, *lines])) - 1
-    buttons = [{"text": label, "callback_data": f"{action}:{incident_id}"}
-               for action, label in NOTIFY_BUTTONS[incident["status"]]]
+    buttons = [{"text": say(f"button_{action}"), "callback_data": f"{action}:{incident_id}"}
+               for action in NOTIFY_BUTTONS[incident["status"]]]
     return "\n".join([header, fit_description(incident["description"], room), *lines]), {"inline_keyboard": [buttons]}
 
 
@@ -3372,8 +3585,7 @@ def escalate(db, incident_id, number, at):
                (number, at if chats else None, incident_id))
     if chats:
         queue_reminders(db, incident_id, number, chats, at, shown_only=True)
-        add_event(db, incident_id, at, "escalated", note="Nobody took it after the last reminder: announced to "
-                                                         "the escalation chats")
+        add_event(db, incident_id, at, "escalated", note=say("escalation_note"))
         queue_notification(db, incident_id, "change", chats)
 
 
@@ -3389,24 +3601,24 @@ def pending_reminders(db):
 
 
 def waited(seconds):
-    """A wait as a person says it: 45 s, 10 min, 2 h 5 min."""
+    """A wait as a person says it: 45 s, 10 min, 2 h 5 min; 1 час 2 минуты."""
     minutes = int(seconds // 60)
-    return f"{int(seconds)} s" if minutes == 0 else f"{minutes} min" if minutes < 60 else \
-        f"{minutes // 60} h {minutes % 60} min"
+    return plural(int(seconds), "second") if minutes == 0 else plural(minutes, "minute") if minutes < 60 else \
+        say("hours_minutes", hours=plural(minutes // 60, "hour"), minutes=plural(minutes % 60, "minute"))
 
 
 def show_reminder(bot, row):
     """Send a reminder, a reply to the incident's message (an edit makes no phone ring); returns its id."""
     remind_max, wait = current_app.config["REMIND_MAX"], waited(age_seconds(row["opened_at"]))
-    nobody = (f"nobody has taken it (assigned to {html.escape(row['assignee'], quote=False)})" if row["assignee"]
-              else "nobody has taken it")
-    header = (f"⏰ <b>Incident #{row['incident_id']}</b> has waited {wait} and {nobody} "
-              f"(reminder {row['number']} of {remind_max})" if row["number"] <= remind_max else
-              f"⚠️ Escalated: <b>incident #{row['incident_id']}</b> has waited {wait} and {nobody}")
+    nobody = say("nobody_assigned", assignee=html.escape(row["assignee"], quote=False)) if row["assignee"] else \
+        say("nobody")
+    header = say("reminder", id=row["incident_id"], waited=wait, nobody=nobody, number=row["number"], most=remind_max) \
+        if row["number"] <= remind_max else say("escalated", id=row["incident_id"], waited=wait, nobody=nobody)
     room = TELEGRAM_TEXT_MAX - utf16_length(header) - 1
     message = {"chat_id": row["chat_id"], "text": f"{header}\n{fit_description(row['description'], room)}",
                "parse_mode": "HTML", **NO_PREVIEWS,
-               "reply_markup": {"inline_keyboard": [[{"text": "Take", "callback_data": f"take:{row['incident_id']}"}]]}}
+               "reply_markup": {"inline_keyboard": [[{"text": say("button_take"),
+                                                      "callback_data": f"take:{row['incident_id']}"}]]}}
     if row["reply_to"] is not None:
         message["reply_parameters"] = {"message_id": row["reply_to"], "allow_sending_without_reply": True}
     return bot.send(message)
@@ -3418,8 +3630,8 @@ def take_back_reminder(bot, row):
         return
     where = {"chat_id": row["chat_id"], "message_id": row["message_id"]}
     for method, payload in (("deleteMessage", where),
-                            ("editMessageText", {**where, "text": f"Incident #{row['incident_id']} is "
-                                                                  f"{row['status'].replace('_', ' ')} now."})):
+                            ("editMessageText", {**where, "text": say("reminder_taken_back", id=row["incident_id"],
+                                                                      status=say(f"status_{row['status']}"))})):
         try:
             bot.call(method, payload)
             return
@@ -3510,6 +3722,7 @@ def telegram_notify_command():
     if not current_app.config["TELEGRAM_NOTIFY_CHAT_IDS"]:
         raise click.UsageError("Set TELEGRAM_NOTIFY_CHAT_IDS to the chats to notify, ids separated by commas.")
     learn_username(current_app.extensions["incidents"], bot)  # for the webhook beside it
+    register_commands(bot)
     with sole_sender(current_app.extensions["incidents"].lock_base, bot.id):
         until_interrupted("Sending notifications; press Ctrl-C to stop.", lambda database, db: send_notifications(
             database, db, bot, threading.Event()))
@@ -3583,7 +3796,7 @@ def storm_counts(db, storm_id):
 
 def storm_name(storm):
     """What a storm is called: its group, or its source's words."""
-    return storm["group_name"] or say("storm_of_source", source=storm["source"])
+    return storm["group_name"] or say("storm_of_source", source=say(f"source_{storm['source']}"))
 
 
 def storm_message(db, storm_id):
@@ -3592,11 +3805,11 @@ def storm_message(db, storm_id):
     storm, counts = db.execute("SELECT * FROM storms WHERE id = ?", (storm_id,)).fetchone(), storm_counts(db, storm_id)
     total, still = sum(counts.values()), counts["new"] + counts["in_progress"]
     lines = [say("storm_title", group=html.escape(storm_name(storm), quote=False),
-                 incidents=plural(total, "incident"), since=short_time(storm["started_at"])),
+                 incidents=plural(total, "incident"), since=shown_time(storm["started_at"])),
              say("storm_open", open=still, new=counts["new"], taken=counts["in_progress"], back=total - still)]
     if not still:
         ended = db.execute("SELECT max(resolved_at) FROM incidents WHERE storm_id = ?", (storm_id,)).fetchone()[0]
-        lines.append(say("storm_over", at=short_time(ended), lasted=waited(seconds_between(storm["started_at"], ended))))
+        lines.append(say("storm_over", at=shown_time(ended), lasted=waited(seconds_between(storm["started_at"], ended))))
     first = db.execute("SELECT id, description FROM incidents WHERE storm_id = ? ORDER BY id LIMIT ?",
                        (storm_id, STORM_LIST_MAX)).fetchall()
     more = [say("storm_more", more=total - len(first))] if total > len(first) else []
@@ -4251,6 +4464,22 @@ def bot_token(text):
     return text
 
 
+def language_name(text):
+    """A language the catalog of texts holds: en or ru."""
+    if text.lower() not in TEXTS:
+        raise ValueError(f"must be one of {', '.join(TEXTS)} (the language of the chats), not {text!r}")
+    return text.lower()
+
+
+def time_zone(text):
+    """A zone the IANA database knows (the system's, else the tzdata package's), such as Europe/Moscow."""
+    try:
+        return zoneinfo.ZoneInfo(text)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):  # ValueError: a path, not a name
+        raise ValueError(f"must be a time zone of the IANA database, such as Europe/Moscow or UTC, not {text!r}") \
+            from None
+
+
 def check_database_name(path):
     """Stop, in one line naming INCIDENTS_DB, where SQLite could only fail later with an obscure error, or
     where one file would be two databases: what every command that opens the database checks first."""
@@ -4305,7 +4534,8 @@ def configuration():
         TELEGRAM_NOTIFY_CHAT_IDS=setting("TELEGRAM_NOTIFY_CHAT_IDS", chat_ids, ()),
         TELEGRAM_ESCALATE_CHAT_IDS=setting("TELEGRAM_ESCALATE_CHAT_IDS", chat_ids, ()),
         NOTIFY_REPEAT_INTERVAL=NOTIFY_REPEAT_INTERVAL_S,
-        LANGUAGE="en",
+        LANGUAGE=setting("INCIDENTS_LANGUAGE", language_name, "en"),
+        TIMEZONE=setting("INCIDENTS_TIMEZONE", time_zone, zoneinfo.ZoneInfo("UTC")),
         MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
     )
 

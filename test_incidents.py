@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import string
 import subprocess
 import sys
 import threading
@@ -25,8 +26,9 @@ import urllib.parse
 import urllib.request
 import contextlib
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import click
 import flask
@@ -57,7 +59,7 @@ def clean_environment(monkeypatch):
                  "INCIDENTS_REMIND_AFTER", "INCIDENTS_REMIND_MAX", "TELEGRAM_WEBHOOK_SECRET", "TELEGRAM_BOT_TOKEN",
                  "TELEGRAM_API_URL", "TELEGRAM_ALLOWED_CHAT_IDS", "TELEGRAM_NOTIFY_CHAT_IDS",
                  "TELEGRAM_ESCALATE_CHAT_IDS", "INCIDENTS_STORM_THRESHOLD", "INCIDENTS_STORM_WINDOW",
-                 "TELEGRAM_LIMIT_WINDOW"):
+                 "TELEGRAM_LIMIT_WINDOW", "INCIDENTS_LANGUAGE", "INCIDENTS_TIMEZONE"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -2327,7 +2329,7 @@ def as_shown(payload):
 
 class FakeBotApi(http.server.ThreadingHTTPServer):
     """Enough of the Bot API for the bot: getUpdates from a list; sendMessage, editMessageText and
-    answerCallbackQuery recorded, with the errors Telegram gives for floods, unchanged and deleted
+    answerCallbackQuery and setMyCommands recorded, with the errors Telegram gives for floods, unchanged and deleted
     messages and chats the bot was removed from. A text in HTML that Telegram would refuse is refused,
     as Telegram does, and recorded in `malformed`, which fails the test that sent it."""
 
@@ -2347,6 +2349,8 @@ class FakeBotApi(http.server.ThreadingHTTPServer):
         self.rejects = 0  # sends or edits to refuse as a bad request
         self.hold = 0  # seconds a getUpdates with nothing new waits (a long poll), at most its timeout
         self.username = "incidents_bot"
+        self.menus = []  # each setMyCommands payload
+        self.menu_refused = False  # answer setMyCommands 400
         self.moved = {}  # group chat id -> the supergroup it became
         self.uneditable = {}  # message id -> why Telegram refuses to edit it
         self.undeletable = set()  # message ids too old to delete
@@ -2457,6 +2461,12 @@ class FakeBotApiHandler(http.server.BaseHTTPRequestHandler):
                 return self.answer(*fake.show(method, payload))
         if method == "answerCallbackQuery":
             fake.answers.append(payload)
+            return self.answer(200, {"ok": True, "result": True})
+        if method == "setMyCommands":
+            fake.menus.append(payload)
+            if fake.menu_refused:
+                return self.answer(400, {"ok": False, "error_code": 400,
+                                         "description": "Bad Request: BOT_COMMAND_INVALID"})
             return self.answer(200, {"ok": True, "result": True})
         if method == "getMe":
             return self.answer(200, {"ok": True, "result": {"id": 123456, "is_bot": True, "username": fake.username}})
@@ -4332,9 +4342,9 @@ def test_no_check_in_writes_on_an_incident_a_person_resolved(client, db_path):
     (incident_id, *_), = heartbeat_incidents(db_path, "backup-job")
     patch(client, incident_id, status="resolved", actor="olga")
     resolved = (client.get(f"/incidents/{incident_id}").json, client.get(f"/incidents/{incident_id}/events").json)
-    for signal in ("ping", "0", "ping", "fail", "ping"):
-        client.post(f"/heartbeats/backup-job/{signal}")
-        assert client.get("/heartbeats/backup-job").json["incident_id"] != incident_id, signal
+    for kind in ("ping", "0", "ping", "fail", "ping"):
+        client.post(f"/heartbeats/backup-job/{kind}")
+        assert client.get("/heartbeats/backup-job").json["incident_id"] != incident_id, kind
     assert (client.get(f"/incidents/{incident_id}").json, client.get(f"/incidents/{incident_id}/events").json) == resolved
     assert [row[1] for row in heartbeat_incidents(db_path, "backup-job")] == ["resolved", "resolved"]  # the failure's own
 
@@ -4540,6 +4550,480 @@ def test_silence_opens_its_incident_once_within_two_seconds_under_the_gunicorn_r
         julianday(next_due_at) * 86400 FROM incidents JOIN heartbeats ON dedup_key = 'heartbeat:' || name""")]
     assert len(late) == 6 and all(0 <= seconds < 2 for seconds in late), late
     assert query(db_path, "SELECT count(*) FROM incidents") == [(6,)]
+
+
+# ---------------------------------------------------------------------------
+# Texts people read: the catalog, the chat's language and the team's time zone
+# ---------------------------------------------------------------------------
+
+MOSCOW = {"LANGUAGE": "ru", "TIMEZONE": ZoneInfo("Europe/Moscow")}
+SPOKEN = {"en": {}, "ru": MOSCOW}  # the configuration of each language's test: Russian in Moscow
+FIXED_NOW = "2026-12-07T11:13:00.000Z"  # 14:13 in Moscow
+
+
+@contextmanager
+def speaking(language, zone="UTC"):
+    """An app context (no database) whose texts are in `language` and their times in `zone`."""
+    app = flask.Flask(__name__)
+    app.config.update(LANGUAGE=language, TIMEZONE=ZoneInfo(zone))
+    with app.app_context():
+        yield
+
+
+def fields_of(text):
+    return {field for _, field, _, _ in string.Formatter().parse(text) if field is not None}
+
+
+def test_catalog_holds_every_key_and_placeholder_in_every_language():
+    english = incidents.TEXTS["en"]
+    for language, texts in incidents.TEXTS.items():
+        assert texts.keys() == english.keys(), language
+        assert {key: fields_of(text) for key, text in texts.items()} == {
+            key: fields_of(text) for key, text in english.items()}, language
+        assert incidents.NOUNS[language].keys() == incidents.NOUNS["en"].keys(), language
+
+
+# What may stay Latin in a Russian text: placeholders, commands and paths, setting names, HTML tags, Telegram.
+NOT_WORDS = re.compile(r"\{[^}]*\}|GET /\S+|/[a-z]+|\b[A-Z_]{3,}\b|</?b>|\bTelegram\b")
+
+
+@pytest.mark.parametrize("language", incidents.TEXTS)
+def test_every_text_renders_in_each_language_and_russian_has_no_english_word(language):
+    sample = {"at": datetime(2026, 12, 7, 11, 13, tzinfo=timezone.utc)}
+    with speaking(language, "Europe/Moscow"):
+        for key, text in incidents.TEXTS[language].items():
+            shown = incidents.say(key, **{field: sample.get(field, "x") for field in fields_of(text)})
+            assert shown.strip() and "{" not in shown and incidents.utf16_length(shown) <= 4096, key
+            if language == "ru":
+                assert not re.search("[A-Za-z]", NOT_WORDS.sub("", text)), key
+
+
+@pytest.mark.parametrize("count, english, russian", [
+    (1, "1 incident", "1 инцидент"), (2, "2 incidents", "2 инцидента"), (5, "5 incidents", "5 инцидентов"),
+    (11, "11 incidents", "11 инцидентов"), (21, "21 incidents", "21 инцидент"), (101, "101 incidents", "101 инцидент"),
+    (112, "112 incidents", "112 инцидентов"), (0, "0 incidents", "0 инцидентов"), (24, "24 incidents", "24 инцидента"),
+    (14, "14 incidents", "14 инцидентов"),
+])
+def test_plural_forms_follow_the_number_in_each_language(count, english, russian):
+    for language, expected in (("en", english), ("ru", russian)):
+        with speaking(language):
+            assert incidents.plural(count, "incident") == expected
+
+
+@pytest.mark.parametrize("seconds, english, russian", [
+    (1, "1 s", "1 секунду"), (45, "45 s", "45 секунд"), (62, "1 min", "1 минуту"), (300, "5 min", "5 минут"),
+    (1260, "21 min", "21 минуту"), (3720, "1 h 2 min", "1 час 2 минуты"), (7500, "2 h 5 min", "2 часа 5 минут"),
+    (5 * 3600 + 22 * 60, "5 h 22 min", "5 часов 22 минуты"),
+])
+def test_durations_read_as_people_say_them_in_each_language(seconds, english, russian):
+    for language, expected in (("en", english), ("ru", russian)):
+        with speaking(language):
+            assert incidents.waited(seconds) == expected
+
+
+@pytest.mark.parametrize("zone, stored, english, russian", [
+    ("UTC", "2026-11-23T07:05:30.123Z", "2026-11-23 07:05 UTC", "23.11.2026 07:05 UTC"),
+    ("Europe/Moscow", FIXED_NOW, "2026-12-07 14:13 MSK", "07.12.2026 14:13 MSK"),
+    ("Asia/Yekaterinburg", FIXED_NOW, "2026-12-07 16:13 +05", "07.12.2026 16:13 +05"),
+    # Berlin's clocks go forward an hour at 01:00 UTC on 29 March 2026, and back at 01:00 UTC on 25 October
+    ("Europe/Berlin", "2026-03-29T00:59:59.999Z", "2026-03-29 01:59 CET", "29.03.2026 01:59 CET"),
+    ("Europe/Berlin", "2026-03-29T01:00:00.000Z", "2026-03-29 03:00 CEST", "29.03.2026 03:00 CEST"),
+    ("Europe/Berlin", "2026-10-25T00:30:00.000Z", "2026-10-25 02:30 CEST", "25.10.2026 02:30 CEST"),
+    ("Europe/Berlin", "2026-10-25T01:30:00.000Z", "2026-10-25 02:30 CET", "25.10.2026 02:30 CET"),
+    ("America/New_York", "2026-11-01T05:30:00.000Z", "2026-11-01 01:30 EDT", "01.11.2026 01:30 EDT"),
+    ("America/New_York", "2026-11-01T06:30:00.000Z", "2026-11-01 01:30 EST", "01.11.2026 01:30 EST"),
+])
+def test_times_are_shown_in_the_zone_naming_it_across_a_daylight_saving_change(zone, stored, english, russian):
+    for language, expected in (("en", english), ("ru", russian)):
+        with speaking(language, zone):
+            assert incidents.shown_time(stored) == expected
+
+
+def test_neither_setting_means_english_and_utc_and_both_are_read_trimmed(db_path, monkeypatch):
+    config = incidents.create_app({"DATABASE": str(db_path)}).config
+    assert (config["LANGUAGE"], config["TIMEZONE"]) == ("en", ZoneInfo("UTC"))
+    monkeypatch.setenv("INCIDENTS_LANGUAGE", " RU ")
+    monkeypatch.setenv("INCIDENTS_TIMEZONE", " Asia/Yekaterinburg\t")
+    config = incidents.create_app({"DATABASE": str(db_path)}).config
+    assert (config["LANGUAGE"], config["TIMEZONE"]) == ("ru", ZoneInfo("Asia/Yekaterinburg"))
+
+
+@pytest.mark.parametrize("name, value, message", [
+    *[("INCIDENTS_LANGUAGE", value, f"must be one of en, ru (the language of the chats), not {value!r}")
+      for value in ("de", "russian", "ру", "en-US")],
+    *[("INCIDENTS_TIMEZONE", value, f"must be a time zone of the IANA database, such as Europe/Moscow or UTC, not "
+                                    f"{value!r}")
+      for value in ("Europe/Atlantis", "Europe", "MSK+3", "utc", "../../etc/passwd", "/etc/localtime", "A//B")],
+])
+def test_bad_language_or_time_zone_stops_startup_in_one_line_naming_it(db_path, monkeypatch, name, value, message):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as stopped:
+        incidents.create_app({"DATABASE": str(db_path)})
+    assert str(stopped.value) == f"incidents: {name} {message}"
+
+
+@pytest.mark.parametrize("command", [["run", "--port", "0"], ["telegram-notify"], ["backup", "copy.db"]])
+def test_a_zone_the_database_does_not_know_stops_the_server_and_every_command(db_path, command):
+    result = run_flask(db_path, *command, INCIDENTS_TIMEZONE="Mars/Olympus", TELEGRAM_BOT_TOKEN=TOKEN)
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        "incidents: INCIDENTS_TIMEZONE must be a time zone of the IANA database, such as Europe/Moscow or UTC, not "
+        "'Mars/Olympus'"]
+    assert not db_path.exists()
+
+
+def test_zones_come_from_the_tzdata_package_on_a_machine_without_a_zone_database(db_path):
+    script = ("import incidents, datetime; print(datetime.datetime(2026, 12, 7, 11, 13, tzinfo=datetime.timezone.utc)"
+              ".astimezone(incidents.time_zone('Europe/Moscow')).strftime('%H:%M %Z'))")
+    result = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True, timeout=30,
+                            env={**os.environ, "PYTHONTZPATH": ""})  # no system zone database to look in
+    assert (result.returncode, result.stdout) == (0, "14:13 MSK\n"), result.stderr
+
+
+MENU = {
+    "en": ["report a problem", "the newest unresolved incidents", "the heartbeats that are late or down",
+           "take an incident (in_progress)", "resolve an incident", "what the bot does, and this chat's id"],
+    "ru": ["сообщить о проблеме", "новейшие нерешённые инциденты", "пульсы, которые опаздывают или молчат",
+           "взять инцидент в работу", "отметить инцидент решённым", "что умеет бот и номер этого чата"],
+}
+
+
+@pytest.mark.parametrize("command, language", [("telegram-poll", "ru"), ("telegram-notify", "en")])
+def test_bot_registers_its_command_menu_in_the_language_when_it_starts(db_path, bot_api, command, language):
+    process = bot_command(db_path, bot_api, command, INCIDENTS_LANGUAGE=language)
+    try:
+        bot_api.wait_for(lambda: bot_api.menus)
+    finally:
+        stop_command(process)
+    names = ["incident", "incidents", "heartbeats", "take", "resolve", "help"]
+    assert bot_api.menus == [{"commands": [{"command": name, "description": description}
+                                           for name, description in zip(names, MENU[language])]}]
+
+
+def test_a_refused_command_menu_is_logged_and_the_bot_goes_on(db_path, bot_api):
+    bot_api.menu_refused = True
+    bot_api.updates.append(telegram_update(1, "Самокат 12 сломан"))
+    process = bot_command(db_path, bot_api, "telegram-poll")
+    try:
+        bot_api.wait_for(lambda: any(message["chat_id"] == PRIVATE_CHAT["id"] for message in bot_api.sent))
+    finally:
+        output = stop_command(process)
+    assert "the bot's commands are not registered (setMyCommands: 400 Bad Request: BOT_COMMAND_INVALID)" in output
+    assert [m["text"] for m in bot_api.sent if m["chat_id"] == PRIVATE_CHAT["id"]] == ["Incident #1 registered"]
+
+
+def speaking_app(db_path, bot_api, migrated, monkeypatch, language):
+    """A webhook and notify app in `language` (Russian in Moscow) whose clock stands at FIXED_NOW."""
+    monkeypatch.setattr(incidents, "now", lambda: FIXED_NOW)
+    return app_on_copy(db_path, migrated, **notify_config(db_path, bot_api), **SPOKEN[language])
+
+
+REPLIES = [  # each reply in English and in Russian, in order
+    ("Send me a problem and I register it as an incident.\nIn a private chat, any text is a report. In a group: "
+     "/incident <text>.\n/incidents - the newest unresolved incidents\n/heartbeats - the heartbeats that are late "
+     "or down\n/take <id> - take an incident (in_progress)\n/resolve <id> - resolve an incident\n\nThis chat's id "
+     "is 111; the bot acts here.",
+     "Пришлите мне проблему, и я зарегистрирую её как инцидент.\nВ личном чате любой текст — это сообщение о "
+     "проблеме. В группе: /incident <текст>.\n/incidents — новейшие нерешённые инциденты\n/heartbeats — пульсы, "
+     "которые опаздывают или молчат\n/take <номер> — взять инцидент в работу\n/resolve <номер> — отметить инцидент "
+     "решённым\n\nНомер этого чата: 111; бот здесь работает."),
+    ("Send me a problem and I register it as an incident.\nIn a private chat, any text is a report. In a group: "
+     "/incident <text>.\n/incidents - the newest unresolved incidents\n/heartbeats - the heartbeats that are late "
+     "or down\n/take <id> - take an incident (in_progress)\n/resolve <id> - resolve an incident\n\nThis chat's id "
+     "is 999; the bot does not act here. To allow it, add 999 to TELEGRAM_ALLOWED_CHAT_IDS.",
+     "Пришлите мне проблему, и я зарегистрирую её как инцидент.\nВ личном чате любой текст — это сообщение о "
+     "проблеме. В группе: /incident <текст>.\n/incidents — новейшие нерешённые инциденты\n/heartbeats — пульсы, "
+     "которые опаздывают или молчат\n/take <номер> — взять инцидент в работу\n/resolve <номер> — отметить инцидент "
+     "решённым\n\nНомер этого чата: 999; бот здесь не работает. Чтобы разрешить, добавьте 999 в "
+     "TELEGRAM_ALLOWED_CHAT_IDS."),
+    ("This chat (999) may not use this bot. To allow it, add 999 to TELEGRAM_ALLOWED_CHAT_IDS.",
+     "Этому чату (999) нельзя пользоваться ботом. Чтобы разрешить, добавьте 999 в TELEGRAM_ALLOWED_CHAT_IDS."),
+    ("I only understand text. /help",
+     "Я понимаю только текст. /help"),
+    ("Describe the problem: /incident <text>",
+     "Опишите проблему: /incident <текст>"),
+    ("Send the incident number, e.g. /take 17",
+     "Пришлите номер инцидента, например: /take 17"),
+    ("Incident #1 registered",
+     "Инцидент #1 зарегистрирован"),
+    ("Nothing was registered: the text must not contain NUL characters.",
+     "Ничего не зарегистрировано: текст не должен содержать нулевых символов."),
+    ("Nothing was registered: the text must contain a visible character, not only spaces or control characters.",
+     "Ничего не зарегистрировано: текст должен содержать видимый символ, а не только пробелы и управляющие символы."),
+    ("Nothing was registered: the text must be valid Unicode (no lone surrogates).",
+     "Ничего не зарегистрировано: текст должен быть правильным Юникодом (без одиночных суррогатов)."),
+    ("Every heartbeat checks in on time.",
+     "Все пульсы отмечаются вовремя."),
+    ("Incident #2 registered",
+     "Инцидент #2 зарегистрирован"),
+    ("#3 [new] point-7 stopped checking in\n#2 [in_progress] Точка 7 не отвечает\n#1 [new] Самокат 12 сломан",
+     "#3 [новый] point-7 stopped checking in\n#2 [в работе] Точка 7 не отвечает\n#1 [новый] Самокат 12 сломан"),
+    ("job-9 [late] last check-in never\npoint-7 [down] last check-in 2026-12-07 11:13 UTC, incident #3",
+     "job-9 [опаздывает] последняя отметка: не было\npoint-7 [молчит] последняя отметка: 07.12.2026 14:13 MSK, "
+     "инцидент #3"),
+    ("Incident #1 resolved by @ivan_ops",
+     "Инцидент #1 решён: @ivan_ops"),
+    ("No unresolved incidents.",
+     "Нерешённых инцидентов нет."),
+    ("Incident #4 registered (your name is shown without characters that cannot be stored)",
+     "Инцидент #4 зарегистрирован (ваше имя показано без символов, которые нельзя сохранить)"),
+]
+
+
+@pytest.mark.parametrize("language", SPOKEN)
+def test_replies_to_commands_and_reports_in_each_language(db_path, bot_api, migrated, monkeypatch, language):
+    client = speaking_app(db_path, bot_api, migrated, monkeypatch, language).test_client()
+
+    def send(*updates):
+        return [client.post("/telegram/webhook", json=update, headers={"X-Telegram-Bot-Api-Secret-Token": SECRET}
+                            ).json["text"] for update in updates]
+
+    stranger = {"id": 999, "type": "private", "first_name": "Гость"}
+    replies = send(telegram_update(1, "/help"), telegram_update(16, "/start", chat=stranger),
+                   telegram_update(2, "Сломалось", chat=stranger), telegram_update(3, sticker={"file_id": "x"}),
+                   telegram_update(4, "/incident"), telegram_update(5, "/take"),
+                   telegram_update(6, "Самокат 12 сломан"), telegram_update(7, "Сам\x00окат"),
+                   telegram_update(8, "\x01\x02"), telegram_update(9, "Сам\ud800окат"), telegram_update(10, "/heartbeats"),
+                   telegram_update(11, "/incident Точка 7 не отвечает", chat=GROUP_CHAT, sender=OLGA))
+    tap(client, "take:2")
+    put_heartbeat(client, "point-7")
+    client.post("/heartbeats/point-7/fail")
+    put_heartbeat(client, "job-9")
+    with sqlite3.connect(db_path) as db:  # late, and never checked in
+        db.execute("UPDATE heartbeats SET late_at = '2026-12-07T11:00:00.000Z' WHERE name = 'job-9'")
+    replies += send(telegram_update(12, "/incidents", chat=GROUP_CHAT), telegram_update(13, "/heartbeats"),
+                    telegram_update(14, "/resolve 1"))
+    for incident_id in (2, 3):
+        patch(client, incident_id, status="resolved")
+    replies += send(telegram_update(15, "/incidents"),
+                    telegram_update(17, "Самокат 9", sender={**IVAN, "username": None, "first_name": "Ив\x07ан"}))
+    assert replies == [pair[language == "ru"] for pair in REPLIES]
+
+
+TAP_ANSWERS = [  # each answer in English and in Russian, in order
+    ("Incident #1 taken by Ольга",
+     "Инцидент #1 взят: Ольга"),
+    ("Incident #1 is already in progress",
+     "Инцидент #1 уже в работе"),
+    ("Incident #2 taken by Ольга (assigned to Пётр)",
+     "Инцидент #2 взят: Ольга (назначен: Пётр)"),
+    ("Incident #1 resolved by Ольга",
+     "Инцидент #1 решён: Ольга"),
+    ("Incident #1 reopened by Ольга",
+     "Инцидент #1 снова открыт: Ольга"),
+    ("There is no incident #99",
+     "Инцидента #99 нет"),
+    ("Unknown action",
+     "Неизвестное действие"),
+    ("Not allowed in this chat",
+     "В этом чате нельзя"),
+    ("Incident 4 is open with the same dedup_key 'ping:7'; resolve or close it before reopening this one, or work "
+     "on incident 4.",
+     "Инцидент #4 открыт с тем же ключом 'ping:7'; решите или закройте его, прежде чем открывать снова этот, или "
+     "работайте с инцидентом #4."),
+]
+
+
+@pytest.mark.parametrize("language", SPOKEN)
+def test_answers_to_taps_in_each_language(db_path, bot_api, migrated, monkeypatch, language):
+    client = speaking_app(db_path, bot_api, migrated, monkeypatch, language).test_client()
+    create(client)
+    patch(client, create(client)["id"], assignee="Пётр")
+    report(client, key="ping:7")
+    patch(client, 3, status="resolved")
+    report(client, key="ping:7")
+    answers = [tap(client, data, sender=OLGA) for data in ("take:1", "take:1", "take:2", "resolve:1", "reopen:1",
+                                                          "take:99", "delete:1")]
+    answers += [tap(client, "take:1", chat=-100555), tap(client, "reopen:3")]
+    assert [answer["text"] for answer in answers] == [pair[language == "ru"] for pair in TAP_ANSWERS]
+
+
+MESSAGES = [  # each message (text, buttons) in English and in Russian, in order
+    (("<b>Incident #1</b> · resolved · monitoring\nDisk is full on db1\nReported 2026-12-07 11:13 UTC\nRepeated 2 "
+      "times, last 2026-12-07 11:13 UTC\nTaken by @ivan_ops (Telegram user 111), 2026-12-07 11:13 UTC\nNow "
+      "resolved: by Пётр, 2026-12-07 11:13 UTC",
+      [("Reopen", "reopen:1")]),
+     ("<b>Инцидент #1</b> · решён · мониторинг\nDisk is full on db1\nПоступил 07.12.2026 14:13 MSK\nПовторился 2 "
+      "раза, последний раз 07.12.2026 14:13 MSK\nВзят: @ivan_ops (пользователь Telegram 111), 07.12.2026 14:13 "
+      "MSK\nТеперь решён: Пётр, 07.12.2026 14:13 MSK",
+      [("Открыть снова", "reopen:1")])),
+    (("<b>Incident #2</b> · new · operator\nСамокат 12 не отвечает\nReported 2026-12-07 11:13 UTC\nAssigned to Пётр",
+      [("Take", "take:2"), ("Resolve", "resolve:2")]),
+     ("<b>Инцидент #2</b> · новый · оператор\nСамокат 12 не отвечает\nПоступил 07.12.2026 14:13 MSK\nНазначен: Пётр",
+      [("Взять", "take:2"), ("Решено", "resolve:2")])),
+    (("<b>Incident #3</b> · closed · partner\nТочка 7\nReported 2026-12-07 11:13 UTC\nTaken by someone, 2026-12-07 "
+      "11:13 UTC",
+      [("Reopen", "reopen:3")]),
+     ("<b>Инцидент #3</b> · закрыт · партнёр\nТочка 7\nПоступил 07.12.2026 14:13 MSK\nВзят: кто-то, 07.12.2026 "
+      "14:13 MSK",
+      [("Открыть снова", "reopen:3")])),
+    (("<b>Incident #4</b> · in progress · monitoring\npoint-7 stopped checking in\nReported 2026-12-07 11:13 UTC\n"
+      "Taken by @ivan_ops (Telegram user 111), 2026-12-07 11:13 UTC",
+      [("Resolve", "resolve:4")]),
+     ("<b>Инцидент #4</b> · в работе · мониторинг\npoint-7 stopped checking in\nПоступил 07.12.2026 14:13 MSK\n"
+      "Взят: @ivan_ops (пользователь Telegram 111), 07.12.2026 14:13 MSK",
+      [("Решено", "resolve:4")])),
+    (("⏰ <b>Incident #2</b> has waited 2 min and nobody has taken it (assigned to Пётр) (reminder 1 of 3)\nСамокат "
+      "12 не отвечает",
+      [("Take", "take:2")]),
+     ("⏰ <b>Инцидент #2</b> ждёт уже 2 минуты, и никто его не взял (назначен: Пётр) (напоминание 1 из 3)\nСамокат "
+      "12 не отвечает",
+      [("Взять", "take:2")])),
+    (("⚠️ Escalated: <b>incident #3</b> has waited 1 h 2 min and nobody has taken it\nТочка 7",
+      [("Take", "take:3")]),
+     ("⚠️ Эскалация: <b>инцидент #3</b> ждёт уже 1 час 2 минуты, и никто его не взял\nТочка 7",
+      [("Взять", "take:3")])),
+    ("Incident #4 is in progress now.",
+     "Инцидент #4 теперь в работе."),
+    ("Nobody took it after the last reminder: announced to the escalation chats",
+     "Никто не взял его после последнего напоминания: отправлен в чаты эскалации"),
+]
+
+
+class SentBot:
+    """A bot that records what it is asked to send, and is refused every deleteMessage."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, message):
+        self.sent.append(message)
+        return 1
+
+    def call(self, method, payload):
+        if method == "deleteMessage":
+            raise incidents.BotApiError("deleteMessage: 400 Bad Request: message can't be deleted", False, code=400)
+        self.sent.append(payload)
+
+
+def reminder_row(incident_id, number, description, assignee=None, waited=125):
+    opened_at = incidents.utc_timestamp(datetime.now(timezone.utc) - timedelta(seconds=waited))
+    return {"incident_id": incident_id, "chat_id": DUTY, "number": number, "description": description,
+            "assignee": assignee, "opened_at": opened_at, "reply_to": None, "status": "in_progress", "message_id": 5}
+
+
+@pytest.mark.parametrize("language", SPOKEN)
+def test_incident_messages_and_reminders_in_each_language(db_path, bot_api, migrated, monkeypatch, language):
+    app = speaking_app(db_path, bot_api, migrated, monkeypatch, language)
+    app.config["TELEGRAM_ESCALATE_CHAT_IDS"] = (LEAD,)
+    client = app.test_client()
+    report(client, key="disk")
+    report(client, key="disk")
+    tap(client, "take:1")
+    patch(client, 1, status="resolved", actor="Пётр")
+    patch(client, create(client, "Самокат 12 не отвечает", source="operator")["id"], assignee="Пётр")
+    patch(client, create(client, "Точка 7", source="partner")["id"], status="closed")
+    put_heartbeat(client, "point-7")
+    client.post("/heartbeats/point-7/fail")
+    tap(client, "take:4")
+    bot = SentBot()
+    with app.app_context():
+        shown = [incidents.incident_message(incidents.get_db(), incident_id) for incident_id in (1, 2, 3, 4)]
+        incidents.show_reminder(bot, reminder_row(2, 1, "Самокат 12 не отвечает", "Пётр"))
+        incidents.show_reminder(bot, reminder_row(3, 4, "Точка 7", waited=3725))
+        incidents.take_back_reminder(bot, reminder_row(4, 1, "x"))
+        app.extensions["incidents"].write(lambda db: incidents.escalate(db, 2, 4, FIXED_NOW))
+    shown += [(message["text"], message["reply_markup"]) for message in bot.sent[:2]]
+    assert [(text, buttons({"reply_markup": markup})) for text, markup in shown] + [bot.sent[2]["text"]] + [
+        events(client, 2)["items"][-1]["note"]] == [pair[language == "ru"] for pair in MESSAGES]
+
+
+NOTES = [  # each note in English and in Russian, in order
+    ("Reported in Telegram by @ivan_ops (Telegram user 111) in a private chat (chat 111, message 1)",
+     "Сообщение в Telegram от @ivan_ops (пользователь Telegram 111) в личном чате (чат 111, сообщение 1)"),
+    ("Reported in Telegram by Ольга (Telegram user 333) in chat 'Операторы' (chat -100222, message 2)",
+     "Сообщение в Telegram от Ольга (пользователь Telegram 333) в чате «Операторы» (чат -100222, сообщение 2)"),
+    ("No check-in since it was created, 2026-12-07 11:13 UTC; expected every 2 min with 30 s of grace",
+     "Нет отметок с момента создания, 07.12.2026 14:13 MSK; ожидались раз в 2 минуты, с запасом в 30 секунд"),
+    ("Checked in again after 2 min of silence",
+     "Снова на связи, молчал 2 минуты"),
+    ("No check-in since 2026-12-07 11:13 UTC; expected every 2 min with 30 s of grace",
+     "Нет отметок с 07.12.2026 14:13 MSK; ожидались раз в 2 минуты, с запасом в 30 секунд"),
+    ("Its heartbeat point-7 was deleted: no check-in will resolve this incident now",
+     "Его пульс point-7 удалён: теперь ни одна отметка не решит этот инцидент"),
+    ("The check-in reported a failure (exit status 3)",
+     "Отметка сообщила о сбое (код завершения 3)"),
+    ("The check-in reported a failure",
+     "Отметка сообщила о сбое"),
+    ("Alert from alertmanager, firing since 2026-11-23T07:00:00.123Z",
+     "Оповещение от alertmanager, срабатывает с 2026-11-23T07:00:00.123Z"),
+    ("The alert ended at 2026-11-23T07:10:00.000Z",
+     "Оповещение закончилось 2026-11-23T07:10:00.000Z"),
+    ("The alert fired again (started 2026-11-23T07:00:00.123Z)",
+     "Оповещение сработало снова (началось 2026-11-23T07:00:00.123Z)"),
+    ("Alert from grafana, firing since an unknown time",
+     "Оповещение от grafana, срабатывает с неизвестного времени"),
+    ("The alert ended at an unknown time",
+     "Оповещение закончилось в неизвестное время"),
+    ("The alert fired again (started at an unknown time)",
+     "Оповещение сработало снова (началось в неизвестное время)"),
+    ("Alert from alertmanager, firing since 2026-11-23T07:00:00.123Z",
+     "Оповещение от alertmanager, срабатывает с 2026-11-23T07:00:00.123Z"),
+    ("Alert without a name",
+     "Оповещение без имени"),
+]
+
+
+@pytest.mark.parametrize("language", SPOKEN)
+def test_notes_the_service_writes_on_timelines_in_each_language(db_path, bot_api, migrated, monkeypatch, language):
+    app = speaking_app(db_path, bot_api, migrated, monkeypatch, language)
+    client = app.test_client()
+    for update in (telegram_update(1, "Самокат 12 сломан"), telegram_update(2, "/incident Точка 7", chat=GROUP_CHAT,
+                                                                             sender=OLGA)):
+        client.post("/telegram/webhook", json=update, headers={"X-Telegram-Bot-Api-Secret-Token": SECRET})
+    put_heartbeat(client, "point-7", period=120, grace=30)
+
+    def fall_silent(change="next_due_at = '2026-12-07T11:00:00.000Z'"):
+        with sqlite3.connect(db_path) as db:
+            db.execute(f"UPDATE heartbeats SET {change}")
+        with app.app_context():
+            app.extensions["incidents"].write(lambda db: incidents.open_silent(db, "point-7"))
+
+    fall_silent()
+    fall_silent("created_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-125 seconds')")  # silent 2 min, still down
+    client.post("/heartbeats/point-7/ping")
+    fall_silent()
+    client.delete("/heartbeats/point-7")
+    put_heartbeat(client, "job")
+    client.post("/heartbeats/job/3")
+    client.post("/heartbeats/job/fail")
+    unknown = {key: value for key, value in am_alert(fingerprint="f2").items() if key not in ("startsAt", "endsAt")}
+    unnamed = am_alert(fingerprint="f3", labels={"point": "9"}, annotations={})
+    for payload in (am_payload(am_alert()), am_payload(am_alert("resolved")), am_payload(am_alert()),
+                    grafana_payload(unknown), grafana_payload({**unknown, "status": "resolved"}),
+                    grafana_payload(unknown), am_payload(unnamed)):
+        client.post("/integrations/alertmanager", json=payload)
+    notes = [note for (note,) in query(db_path, "SELECT note FROM events WHERE note IS NOT NULL ORDER BY id")]
+    [(description,)] = query(db_path, "SELECT description FROM incidents ORDER BY id DESC LIMIT 1")
+    assert notes + description.splitlines()[:1] == [pair[language == "ru"] for pair in NOTES]
+
+
+@pytest.mark.parametrize("language", SPOKEN)
+def test_every_message_and_tap_answer_fits_telegrams_limits_in_each_language(db_path, bot_api, migrated, monkeypatch,
+                                                                              language):
+    app = speaking_app(db_path, bot_api, migrated, monkeypatch, language)
+    client = app.test_client()
+    long_name, key, longest = {"id": 444, "first_name": "🚒" * 64, "last_name": "🚑" * 64}, "🚨" * 200, "🔥" * 10_000
+    report(client, key=key, description=longest)
+    answers = [tap(client, data, sender=long_name) for data in ("take:1", "take:1", "resolve:1", "reopen:1")]
+    patch(client, 1, status="resolved", assignee="🚑" * 255, actor="🚒" * 255)
+    report(client, key=key)
+    answers.append(tap(client, "reopen:1"))
+    for i in range(11):
+        put_heartbeat(client, f"{i:02}" + "x" * 98)
+        client.post(f"/heartbeats/{i:02}{'x' * 98}/fail")
+        create(client, "🔥" * 200)
+    bot = SentBot()
+    with app.app_context():
+        incidents.show_reminder(bot, reminder_row(1, 1, longest, "🚑" * 255))
+        incidents.show_reminder(bot, reminder_row(1, 4, longest, "🚑" * 255))
+        texts = [incidents.incident_message(incidents.get_db(), 1)[0]] + [message["text"] for message in bot.sent]
+    replies = [client.post("/telegram/webhook", json=telegram_update(n, text, chat=chat),
+                           headers={"X-Telegram-Bot-Api-Secret-Token": SECRET}).json["text"]
+               for n, text, chat in ((1, "/incidents", GROUP_CHAT), (2, "/heartbeats", GROUP_CHAT),
+                                     (3, "/help", PRIVATE_CHAT), (4, "/help", {"id": -10 ** 18, "type": "group"}))]
+    assert replies[1].endswith(incidents.TEXTS[language]["heartbeats_more"]) and "…" in texts[0]
+    assert all(0 < incidents.utf16_length(answer["text"]) <= 200 for answer in answers)
+    assert all(incidents.utf16_length(text) <= 4096 for text in texts + replies)
 
 
 # ---------------------------------------------------------------------------
@@ -4760,10 +5244,10 @@ def test_full_disk_answers_writes_503_keeps_reads_and_recovers_without_restart(a
     assert query(db_path, "SELECT count(*) FROM incidents") == [(2,)]
 
 
-def run_flask(db_path, *args, timeout=60):
+def run_flask(db_path, *args, timeout=60, **env):
     """A `flask --app incidents` command in its own process."""
     return subprocess.run([sys.executable, "-m", "flask", "--app", "incidents", *args], cwd=HERE,
-                          env={**os.environ, "INCIDENTS_DB": str(db_path)}, capture_output=True, text=True,
+                          env={**os.environ, "INCIDENTS_DB": str(db_path), **env}, capture_output=True, text=True,
                           timeout=timeout)
 
 
