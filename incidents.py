@@ -3488,8 +3488,12 @@ def deliver_notifications(database, db, bot):
     """One pass: reminders that fell due, then the outbox, the storms and the reminders to send or take back;
     returns seconds to wait."""
     schedule_reminders(database, db)
-    return deliver(database, bot, [*outbox_deliveries(db, bot), *storm_deliveries(db, bot),
-                                    *reminder_deliveries(db, bot)])
+    return deliver(database, bot, pending_deliveries(db, bot))
+
+
+def pending_deliveries(db, bot):
+    """Everything the chats wait for: the outbox's incidents, the storms, the reminders."""
+    return [*outbox_deliveries(db, bot), *storm_deliveries(db, bot), *reminder_deliveries(db, bot)]
 
 
 def notify_once(database, db, bot, delay):

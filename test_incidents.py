@@ -3641,24 +3641,31 @@ FREE_TEXTS = {
         "id": "cb-7", "from": {"id": 7, "first_name": text}, "data": "resolve:3", "message": {
             "message_id": 1003, "chat": {"id": DUTY, "type": "supergroup"}}}}),
     "Telegram report": lambda client, say, text: say(telegram_update(0, text, message_id=70)),  # incident 4
+    "group": lambda client, say, text: [create(client, f"Router {n}", "partner", group=text) for n in range(4)],
 }
 NOT_IN_TELEGRAM = {"note"}
 
 
 def telegram_pass(app, updates=()):
-    """Updates taken as telegram-poll takes them (replies and answers sent), then one pass of the sender."""
+    """Updates taken as telegram-poll takes them (replies and answers sent), then passes of the sender until
+    nothing waits (each chat takes a message at a time: see Pace)."""
     with app.app_context():
         database, bot = app.extensions["incidents"], incidents.telegram_bot()
         incidents.take_updates(database, bot, [{**update, "update_id": 1} for update in updates], 0)
         db = database.acquire()
         try:
-            incidents.deliver_notifications(database, db, bot, 0)
+            incidents.deliver_notifications(database, db, bot)
+            while db.execute("""SELECT EXISTS (SELECT 1 FROM notify_outbox) OR EXISTS (SELECT 1 FROM storm_outbox)
+                                OR EXISTS (SELECT 1 FROM notify_reminders WHERE state != 'sent')""").fetchone()[0]:
+                time.sleep(WINDOW / 60)
+                incidents.deliver(database, bot, incidents.pending_deliveries(db, bot))
         finally:
             database.release(db)
 
 
 def test_every_text_a_person_sets_reaches_telegram_well_formed_and_shown_as_typed(db_path, bot_api, migrated):
-    app = app_on_copy(db_path, migrated, **reminders_config(db_path, bot_api, REMIND_AFTER=600, REMIND_MAX=1))
+    app = app_on_copy(db_path, migrated, **reminders_config(db_path, bot_api, REMIND_AFTER=600, REMIND_MAX=1,
+                                                            STORM_THRESHOLD=3))  # the group's four are a storm
     client = app.test_client()
     bot_api.undeletable.update(range(1000, 1100))  # a reminder taken back is edited, not deleted
     create(client, "Point 7 is dark")
@@ -3669,7 +3676,8 @@ def test_every_text_a_person_sets_reaches_telegram_well_formed_and_shown_as_type
     for message_id, command in enumerate(("/incidents", "/heartbeats", "/take 4", "/resolve 4", "/help", "/take x"), 71):
         telegram_pass(app, [telegram_update(0, command, message_id=message_id)])
     for _ in range(2):  # a reminder, then the escalation
-        query(db_path, "UPDATE incidents SET remind_at = '2026-01-01T00:00:00.000Z' WHERE remind_at IS NOT NULL")
+        for table in ("incidents", "storms"):
+            query(db_path, f"UPDATE {table} SET remind_at = '2026-01-01T00:00:00.000Z' WHERE remind_at IS NOT NULL")
         telegram_pass(app)
     telegram_pass(app, [{"callback_query": {"id": "cb-2", "from": IVAN, "data": "take:2", "message": {
         "message_id": 1002, "chat": {"id": DUTY, "type": "supergroup"}}}}])
@@ -3679,6 +3687,8 @@ def test_every_text_a_person_sets_reaches_telegram_well_formed_and_shown_as_type
         assert all(text.count(f"[{name}]") == text.count(f"{MARKUP} [{name}]") for text in shown), name
         assert any(f"[{name}]" in text for text in shown) != (name in NOT_IN_TELEGRAM), name
     assert any(text.startswith("⏰") for text in shown) and any("is in progress now" in text for text in shown)
+    assert [kind for text in shown for kind in ("🌩", "⏰ Storm", "⚠️ Escalated: storm") if text.startswith(kind)] == [
+        "🌩", "⏰ Storm", "🌩", "⚠️ Escalated: storm"]
 
 
 # ---------------------------------------------------------------------------
