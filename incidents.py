@@ -35,6 +35,8 @@ Environment (README.md says more):
     INCIDENTS_REMIND_AFTER      seconds an incident may stay new before a reminder, and between them
                                 (default 600; 0 turns reminders off)
     INCIDENTS_REMIND_MAX        reminders before the incident is escalated (default 3)
+    INCIDENTS_STORM_THRESHOLD   more incidents than this of one group, opened within INCIDENTS_STORM_WINDOW seconds
+    INCIDENTS_STORM_WINDOW      (defaults 5 and 60; 0 turns storms off), are one message in the chats: a storm
     INCIDENTS_LANGUAGE          en (default) or ru: the language of the chats and of the service's own notes
     INCIDENTS_TIMEZONE          the IANA zone (Europe/Moscow) of every time those texts show (default UTC)
     TELEGRAM_WEBHOOK_SECRET     enables the webhook; Telegram sends it in X-Telegram-Bot-Api-Secret-Token
@@ -43,6 +45,7 @@ Environment (README.md says more):
     TELEGRAM_ALLOWED_CHAT_IDS   chats (ids, separated by commas) whose messages and taps the bot acts on
     TELEGRAM_NOTIFY_CHAT_IDS    chats that see every incident, kept current, and its reminders
     TELEGRAM_ESCALATE_CHAT_IDS  chats that get an incident nobody took after the last reminder
+    TELEGRAM_LIMIT_WINDOW       seconds Telegram's limits count in (default 60; tests shrink it)
 """
 import collections
 import contextlib
