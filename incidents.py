@@ -3372,8 +3372,8 @@ def forget_chat(db, chat_id, error):
     """The bot was removed from a chat: drop its queue and queue nothing more for it."""
     db.execute("INSERT OR REPLACE INTO notify_chats_gone (chat_id, reason, at) VALUES (?, ?, ?)",
                (chat_id, str(error)[:NOTE_MAX], now()))
-    db.execute("DELETE FROM notify_outbox WHERE chat_id = ?", (chat_id,))
-    db.execute("DELETE FROM notify_reminders WHERE chat_id = ?", (chat_id,))
+    for table in ("notify_outbox", "notify_reminders", "storm_outbox"):  # names from code
+        db.execute(f"DELETE FROM {table} WHERE chat_id = ?", (chat_id,))
 
 
 def take_chats_back(db, chats):
@@ -3384,19 +3384,24 @@ def take_chats_back(db, chats):
                                             AND chat_id IN (SELECT value FROM json_each(?)) RETURNING chat_id""",
                                          (json.dumps(sorted(chats)),))]
     notify = current_app.config["TELEGRAM_NOTIFY_CHAT_IDS"]
-    for chat_id in back:  # an escalation chat shows the incidents escalated
+    for chat_id in back:  # an escalation chat shows what was escalated; a storm's incidents, the storm
+        values = {"chat": chat_id, "at": now(), "all": chat_id in notify}
         db.execute(f"""INSERT INTO notify_outbox (incident_id, chat_id, kind, seq, queued_at)
-                       SELECT id, ?, 'change', 1, ? FROM incidents WHERE {IS_OPEN} AND (? OR escalated_at IS NOT NULL)
-                       ON CONFLICT (incident_id, chat_id, kind) DO UPDATE SET seq = seq + 1""",
-                   (chat_id, now(), chat_id in notify))
+                       SELECT id, :chat, 'change', 1, :at FROM incidents
+                       WHERE {IS_OPEN} AND storm_id IS NULL AND (:all OR escalated_at IS NOT NULL)
+                       ON CONFLICT (incident_id, chat_id, kind) DO UPDATE SET seq = seq + 1""", values)
+        db.execute(f"""INSERT INTO storm_outbox (storm_id, chat_id, kind, seq, queued_at)
+                       SELECT id, :chat, 'change', 1, :at FROM storms
+                       WHERE EXISTS ({STORM_OPEN_SQL.replace('?', 'storms.id')}) AND (:all OR escalated_at IS NOT NULL)
+                       ON CONFLICT (storm_id, chat_id, kind) DO UPDATE SET seq = seq + 1""", values)
     return back
 
 
 def move_chat(db, chat_id, error):
-    """A group became a supergroup: what was queued for it (reminders too), and each open incident shown there,
-    go to the new id.
+    """A group became a supergroup: what was queued for it (reminders too), and each open incident and storm shown
+    there, go to the new id.
 
-    The old messages cannot be edited in the new chat, so the open incidents are shown there afresh.
+    The old messages cannot be edited in the new chat, so the open incidents and storms are shown there afresh.
     """
     at, new_id = now(), error.migrate_to
     db.execute("INSERT OR REPLACE INTO notify_chats_gone (chat_id, reason, at, moved_to) VALUES (?, ?, ?, ?)",
@@ -3407,8 +3412,14 @@ def move_chat(db, chat_id, error):
                    UNION SELECT incident_id, ?, kind, 1, queued_at FROM notify_outbox WHERE chat_id = ?
                    ON CONFLICT (incident_id, chat_id, kind) DO UPDATE SET seq = seq + 1""",
                (new_id, at, chat_id, new_id, chat_id))
-    db.execute("DELETE FROM notify_outbox WHERE chat_id = ?", (chat_id,))
-    db.execute("DELETE FROM notify_messages WHERE chat_id = ?", (chat_id,))
+    db.execute(f"""INSERT INTO storm_outbox (storm_id, chat_id, kind, seq, queued_at)
+                   SELECT storm_id, ?, 'change', 1, ? FROM storm_messages
+                   WHERE chat_id = ? AND EXISTS ({STORM_OPEN_SQL.replace('?', 'storm_id')})
+                   UNION SELECT storm_id, ?, kind, 1, queued_at FROM storm_outbox WHERE chat_id = ?
+                   ON CONFLICT (storm_id, chat_id, kind) DO UPDATE SET seq = seq + 1""",
+               (new_id, at, chat_id, new_id, chat_id))
+    for table in ("notify_outbox", "notify_messages", "storm_outbox", "storm_messages"):  # names from code
+        db.execute(f"DELETE FROM {table} WHERE chat_id = ?", (chat_id,))
     db.execute("UPDATE notify_reminders SET chat_id = ? WHERE chat_id = ? AND state = 'due'", (new_id, chat_id))
     db.execute("DELETE FROM notify_reminders WHERE chat_id = ?", (chat_id,))  # those sent stay in the old group
 
