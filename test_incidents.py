@@ -55,7 +55,7 @@ def clean_environment(monkeypatch):
     for name in ("INCIDENTS_DB", "INCIDENTS_API_TOKEN", "INCIDENTS_BUSY_TIMEOUT", "INCIDENTS_REOPEN_WINDOW",
                  "INCIDENTS_REMIND_AFTER", "INCIDENTS_REMIND_MAX", "TELEGRAM_WEBHOOK_SECRET", "TELEGRAM_BOT_TOKEN",
                  "TELEGRAM_API_URL", "TELEGRAM_ALLOWED_CHAT_IDS", "TELEGRAM_NOTIFY_CHAT_IDS",
-                 "TELEGRAM_ESCALATE_CHAT_IDS"):
+                 "TELEGRAM_ESCALATE_CHAT_IDS", "INCIDENTS_PAGERDUTY_ROUTING_KEY"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -1328,7 +1328,7 @@ def test_openapi_document_covers_every_route_the_app_serves_with_its_methods(app
     served = {(re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule), method.lower())
               for rule in app.url_map.iter_rules() for method in rule.methods - {"HEAD", "OPTIONS"}}
     described = {(path, method) for path, operations in document["paths"].items() for method in operations}
-    assert served == described and len(served) == 17
+    assert served == described and len(served) == 18
     for path, operations in document["paths"].items():
         for method, operation in operations.items():
             assert operation["summary"] and operation["responses"], (method, path)
@@ -1373,6 +1373,7 @@ def test_openapi_enums_and_limits_are_the_modules_constants(client):
     assert bodies == {("/incidents", "post"): incidents.MAX_BODY_BYTES, ("/incidents/{incident_id}", "patch"):
                       incidents.MAX_BODY_BYTES, ("/telegram/webhook", "post"): incidents.MAX_BODY_BYTES,
                       ("/integrations/alertmanager", "post"): incidents.ALERT_BODY_MAX,
+                      ("/integrations/pagerduty", "post"): incidents.PAGERDUTY_BODY_MAX,
                       ("/heartbeats/{name}", "put"): incidents.MAX_BODY_BYTES}
     assert "x-max-body-bytes" not in paths["/heartbeats/{name}/{signal}"]["post"]["requestBody"]  # cut, not refused
 
@@ -1603,7 +1604,8 @@ def test_existing_database_keeps_its_mode(db_path):
 # Each migration's text as released: files in the field ran exactly this; a new file must get the same.
 MIGRATION_PINS = ["1824ad64a8d090a8", "2568b4ef34d03c25", "03652428789037dc", "37ea07775b9a208c",
                   "142188eb6d97c5d4", "8fd34c596f0a7476", "c9660475526e049d", "08f0cf11d0c36ab0",
-                  "e942c9e400084136", "9500e9b4e7b902b4", "098fcfa6900c1723", "a47c1ed727a3afc5"]
+                  "e942c9e400084136", "9500e9b4e7b902b4", "098fcfa6900c1723", "a47c1ed727a3afc5",
+                  "77b88e060c889356"]
 
 
 def test_migrations_are_frozen_text():
@@ -4148,7 +4150,7 @@ def test_metrics_parse_and_every_family_has_help_and_type(client):
         "incidents_oldest_new_age_seconds": "gauge", "incidents_notifications_pending": "gauge",
         "incidents_notifications_oldest_age_seconds": "gauge", "incidents_time_to_acknowledge_seconds": "histogram",
         "incidents_time_to_resolve_seconds": "histogram", "incidents_heartbeats": "gauge",
-        "incidents_heartbeat_checkins_total": "counter"}
+        "incidents_heartbeat_checkins_total": "counter", "incidents_pagerduty_events_total": "counter"}
 
 
 def test_metrics_label_values_are_escaped_as_the_format_says(client):
