@@ -1471,6 +1471,12 @@ def test_every_curl_example_in_the_readme_answers_as_it_says(db_path, migrated):
     assert replayed > 10 and [url.split("/bot")[0] for url in elsewhere] == ["https://api.telegram.org"]
 
 
+def test_readme_test_command_is_what_ci_runs_alertmanager_installed_first():
+    command = re.search(r"Test it .*?```sh\n(.*?)\n```", (HERE / "README.md").read_text(), re.S)[1]
+    assert command.startswith("(command -v prometheus-alertmanager") and "pytest -q -W error" in command
+    assert (HERE / ".ci" / "run").read_text().splitlines()[-1] == command
+
+
 # ---------------------------------------------------------------------------
 # Errors and health
 # ---------------------------------------------------------------------------
