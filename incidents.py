@@ -2691,6 +2691,7 @@ def optional_text(value, limit):
 
 
 def any_text(value):
+    """A string, whatever it holds (fitted_text makes it fit)."""
     if not isinstance(value, str):
         raise ValueError("must be a string")
     return value
