@@ -8,7 +8,8 @@ One Flask module over one SQLite file. Run it with
 created, or migrated to the current schema, when the app starts. GET / says where to begin, and
 GET /openapi.json describes every route.
 
-Alerts from Prometheus Alertmanager and Grafana come in through POST /integrations/alertmanager;
+Alerts from Prometheus Alertmanager and Grafana come in through POST /integrations/alertmanager, and
+PagerDuty Events API v2 events from any tool that sends them through POST /integrations/pagerduty;
 Prometheus scrapes GET /metrics. Heartbeats (PUT /heartbeats/NAME) check in at /heartbeats/NAME/ping
 (or /fail, or an exit status), and each process's clock opens an incident for one that falls silent.
 A consistent copy of the live database, checked:
@@ -26,12 +27,14 @@ and notifications and reminders go out, beside a webhook deployment, by
 
 Environment (README.md says more):
     INCIDENTS_DB                path of the SQLite file (default: incidents.db in the working directory)
-    INCIDENTS_API_TOKEN         when set, every route but /, /openapi.json, /health and the webhook needs
-                                "Authorization: Bearer <token>"
+    INCIDENTS_API_TOKEN         when set, every route but /, /openapi.json, /health, the webhook and the
+                                PagerDuty intake needs "Authorization: Bearer <token>"
     INCIDENTS_PING_TOKEN        when set, check-ins take it as well as INCIDENTS_API_TOKEN (and nothing else)
     INCIDENTS_BUSY_TIMEOUT      seconds a write waits for its turn before a 503 (default 5)
     INCIDENTS_REOPEN_WINDOW     seconds after an alert's incident resolves in which the alert firing
                                 again reopens it (default 900; 0 turns reopening off)
+    INCIDENTS_PAGERDUTY_ROUTING_KEY
+                                enables POST /integrations/pagerduty; tools send it as the event's routing_key
     INCIDENTS_REMIND_AFTER      seconds an incident may stay new before a reminder, and between them
                                 (default 600; 0 turns reminders off)
     INCIDENTS_REMIND_MAX        reminders before the incident is escalated (default 3)
@@ -71,6 +74,7 @@ import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 import weakref
 import zoneinfo
 from contextlib import contextmanager
@@ -126,6 +130,12 @@ ALERT_BODY_MAX = 4 * 1024 * 1024  # room for ALERTS_MAX alerts of 4 KiB; every o
 ALERT_CHUNK = 10  # alerts per transaction: no other write waits behind more than these
 ALERT_STATUSES = ("firing", "resolved")
 ALERT_KEY_PREFIX = "alertmanager:"
+PAGERDUTY_ACTIONS = ("trigger", "acknowledge", "resolve")
+PAGERDUTY_SEVERITIES = ("critical", "error", "warning", "info")
+PAGERDUTY_KEY_PREFIX = "pagerduty:"
+PAGERDUTY_BODY_MAX = 512 * 1024  # what PagerDuty takes
+PAGERDUTY_TEXT_MAX = 1024  # a summary, as PagerDuty limits it, and every other text of an event
+PAGERDUTY_DETAILS_MAX = 1000  # characters of custom_details the first note shows
 HEARTBEAT_STATUSES = ("up", "late", "down", "paused")
 HEARTBEAT_SECONDS_MAX = 31 * 24 * 3600  # the longest period, and the longest grace
 HEARTBEAT_DEFAULTS = {"grace": 60, "source": "monitoring", "paused": False, "group": None}
@@ -540,6 +550,14 @@ MIGRATIONS = (
             count INTEGER NOT NULL CHECK (count >= 0),
             PRIMARY KEY (method, outcome)
         ) STRICT, WITHOUT ROWID""",
+    ),
+    (
+        # For /metrics: the PagerDuty events taken, by action, counted by each event's own write.
+        """CREATE TABLE pagerduty_counts (
+            action TEXT PRIMARY KEY CHECK (action IN ('trigger', 'acknowledge', 'resolve')),
+            events INTEGER NOT NULL CHECK (events >= 0)
+        ) STRICT, WITHOUT ROWID""",
+        "INSERT INTO pagerduty_counts (action, events) VALUES ('trigger', 0), ('acknowledge', 0), ('resolve', 0)",
     ),
 )
 
@@ -2844,15 +2862,16 @@ def alert_identity(alert):
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def alert_group(group_key):
-    """The group Alertmanager built for a payload (its groupKey) as an incident's group: as it is where it fits,
-    else cut and marked with a hash of the whole, the same every time; None without one."""
-    if not isinstance(group_key, str) or not has_visible_text(group_key):
+def fitted_text(text, limit):
+    """A sender's text where a column holds `limit` characters (Alertmanager's groupKey or PagerDuty's group as a
+    group, a PagerDuty dedup_key in its namespace): as it is where it fits, else cut and marked with a hash of
+    the whole, the same every time; None without one."""
+    if not isinstance(text, str) or not has_visible_text(text):
         return None
     with contextlib.suppress(ValueError):
-        return clean_text(group_key, GROUP_MAX)
-    digest = hashlib.sha256(group_key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-    head = clean_name(group_key)[:GROUP_MAX - len(digest) - 1].strip()
+        return clean_text(text, limit)
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    head = clean_name(text)[:limit - len(digest) - 1].strip()
     return f"{head}~{digest}" if head else digest
 
 
@@ -2907,7 +2926,7 @@ def clean_alerts(body):
     cleaned = [clean_alert(alert, index, errors) for index, alert in enumerate(alerts)]
     if errors:
         raise invalid("fields", errors)
-    group = alert_group(body.get("groupKey"))
+    group = fitted_text(body.get("groupKey"), GROUP_MAX)
     return [{**alert, "group": group} for alert in cleaned]
 
 
@@ -2921,45 +2940,54 @@ def alert_incident(db, dedup_key):
     ).fetchone()
 
 
-def fire_alert(db, alert, dedup_key, sender, at, reopen_after):
-    """A firing alert folds into its open incident, reopens one resolved since `reopen_after`, or opens one."""
-    latest = alert_incident(db, dedup_key)
+def reopen_after(at):
+    """The earliest resolution that an alert firing again at `at` reopens (INCIDENTS_REOPEN_WINDOW); 0 for none."""
+    window = current_app.config["REOPEN_WINDOW"]
+    return window and shifted(at, -window)
+
+
+def fire_alert(db, values, notes, actor, at):
+    """A firing alert folds into the open incident of its dedup_key (in `values`), reopens one resolved within
+    the reopen window, or opens one of `values`; `notes`: on opening and on reopening. (id, action)."""
+    latest = alert_incident(db, values["dedup_key"])
     if latest and latest["status"] in OPEN_STATUSES:
-        fold_report(db, dedup_key, at)
+        fold_report(db, values["dedup_key"], at)
         return latest["id"], "folded"
-    if latest and latest["status"] == "resolved" and reopen_after and latest["changed_at"] >= reopen_after:
-        note = say("alert_again", started=alert["startsAt"]) if "startsAt" in alert else say("alert_again_unknown")
-        change_incident(db, latest["id"], {"status": "new"}, note, sender)
+    if latest and latest["status"] == "resolved" and (since := reopen_after(at)) and latest["changed_at"] >= since:
+        change_incident(db, latest["id"], {"status": "new"}, notes[1], actor)
         return latest["id"], "reopened"
-    values = {"description": alert_description(alert["labels"], alert["annotations"]),
-              "source": "monitoring", "dedup_key": dedup_key, "group": alert["group"]}
-    note = say("alert_from", sender=sender, since=alert["startsAt"]) if "startsAt" in alert else \
-        say("alert_from_unknown", sender=sender)
-    return insert_incident(db, values, at, note, sender)[0], "created"
+    return insert_incident(db, values, at, notes[0], actor)[0], "created"
 
 
-def resolve_alert(db, alert, dedup_key, sender):
-    """A resolved alert resolves its open incident; without one it changes nothing."""
+def change_alert_incident(db, dedup_key, statuses, values, note, actor):
+    """The change of an alert's incident if its status is one of `statuses`, else none: (id or None, whether
+    it changed)."""
     latest = alert_incident(db, dedup_key)
-    if latest is None or latest["status"] not in OPEN_STATUSES:
-        return latest and latest["id"], "unchanged"
-    note = say("alert_ended", ended=alert["endsAt"]) if "endsAt" in alert else say("alert_ended_unknown")
-    change_incident(db, latest["id"], {"status": "resolved"}, note, sender)
-    return latest["id"], "resolved"
+    if latest is None or latest["status"] not in statuses:
+        return latest and latest["id"], False
+    change_incident(db, latest["id"], values, note, actor)
+    return latest["id"], True
 
 
 def handle_alerts(db, alerts, sender):
     """Open, fold, reopen or resolve an incident for each alert: [{"id", "action"}] in their order."""
-    window = current_app.config["REOPEN_WINDOW"]
     at = now()
-    reopen_after = window and shifted(at, -window)
     results = []
     for alert in alerts:
         dedup_key = ALERT_KEY_PREFIX + alert["identity"]
         if alert["status"] == "firing":
-            incident_id, action = fire_alert(db, alert, dedup_key, sender, at, reopen_after)
+            values = {"description": alert_description(alert["labels"], alert["annotations"]),
+                      "source": "monitoring", "dedup_key": dedup_key, "group": alert["group"]}
+            notes = (say("alert_from", sender=sender, since=alert["startsAt"]) if "startsAt" in alert else
+                     say("alert_from_unknown", sender=sender),
+                     say("alert_again", started=alert["startsAt"]) if "startsAt" in alert else
+                     say("alert_again_unknown"))
+            incident_id, action = fire_alert(db, values, notes, sender, at)
         else:
-            incident_id, action = resolve_alert(db, alert, dedup_key, sender)
+            incident_id, resolved = change_alert_incident(
+                db, dedup_key, OPEN_STATUSES, {"status": "resolved"},
+                say("alert_ended", ended=alert["endsAt"]) if "endsAt" in alert else say("alert_ended_unknown"), sender)
+            action = "resolved" if resolved else "unchanged"
         results.append({"id": incident_id, "action": action})
     return results
 
@@ -2979,6 +3007,163 @@ def receive_alerts():
     sender = "grafana" if "orgId" in body else "alertmanager"
     results = write_in_slices(lambda db, part: handle_alerts(db, part, sender), alerts, bulk=len(alerts) > ALERT_CHUNK)
     return json_response(json.dumps({"incidents": [result for chunk in results for result in chunk]}))
+
+
+# ---------------------------------------------------------------------------
+# PagerDuty: Events API v2 events, which nearly every monitoring tool can send to a URL of its user's choice
+# ---------------------------------------------------------------------------
+
+
+def optional_text(value, limit):
+    """A text an event may leave blank: None then, else as clean_text takes it."""
+    if isinstance(value, str) and not has_visible_text(value):
+        return None
+    return clean_text(value, limit)
+
+
+def any_text(value):
+    """A string, whatever it holds (fitted_text makes it fit)."""
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    return value
+
+
+def clean_links(value, address, label):
+    """links or images: a list of objects, each with its address (href, src) and maybe a label (text, alt), as
+    (address, label) pairs."""
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise ValueError(f"must be a list of objects, each with {address}")
+    return [(link_part(item, index, address, True), link_part(item, index, label, False))
+            for index, item in enumerate(value)]
+
+
+def link_part(item, index, name, required):
+    """One member of a link or an image, named where it is wrong as its place says: [0].href."""
+    try:
+        return clean_text(item.get(name), PAGERDUTY_TEXT_MAX) if required else \
+            optional_text(item.get(name) or "", PAGERDUTY_TEXT_MAX)
+    except ValueError as error:
+        raise ValueError(f"[{index}].{name} {error}") from None
+
+
+def clean_details(value):
+    """custom_details: an object, kept as the JSON text the first note shows."""
+    if not isinstance(value, dict):
+        raise ValueError("must be an object")
+    return check_storable(json.dumps(value, ensure_ascii=False))
+
+
+PAGERDUTY_FIELDS = {  # an event's members and their rules; null is as absent
+    "event_action": lambda value: clean_choice(value, PAGERDUTY_ACTIONS),
+    "dedup_key": lambda value: optional_text(value, DEDUP_KEY_MAX),
+    "client": lambda value: optional_text(value, ACTOR_MAX),
+    "client_url": lambda value: optional_text(value, PAGERDUTY_TEXT_MAX),
+    "links": lambda value: clean_links(value, "href", "text"),
+    "images": lambda value: clean_links(value, "src", "alt"),
+}
+PAGERDUTY_PAYLOAD_FIELDS = {  # and those of a trigger's payload
+    "summary": lambda value: clean_text(value, PAGERDUTY_TEXT_MAX),
+    "source": lambda value: clean_text(value, PAGERDUTY_TEXT_MAX),
+    "severity": lambda value: clean_choice(value, PAGERDUTY_SEVERITIES),
+    "timestamp": lambda value: optional_text(value, PAGERDUTY_TEXT_MAX),
+    "component": lambda value: optional_text(value, PAGERDUTY_TEXT_MAX),
+    "group": lambda value: fitted_text(any_text(value), GROUP_MAX),
+    "class": lambda value: optional_text(value, PAGERDUTY_TEXT_MAX),
+    "custom_details": clean_details,
+}
+
+
+def clean_members(body, rules, required, errors, prefix=""):
+    """The clean values of an object's members by `rules` (null as absent); each problem goes into `errors` as
+    PagerDuty writes them, a sentence that starts with the field: "payload.summary is required"."""
+    values = {}
+    for field, rule in rules.items():
+        if body.get(field) is None:
+            if field in required:
+                errors.append(f"{prefix}{field} is required")
+            continue
+        try:
+            values[field] = rule(body[field])
+        except ValueError as error:  # an error about one of its items names it already: links[0].href ...
+            errors.append(f"{prefix}{field}{'' if str(error).startswith('[') else ' '}{error}")
+    return values
+
+
+def pagerduty_invalid(errors):
+    return ApiError(400, "The event is invalid; see errors.", errors=errors)
+
+
+def clean_pagerduty_event(body, routing_key):
+    """An event's clean values, its dedup_key made when a trigger has none; 400 naming every invalid field, or
+    the routing_key alone when it is not INCIDENTS_PAGERDUTY_ROUTING_KEY (compared in constant time)."""
+    given = body.get("routing_key")
+    if not isinstance(given, str) or not hmac.compare_digest(given.encode("utf-8", "surrogatepass"),
+                                                             routing_key.encode()):
+        raise pagerduty_invalid(["routing_key is required" if given is None else
+                                 "routing_key is not the key this server takes (INCIDENTS_PAGERDUTY_ROUTING_KEY)"])
+    errors = []
+    event = clean_members(body, PAGERDUTY_FIELDS, ("event_action",), errors)
+    if event.get("event_action") == "trigger":
+        payload = body.get("payload")
+        if isinstance(payload, dict):
+            event["payload"] = clean_members(payload, PAGERDUTY_PAYLOAD_FIELDS, ("summary", "source", "severity"),
+                                             errors, "payload.")
+        else:
+            errors.append("payload is required" if payload is None else "payload must be an object")
+    elif event.get("event_action") and not event.get("dedup_key"):
+        errors.append(f"dedup_key is required to {event['event_action']}")
+    if errors:
+        raise pagerduty_invalid(errors)
+    return {**event, "dedup_key": event.get("dedup_key") or uuid.uuid4().hex}
+
+
+def pagerduty_note(event):
+    """The first note of a trigger's incident: what the event says beyond its summary, details and links cut."""
+    payload = event["payload"]
+    facts = ", ".join(f"{name} {payload[name]}" for name in ("severity", "source", "component", "class", "timestamp")
+                      if payload.get(name))
+    parts = [f"PagerDuty event from {event.get('client') or 'pagerduty'}: {facts}"]
+    if payload.get("custom_details"):
+        parts.append(f"details {payload['custom_details'][:PAGERDUTY_DETAILS_MAX]}")
+    if event.get("links"):
+        parts.append("links " + ", ".join(f"{href} ({text})" if text else href for href, text in event["links"]))
+    return "; ".join(parts)[:NOTE_MAX]
+
+
+def handle_pagerduty_event(db, event):
+    """One event, counted by its action: it opens, folds, reopens (as an alert does), takes or resolves the
+    incident of its dedup_key, in a namespace of its own; to take or resolve none open, it changes nothing."""
+    db.execute("UPDATE pagerduty_counts SET events = events + 1 WHERE action = ?", (event["event_action"],))
+    dedup_key = PAGERDUTY_KEY_PREFIX + fitted_text(event["dedup_key"], DEDUP_KEY_MAX - len(PAGERDUTY_KEY_PREFIX))
+    actor = event.get("client") or "pagerduty"
+    if event["event_action"] == "trigger":
+        payload = event["payload"]
+        values = {"description": payload["summary"], "source": "monitoring", "dedup_key": dedup_key,
+                  "group": payload.get("group")}
+        fire_alert(db, values, (pagerduty_note(event), f"Triggered again ({payload['severity']})"), actor, now())
+    elif event["event_action"] == "acknowledge":
+        change_alert_incident(db, dedup_key, ("new",), {"status": "in_progress"}, None, actor)
+    else:
+        change_alert_incident(db, dedup_key, OPEN_STATUSES, {"status": "resolved"},
+                              f"Resolved by a PagerDuty event from {actor}", actor)
+
+
+def receive_pagerduty_event():
+    """A PagerDuty Events API v2 event (trigger, acknowledge, resolve), answered as PagerDuty answers."""
+    routing_key = current_app.config["PAGERDUTY_ROUTING_KEY"]
+    if not routing_key:
+        raise ApiError(404, "The PagerDuty intake is off; set INCIDENTS_PAGERDUTY_ROUTING_KEY to turn it on.")
+    try:
+        event = clean_pagerduty_event(read_json_object(PAGERDUTY_BODY_MAX, f"The event is over {PAGERDUTY_BODY_MAX} "
+                                                       "bytes, which PagerDuty refuses too; send less."), routing_key)
+    except ApiError as error:
+        if error.status != 400:
+            raise
+        return json_response(json.dumps({"status": "invalid event", "message": "Event object is invalid",
+                                         "errors": error.extensions.get("errors", [error.detail])}), 400)
+    write(lambda db: handle_pagerduty_event(db, event))
+    answer = {"status": "success", "message": "Event processed", "dedup_key": event["dedup_key"]}
+    return json_response(json.dumps(answer), 202)
 
 
 # ---------------------------------------------------------------------------
@@ -4011,8 +4196,16 @@ def metrics():
                           [row for row in durations if row["metric"] == "resolve"]),
         *heartbeat_families(db),
         *telegram_families(db),
+        *pagerduty_family(db),
     ]
     return Response("\n".join(lines) + "\n", content_type=METRICS_CONTENT_TYPE)
+
+
+def pagerduty_family(db):
+    """The PagerDuty events taken, by action (a counter)."""
+    counts = dict(db.execute("SELECT action, events FROM pagerduty_counts").fetchall())
+    return metric_family("incidents_pagerduty_events_total", "counter", "PagerDuty events taken, by event_action.",
+                         [({"action": action}, counts[action]) for action in PAGERDUTY_ACTIONS])
 
 
 # Heartbeats by status: the counts kept as they change, and one range of an index for each status but up.
@@ -4126,13 +4319,19 @@ def describe_backup(replica):
 # The API described: GET / and GET /openapi.json
 # ---------------------------------------------------------------------------
 
-PUBLIC_ENDPOINTS = ("front_door", "openapi_document", "health", "telegram_webhook")  # no API token asked
+PUBLIC_ENDPOINTS = ("front_door", "openapi_document", "health", "telegram_webhook",  # no API token asked
+                    "receive_pagerduty_event")
 ALERT_ACTIONS = ("created", "folded", "reopened", "resolved", "unchanged")
 EXAMPLE_INCIDENT = {"description": "Scooter #4521 does not respond", "source": "operator"}
 EXAMPLE_ALERTS = {"status": "firing", "alerts": [{
     "status": "firing", "labels": {"alertname": "PointDown", "point": "7"},
     "annotations": {"summary": "Point 7 does not respond"}, "startsAt": "2026-11-23T07:00:00Z",
     "fingerprint": "a1b2c3d4e5f60718"}]}
+EXAMPLE_PAGERDUTY = {"routing_key": "change-me-pagerduty", "event_action": "trigger", "dedup_key": "point-7-down",
+                     "payload": {"summary": "Point 7 does not respond", "source": "point-7", "severity": "critical",
+                                 "group": "cell-12"}, "client": "Uptime Kuma",
+                     "links": [{"href": "https://kuma.example.com/dashboard/7", "text": "Uptime Kuma"}],
+                     "images": [{"src": "https://kuma.example.com/7.png", "alt": "Point 7"}]}
 EXAMPLE_HEARTBEAT = {"description": "Scooter #4521 stopped checking in", "period": 300, "grace": 60}
 EXAMPLE_UPDATE = {"update_id": 1, "message": {"message_id": 77, "chat": {"id": 111, "type": "private"},
                                               "from": {"id": 111, "first_name": "Ivan"}, "text": "Point 7 is down"}}
@@ -4196,6 +4395,12 @@ def answer_schemas():
             "name": {"type": "string"}, "version": {"type": "string"},
             "links": obj(FRONT_DOOR_LINKS, {link: {"type": "string"} for link in FRONT_DOOR_LINKS})}),
         "TelegramReply": {"type": "object"},
+        "PagerDutyAccepted": obj(["status", "message", "dedup_key"], {
+            "status": {"enum": ["success"]}, "message": {"enum": ["Event processed"]},
+            "dedup_key": {"type": "string", "minLength": 1, "maxLength": DEDUP_KEY_MAX}}),
+        "PagerDutyInvalid": obj(["status", "message", "errors"], {
+            "status": {"enum": ["invalid event"]}, "message": {"enum": ["Event object is invalid"]},
+            "errors": {"type": "array", "minItems": 1, "items": {"type": "string"}}}),
     }
 
 
@@ -4236,6 +4441,7 @@ def request_schemas():
             "alerts": {"type": "array", "maxItems": ALERTS_MAX, "items": alert},
             "status": {"enum": list(ALERT_STATUSES)}}},
         "TelegramUpdate": {"type": "object"},
+        "PagerDutyEvent": pagerduty_event_schema(),
         "HeartbeatSettings": obj(["description", "period"], {
             "description": text_schema(DESCRIPTION_MAX), "period": {"type": "integer", "minimum": 1,
                                                                    "maximum": HEARTBEAT_SECONDS_MAX},
@@ -4244,6 +4450,31 @@ def request_schemas():
             "source": {"enum": list(SOURCES), "default": HEARTBEAT_DEFAULTS["source"]},
             "group": nullable(text_schema(GROUP_MAX)), "paused": {"type": "boolean", "default": False}}),
     }
+
+
+def pagerduty_event_schema():
+    """A PagerDuty Events API v2 alert event as this server takes it: null, and a blank optional text, as absent;
+    other members allowed and unread."""
+    def text(limit=PAGERDUTY_TEXT_MAX):
+        return {"type": ["string", "null"], "maxLength": limit}
+
+    def links(address, label):
+        return {"type": ["array", "null"], "items": obj([address], {address: text_schema(PAGERDUTY_TEXT_MAX),
+                                                                     label: text()}, additionalProperties=True)}
+    payload = obj(["summary", "source", "severity"], {
+        "summary": text_schema(PAGERDUTY_TEXT_MAX), "source": text_schema(PAGERDUTY_TEXT_MAX),
+        "severity": {"enum": list(PAGERDUTY_SEVERITIES)}, "timestamp": text(), "component": text(),
+        "group": {"type": ["string", "null"], "description": f"Cut to {GROUP_MAX} characters, with a hash of the "
+                                                             "whole, where longer."},
+        "class": text(), "custom_details": {"type": ["object", "null"]}}, additionalProperties=True)
+    return obj(["routing_key", "event_action"], {
+        "routing_key": {"type": "string", "description": "INCIDENTS_PAGERDUTY_ROUTING_KEY."},
+        "event_action": {"enum": list(PAGERDUTY_ACTIONS)},
+        "dedup_key": {**text(DEDUP_KEY_MAX), "description": "Made (and answered) for a trigger without one."},
+        "payload": payload, "client": text(ACTOR_MAX), "client_url": text(), "links": links("href", "text"),
+        "images": links("src", "alt")}, additionalProperties=True,
+        **{"if": {"properties": {"event_action": {"const": "trigger"}}}, "then": {"required": ["payload"]},
+           "else": {"required": ["dedup_key"]}})
 
 
 def query_parameters(specs):
@@ -4290,7 +4521,8 @@ ERROR_RESPONSES = {  # the same meaning on every route that answers them
     400: "The body is not JSON, or not a JSON object, or could not be read.",
     401: "INCIDENTS_API_TOKEN (or, for a check-in, INCIDENTS_PING_TOKEN) is set, and the request lacks "
          "Authorization: Bearer <token>.",
-    404: "No such incident, heartbeat or check-in (or, for the webhook, TELEGRAM_WEBHOOK_SECRET is not set).",
+    404: "No such incident, heartbeat or check-in (or, for the webhook, TELEGRAM_WEBHOOK_SECRET is not set; for the "
+         "PagerDuty intake, INCIDENTS_PAGERDUTY_ROUTING_KEY).",
     409: "Another open incident holds the dedup_key that reopening this one would take back.",
     413: "The body is larger than the route takes (see x-max-body-bytes).",
     415: "The body is not declared Content-Type: application/json.",
@@ -4326,6 +4558,12 @@ API_DOCS = {  # per endpoint: request body (schema, byte limit, example), query 
         **dict.fromkeys((400, 413, 415, 503), "Problem")}},
     "receive_alerts": {"body": ("AlertPayload", ALERT_BODY_MAX, EXAMPLE_ALERTS), "responses": {
         200: ("What each alert did, in the payload's order.", "AlertResults"), **dict.fromkeys(WRITE_ERRORS, "Problem")}},
+    "receive_pagerduty_event": {"body": ("PagerDutyEvent", PAGERDUTY_BODY_MAX, EXAMPLE_PAGERDUTY), "responses": {
+        202: ("Processed (or, to acknowledge or resolve a key with no open incident, dropped), as PagerDuty answers.",
+              "PagerDutyAccepted"),
+        400: ("The event is invalid, or its routing_key is not INCIDENTS_PAGERDUTY_ROUTING_KEY: errors names each "
+              "field, as PagerDuty's answer does.", "PagerDutyInvalid"),
+        **dict.fromkeys((404, 413, 415, 503), "Problem")}},
     "metrics": {"responses": {200: ("Prometheus' text format, version 0.0.4.", "text"), 401: "Problem"}},
     "list_heartbeats": {"query": HEARTBEAT_PARAMETERS, "responses": {
         200: ("A page of heartbeats, by name.", "HeartbeatPage"), 401: "Problem", 422: "Problem"}},
@@ -4470,7 +4708,7 @@ def secret(pattern, what):
     return parse
 
 
-api_token = secret(r"[!-~]{1,4096}", "visible ASCII characters, no spaces")  # INCIDENTS_API_TOKEN and _PING_TOKEN
+api_token = secret(r"[!-~]{1,4096}", "visible ASCII characters, no spaces")  # the tokens and the PagerDuty routing key
 
 
 def bot_token(text):
@@ -4543,6 +4781,7 @@ def configuration():
         TELEGRAM_BOT_TOKEN=setting("TELEGRAM_BOT_TOKEN", bot_token, blank_ok=False),
         TELEGRAM_API_URL=setting("TELEGRAM_API_URL", http_address, TELEGRAM_API_URL),
         REOPEN_WINDOW=setting("INCIDENTS_REOPEN_WINDOW", whole_seconds(0, 10**9), REOPEN_WINDOW_S),
+        PAGERDUTY_ROUTING_KEY=setting("INCIDENTS_PAGERDUTY_ROUTING_KEY", api_token, blank_ok=False),
         REMIND_AFTER=setting("INCIDENTS_REMIND_AFTER", whole_seconds(0, 10**9), REMIND_AFTER_S),
         REMIND_MAX=setting("INCIDENTS_REMIND_MAX", whole_seconds(0, 10**9, "reminders"), REMIND_MAX),
         STORM_THRESHOLD=setting("INCIDENTS_STORM_THRESHOLD", whole_seconds(0, 10**6, "incidents"), STORM_THRESHOLD),
@@ -4630,6 +4869,7 @@ def add_routes(app):
     app.get(INCIDENT_URL + "/events")(list_events)
     app.post("/telegram/webhook")(telegram_webhook)
     app.post("/integrations/alertmanager")(receive_alerts)
+    app.post("/integrations/pagerduty")(receive_pagerduty_event)
     app.get("/metrics")(metrics)
     app.get("/heartbeats")(list_heartbeats)
     app.put("/heartbeats/<name>")(put_heartbeat)

@@ -59,7 +59,7 @@ def clean_environment(monkeypatch):
                  "INCIDENTS_REMIND_AFTER", "INCIDENTS_REMIND_MAX", "TELEGRAM_WEBHOOK_SECRET", "TELEGRAM_BOT_TOKEN",
                  "TELEGRAM_API_URL", "TELEGRAM_ALLOWED_CHAT_IDS", "TELEGRAM_NOTIFY_CHAT_IDS",
                  "TELEGRAM_ESCALATE_CHAT_IDS", "INCIDENTS_STORM_THRESHOLD", "INCIDENTS_STORM_WINDOW",
-                 "TELEGRAM_LIMIT_WINDOW", "INCIDENTS_LANGUAGE", "INCIDENTS_TIMEZONE"):
+                 "TELEGRAM_LIMIT_WINDOW", "INCIDENTS_LANGUAGE", "INCIDENTS_TIMEZONE", "INCIDENTS_PAGERDUTY_ROUTING_KEY"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -1334,7 +1334,7 @@ def test_openapi_document_covers_every_route_the_app_serves_with_its_methods(app
     served = {(re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule), method.lower())
               for rule in app.url_map.iter_rules() for method in rule.methods - {"HEAD", "OPTIONS"}}
     described = {(path, method) for path, operations in document["paths"].items() for method in operations}
-    assert served == described and len(served) == 17
+    assert served == described and len(served) == 18
     for path, operations in document["paths"].items():
         for method, operation in operations.items():
             assert operation["summary"] and operation["responses"], (method, path)
@@ -1379,6 +1379,7 @@ def test_openapi_enums_and_limits_are_the_modules_constants(client):
     assert bodies == {("/incidents", "post"): incidents.MAX_BODY_BYTES, ("/incidents/{incident_id}", "patch"):
                       incidents.MAX_BODY_BYTES, ("/telegram/webhook", "post"): incidents.MAX_BODY_BYTES,
                       ("/integrations/alertmanager", "post"): incidents.ALERT_BODY_MAX,
+                      ("/integrations/pagerduty", "post"): incidents.PAGERDUTY_BODY_MAX,
                       ("/heartbeats/{name}", "put"): incidents.MAX_BODY_BYTES}
     assert "x-max-body-bytes" not in paths["/heartbeats/{name}/{signal}"]["post"]["requestBody"]  # cut, not refused
 
@@ -1436,7 +1437,9 @@ def with_value(request, where, value):
 PATH_SAMPLES = {"incident_id": 1, "name": "scooter-4521", "signal": "ping"}  # an incident the test creates first
 # How a value is refused where it is not by a 422 naming the field: by operationId (a route that answers in its
 # caller's format), else by where the value is (a URL that names nothing is 404).
-REFUSALS = {"path": lambda response, field: response.status_code == 404}
+REFUSALS = {"path": lambda response, field: response.status_code == 404,
+            "receive_pagerduty_event": lambda response, field: response.status_code == 400 and any(
+                error.startswith(f"{field} ") for error in response.json["errors"])}
 
 
 def refused(response, operation_id, where):
@@ -1475,7 +1478,8 @@ def send_documented(client, method, template, request):
          (value if isinstance(value, list) else [value])]), json=request["body"])
 
 
-def test_every_bound_in_the_document_is_the_codes_bound(client):
+def test_every_bound_in_the_document_is_the_codes_bound(db_path, migrated):
+    client = app_on_copy(db_path, migrated, PAGERDUTY_ROUTING_KEY=incidents.EXAMPLE_PAGERDUTY["routing_key"]).test_client()
     create(client)  # the incident the paths name
     client.get("/openapi.json")
     mismatches = []
@@ -1548,7 +1552,8 @@ def curl_request(command):
 
 
 def test_every_curl_example_in_the_readme_answers_as_it_says(db_path, migrated):
-    app = app_on_copy(db_path, migrated, TELEGRAM_WEBHOOK_SECRET="change-me", TELEGRAM_ALLOWED_CHAT_IDS=(111,))
+    app = app_on_copy(db_path, migrated, TELEGRAM_WEBHOOK_SECRET="change-me", TELEGRAM_ALLOWED_CHAT_IDS=(111,),
+                      PAGERDUTY_ROUTING_KEY="change-me-pagerduty")
     client = app.test_client()
     replayed, elsewhere = 0, []
     for command, expected in readme_curls():
@@ -1561,6 +1566,12 @@ def test_every_curl_example_in_the_readme_answers_as_it_says(db_path, migrated):
             command, response.status_code, response.get_data(as_text=True))
         replayed += 1
     assert replayed > 10 and [url.split("/bot")[0] for url in elsewhere] == ["https://api.telegram.org"]
+
+
+def test_readme_test_command_is_what_ci_runs_alertmanager_installed_first():
+    command = re.search(r"Test it .*?```sh\n(.*?)\n```", (HERE / "README.md").read_text(), re.S)[1]
+    assert command.startswith("(command -v prometheus-alertmanager") and "pytest -q -W error" in command
+    assert (HERE / ".ci" / "run").read_text().splitlines()[-1] == command
 
 
 # ---------------------------------------------------------------------------
@@ -1705,7 +1716,8 @@ def test_existing_database_keeps_its_mode(db_path):
 # Each migration's text as released: files in the field ran exactly this; a new file must get the same.
 MIGRATION_PINS = ["1824ad64a8d090a8", "2568b4ef34d03c25", "03652428789037dc", "37ea07775b9a208c",
                   "142188eb6d97c5d4", "8fd34c596f0a7476", "c9660475526e049d", "08f0cf11d0c36ab0",
-                  "e942c9e400084136", "9500e9b4e7b902b4", "098fcfa6900c1723", "9b393f4f2782187b"]
+                  "e942c9e400084136", "9500e9b4e7b902b4", "098fcfa6900c1723", "9b393f4f2782187b",
+                  "77b88e060c889356"]
 
 
 def test_migrations_are_frozen_text():
@@ -2698,7 +2710,7 @@ def test_chat_ids_take_ascii_digits_a_minus_and_what_fits_sqlite(db_path, monkey
 
 
 @pytest.mark.parametrize("name", ["INCIDENTS_API_TOKEN", "INCIDENTS_PING_TOKEN", "TELEGRAM_WEBHOOK_SECRET",
-                                  "TELEGRAM_BOT_TOKEN"])
+                                  "TELEGRAM_BOT_TOKEN", "INCIDENTS_PAGERDUTY_ROUTING_KEY"])
 def test_a_secret_set_blank_stops_the_start_rather_than_open_what_it_guards(db_path, monkeypatch, name):
     monkeypatch.setenv(name, " \t ")
     with pytest.raises(SystemExit, match=f"{name} is set but blank; set the secret, or unset the variable"):
@@ -2716,12 +2728,13 @@ def test_bot_token_whose_id_sqlite_cannot_hold_stops_the_start(db_path, monkeypa
 def test_every_setting_is_read_trimmed_and_numbers_in_ascii_digits(db_path, monkeypatch):
     for name, value in {"INCIDENTS_BUSY_TIMEOUT": " 7 ", "INCIDENTS_API_TOKEN": " tok-1 ", "INCIDENTS_PING_TOKEN": "\tp\n",
                         "TELEGRAM_WEBHOOK_SECRET": " s3 ", "TELEGRAM_BOT_TOKEN": f" {TOKEN} ",
-                        "TELEGRAM_API_URL": " http://127.0.0.1:9/ ", "INCIDENTS_REMIND_MAX": " 2"}.items():
+                        "TELEGRAM_API_URL": " http://127.0.0.1:9/ ", "INCIDENTS_REMIND_MAX": " 2",
+                        "INCIDENTS_PAGERDUTY_ROUTING_KEY": " pd-1 "}.items():
         monkeypatch.setenv(name, value)
     config = incidents.create_app({"DATABASE": str(db_path)}).config
     assert (config["BUSY_TIMEOUT"], config["API_TOKEN"], config["PING_TOKEN"], config["TELEGRAM_WEBHOOK_SECRET"],
-            config["TELEGRAM_BOT_TOKEN"], config["TELEGRAM_API_URL"], config["REMIND_MAX"]) == (
-        7, "tok-1", "p", "s3", TOKEN, "http://127.0.0.1:9/", 2)
+            config["TELEGRAM_BOT_TOKEN"], config["TELEGRAM_API_URL"], config["REMIND_MAX"],
+            config["PAGERDUTY_ROUTING_KEY"]) == (7, "tok-1", "p", "s3", TOKEN, "http://127.0.0.1:9/", 2, "pd-1")
     for value in ("٥", "５", "9" * 5000):
         monkeypatch.setenv("INCIDENTS_BUSY_TIMEOUT", value)
         with pytest.raises(SystemExit, match="INCIDENTS_BUSY_TIMEOUT must be a whole number of seconds from 1 to 3600"):
@@ -3514,7 +3527,8 @@ def test_malformed_bot_api_url_stops_the_command_in_one_line_naming_the_setting(
 
 
 @pytest.mark.parametrize("name, value", [("INCIDENTS_API_TOKEN", "s3cret Token"), ("INCIDENTS_API_TOKEN", "токен-секрет"),
-                                         ("TELEGRAM_WEBHOOK_SECRET", "with space"), ("TELEGRAM_WEBHOOK_SECRET", "x" * 257)])
+                                         ("TELEGRAM_WEBHOOK_SECRET", "with space"), ("TELEGRAM_WEBHOOK_SECRET", "x" * 257),
+                                         ("INCIDENTS_PAGERDUTY_ROUTING_KEY", "key with space")])
 def test_secret_no_request_could_match_stops_startup_without_showing_it(db_path, monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     with pytest.raises(SystemExit, match=f"{name} must be") as stopped:
@@ -4083,6 +4097,334 @@ def test_alert_route_needs_the_api_token_when_set(token_client, db_path):
                                  headers={"Authorization": "Bearer s3cret"})
     assert response.status_code == 200
     assert query(db_path, "SELECT count(*) FROM incidents") == [(1,)]
+
+
+# ---------------------------------------------------------------------------
+# PagerDuty events: POST /integrations/pagerduty
+# ---------------------------------------------------------------------------
+
+PD_KEY = "change-me-pagerduty"
+PD_PAYLOAD = {"summary": "Point 7 does not respond", "source": "point-7.example.com", "severity": "critical"}
+
+
+def pd_event(action="trigger", dedup_key="point-7-down", **fields):
+    """An Events API v2 event as the tools send it (a member given None is left out); a trigger has a payload."""
+    event = {"routing_key": PD_KEY, "event_action": action, "dedup_key": dedup_key,
+             **({"payload": PD_PAYLOAD} if action == "trigger" else {}), **fields}
+    return {name: value for name, value in event.items() if value is not None}
+
+
+@pytest.fixture
+def pd_client(db_path, migrated):
+    return app_on_copy(db_path, migrated, PAGERDUTY_ROUTING_KEY=PD_KEY).test_client()
+
+
+def pd(client, event, status=202):
+    """Send an event, check the status of its answer, return the answer."""
+    response = client.post("/integrations/pagerduty", data=json.dumps(event), content_type="application/json")
+    assert response.status_code == status, response.get_data(as_text=True)
+    return response.json
+
+
+def pd_incidents(db_path):
+    return query(db_path, "SELECT id, dedup_key, status, occurrences, assignee FROM incidents ORDER BY id")
+
+
+def test_pagerduty_trigger_opens_a_monitoring_incident_noting_what_the_event_says(pd_client, db_path):
+    payload = {"summary": "Point 7 does not respond", "source": "point-7", "severity": "warning", "component": "ping",
+               "group": "cell-12", "class": "ping failure", "timestamp": "2026-11-23T07:00:00.000+0000",
+               "custom_details": {"loss": "100%", "tries": 3}}
+    links = [{"href": "https://kuma/7", "text": "Kuma"}]
+    answer = pd(pd_client, pd_event(payload=payload, client="Uptime Kuma", links=links))
+    assert answer == {"status": "success", "message": "Event processed", "dedup_key": "point-7-down"}
+    incident = pd_client.get("/incidents/1").json
+    assert (incident["description"], incident["source"], incident["status"], incident["dedup_key"],
+            incident["group"]) == ("Point 7 does not respond", "monitoring", "new", "pagerduty:point-7-down", "cell-12")
+    created = events(pd_client, 1)["items"][0]
+    assert created["actor"] == "Uptime Kuma"
+    assert created["note"] == ('PagerDuty event from Uptime Kuma: severity warning, source point-7, component ping, '
+                               'class ping failure, timestamp 2026-11-23T07:00:00.000+0000; '
+                               'details {"loss": "100%", "tries": 3}; links https://kuma/7 (Kuma)')
+
+
+def test_pagerduty_first_note_is_cut_to_fit_and_its_details_bounded(pd_client):
+    details = {"log": "z" * 5000}
+    pd(pd_client, pd_event(payload={**PD_PAYLOAD, "custom_details": details},
+                links=[{"href": f"https://example.com/{i}" + "y" * 900} for i in range(3)]))
+    note = events(pd_client, 1)["items"][0]["note"]
+    assert len(note) == incidents.NOTE_MAX and note.count("z") == incidents.PAGERDUTY_DETAILS_MAX - len('{"log": "')
+
+
+def test_pagerduty_trigger_sent_again_folds_into_its_open_incident(pd_client, db_path):
+    for _ in range(3):
+        pd(pd_client, pd_event())
+    assert pd_incidents(db_path) == [(1, "pagerduty:point-7-down", "new", 3, None)]
+
+
+def test_pagerduty_trigger_without_dedup_key_gets_one_made_returned_and_usable(pd_client, db_path):
+    first, second = (pd(pd_client, pd_event(dedup_key=None))["dedup_key"] for _ in range(2))
+    assert first != second and re.fullmatch("[0-9a-f]{32}", first)
+    assert [row[1] for row in pd_incidents(db_path)] == [f"pagerduty:{first}", f"pagerduty:{second}"]
+    pd(pd_client, pd_event("acknowledge", first))
+    pd(pd_client, pd_event("resolve", second))
+    assert [row[2] for row in pd_incidents(db_path)] == ["in_progress", "resolved"]
+
+
+def test_pagerduty_keys_never_fold_into_another_intakes_incident(pd_client, db_path):
+    report(pd_client, key="point-7-down")
+    assert pd_client.post("/integrations/alertmanager", json=am_payload(am_alert())).status_code == 200
+    report(pd_client, key="heartbeat:backup")
+    for key in ("point-7-down", "alertmanager:a1b2c3d4e5f60718", "heartbeat:backup"):
+        pd(pd_client, pd_event(dedup_key=key))
+    pd(pd_client, pd_event("resolve", "point-7-down"))
+    assert [row[1:3] for row in pd_incidents(db_path)] == [
+        ("point-7-down", "new"), ("alertmanager:a1b2c3d4e5f60718", "new"), ("heartbeat:backup", "new"),
+        ("pagerduty:point-7-down", "resolved"), ("pagerduty:alertmanager:a1b2c3d4e5f60718", "new"),
+        ("pagerduty:heartbeat:backup", "new")]
+
+
+def test_pagerduty_key_or_group_too_long_for_its_column_is_cut_with_a_hash_and_still_folds(pd_client, db_path):
+    key, group = "k" * incidents.DEDUP_KEY_MAX, "g" * 300
+    for _ in range(2):
+        answer = pd(pd_client, pd_event(dedup_key=key, payload={**PD_PAYLOAD, "group": group}))
+        assert answer["dedup_key"] == key
+    (stored, occurrences, stored_group), = query(db_path, "SELECT dedup_key, occurrences, group_name FROM incidents")
+    assert len(stored) == incidents.DEDUP_KEY_MAX and stored.startswith("pagerduty:kkk") and occurrences == 2
+    assert stored.endswith("~" + hashlib.sha256(key.encode()).hexdigest()[:16])
+    assert stored_group == incidents.fitted_text(group, incidents.GROUP_MAX) and len(stored_group) == 100
+    pd(pd_client, pd_event("resolve", key))
+    assert pd_client.get("/incidents/1").json["status"] == "resolved"
+
+
+@pytest.mark.parametrize("client_name, actor", [("Zabbix", "Zabbix"), (None, "pagerduty"), ("  ", "pagerduty")])
+def test_pagerduty_acknowledge_takes_the_new_incident_as_its_client(pd_client, db_path, client_name, actor):
+    pd(pd_client, pd_event())
+    pd(pd_client, pd_event("acknowledge", client=client_name))
+    incident = pd_client.get("/incidents/1").json
+    assert (incident["status"], incident["assignee"]) == ("in_progress", actor) and incident["acknowledged_at"]
+    taken = [(event["type"], event.get("to_status"), event["actor"]) for event in events(pd_client, 1)["items"][1:]]
+    assert taken == [("status_changed", "in_progress", actor), ("assigned", None, actor)]
+
+
+def test_pagerduty_resolve_resolves_the_open_incident_with_a_note(pd_client):
+    pd(pd_client, pd_event())
+    pd(pd_client, pd_event("acknowledge"))
+    pd(pd_client, pd_event("resolve", client="Zabbix"))
+    last = events(pd_client, 1)["items"][-1]
+    assert (last["type"], last["from_status"], last["to_status"], last["actor"], last["note"]) == (
+        "status_changed", "in_progress", "resolved", "Zabbix", "Resolved by a PagerDuty event from Zabbix")
+
+
+@pytest.mark.parametrize("action, before", [("acknowledge", None), ("resolve", None), ("acknowledge", "resolved"),
+                                            ("resolve", "resolved"), ("acknowledge", "in_progress")])
+def test_pagerduty_acknowledge_or_resolve_with_nothing_to_change_answers_202_and_changes_nothing(
+        pd_client, db_path, action, before):
+    if before:
+        pd(pd_client, pd_event())
+        patch(pd_client, 1, status=before, assignee="olga")
+    rows = query(db_path, "SELECT * FROM incidents"), query(db_path, "SELECT * FROM events")
+    assert pd(pd_client, pd_event(action))["dedup_key"] == "point-7-down"
+    assert (query(db_path, "SELECT * FROM incidents"), query(db_path, "SELECT * FROM events")) == rows
+
+
+def test_pagerduty_trigger_within_the_reopen_window_reopens_and_after_it_opens_anew(pd_client, db_path):
+    pd(pd_client, pd_event())
+    pd(pd_client, pd_event("resolve"))
+    pd(pd_client, pd_event())
+    assert pd_incidents(db_path) == [(1, "pagerduty:point-7-down", "new", 1, None)]
+    assert events(pd_client, 1)["items"][-1]["note"] == "Triggered again (critical)"
+    pd(pd_client, pd_event("resolve"))
+    age_status_changes(db_path, incidents.REOPEN_WINDOW_S + 5)
+    pd(pd_client, pd_event())
+    assert [row[2] for row in pd_incidents(db_path)] == ["resolved", "new"]
+
+
+def test_pagerduty_trigger_opens_anew_with_the_reopen_window_at_zero(db_path, migrated):
+    client = app_on_copy(db_path, migrated, PAGERDUTY_ROUTING_KEY=PD_KEY, REOPEN_WINDOW=0).test_client()
+    for event in (pd_event(), pd_event("resolve"), pd_event()):
+        assert client.post("/integrations/pagerduty", json=event).status_code == 202
+    assert [row[2] for row in pd_incidents(db_path)] == ["resolved", "new"]
+
+
+@pytest.mark.parametrize("event, field", [
+    ({"event_action": None}, "event_action is required"),
+    ({"event_action": "escalate"}, "event_action must be one of: trigger, acknowledge, resolve"),
+    ({"dedup_key": 7}, "dedup_key must be a string"),
+    ({"dedup_key": "k" * 256}, "dedup_key must be at most 255 characters"),
+    ({"dedup_key": "a\x00b"}, "dedup_key must not contain NUL"),
+    ({"payload": None}, "payload is required"),
+    ({"payload": "down"}, "payload must be an object"),
+    ({"payload": {**PD_PAYLOAD, "summary": None}}, "payload.summary is required"),
+    ({"payload": {**PD_PAYLOAD, "summary": " "}}, "payload.summary must contain a visible character"),
+    ({"payload": {**PD_PAYLOAD, "summary": "s" * 1025}}, "payload.summary must be at most 1024 characters"),
+    ({"payload": {**PD_PAYLOAD, "source": None}}, "payload.source is required"),
+    ({"payload": {**PD_PAYLOAD, "source": ["host"]}}, "payload.source must be a string"),
+    ({"payload": {**PD_PAYLOAD, "severity": None}}, "payload.severity is required"),
+    ({"payload": {**PD_PAYLOAD, "severity": "fatal"}}, "payload.severity must be one of: critical, error, warning"),
+    ({"payload": {**PD_PAYLOAD, "timestamp": 1700000000}}, "payload.timestamp must be a string"),
+    ({"payload": {**PD_PAYLOAD, "component": {}}}, "payload.component must be a string"),
+    ({"payload": {**PD_PAYLOAD, "group": 12}}, "payload.group must be a string"),
+    ({"payload": {**PD_PAYLOAD, "class": "c" * 1025}}, "payload.class must be at most 1024 characters"),
+    ({"payload": {**PD_PAYLOAD, "custom_details": "loss 100%"}}, "payload.custom_details must be an object"),
+    ({"payload": {**PD_PAYLOAD, "custom_details": {"a": "\ud800"}}}, "payload.custom_details must be valid Unicode"),
+    ({"client": 5}, "client must be a string"),
+    ({"client_url": ["https://kuma"]}, "client_url must be a string"),
+    ({"links": {"href": "https://kuma"}}, "links must be a list of objects, each with href"),
+    ({"links": [{"text": "Kuma"}]}, "links[0].href must be a string"),
+    ({"links": [{"href": "https://kuma", "text": 5}]}, "links[0].text must be a string"),
+    ({"images": ["https://kuma/a.png"]}, "images must be a list of objects, each with src"),
+    ({"images": [{"src": ""}]}, "images[0].src must contain a visible character"),
+])
+def test_pagerduty_invalid_field_is_400_naming_it_and_writes_nothing(pd_client, db_path, event, field):
+    answer = pd(pd_client, pd_event(**event), 400)
+    assert (answer["status"], answer["message"]) == ("invalid event", "Event object is invalid")
+    assert [error for error in answer["errors"] if error.startswith(field)], answer["errors"]
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(0,)]
+    assert query(db_path, "SELECT sum(events) FROM pagerduty_counts") == [(0,)]
+
+
+@pytest.mark.parametrize("action", ["acknowledge", "resolve"])
+def test_pagerduty_acknowledge_or_resolve_without_dedup_key_is_400_naming_it(pd_client, action):
+    assert pd(pd_client, pd_event(action, dedup_key=None), 400)["errors"] == [f"dedup_key is required to {action}"]
+
+
+def test_pagerduty_event_names_every_invalid_field_at_once(pd_client):
+    event = pd_event(client=5, payload={"summary": "", "severity": "loud"})
+    assert pd(pd_client, event, 400)["errors"] == [
+        "client must be a string", "payload.summary must contain a visible character, not only spaces or control "
+        "characters", "payload.source is required", "payload.severity must be one of: critical, error, warning, info"]
+
+
+@pytest.mark.parametrize("body", ["not json", "[1, 2]", '{"routing_key": '])
+def test_pagerduty_body_that_is_no_json_object_is_400_as_pagerduty_answers(pd_client, body):
+    response = pd_client.post("/integrations/pagerduty", data=body, content_type="application/json")
+    assert response.status_code == 400 and response.json["status"] == "invalid event"
+    assert response.json["errors"][0].startswith("The body")
+
+
+@pytest.mark.parametrize("routing_key, error", [
+    (None, "routing_key is required"), ("wrong", "routing_key is not the key"), (PD_KEY + "x", "routing_key is not"),
+    (7, "routing_key is not the key"), ("\ud800", "routing_key is not the key")])
+def test_pagerduty_wrong_or_missing_routing_key_is_400_and_writes_nothing(pd_client, db_path, routing_key, error):
+    errors = pd(pd_client, pd_event(client=5, routing_key=routing_key), 400)["errors"]  # the key first, alone
+    assert len(errors) == 1 and errors[0].startswith(error)
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(0,)]
+
+
+def test_pagerduty_routing_key_is_compared_in_constant_time(pd_client, monkeypatch):
+    compared = []
+    monkeypatch.setattr(incidents.hmac, "compare_digest", lambda a, b: compared.append((a, b)) or a == b)
+    pd(pd_client, pd_event(routing_key="wrong"), 400)
+    assert compared == [(b"wrong", PD_KEY.encode())]
+
+
+def test_pagerduty_route_is_off_404_without_the_setting_and_writes_nothing(client, db_path):
+    response = client.post("/integrations/pagerduty", json=pd_event())
+    assert "INCIDENTS_PAGERDUTY_ROUTING_KEY" in assert_problem(response, 404)["detail"]
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(0,)]
+
+
+def test_pagerduty_route_asks_no_api_token_but_its_routing_key(db_path, migrated):
+    client = app_on_copy(db_path, migrated, API_TOKEN="s3cret", PAGERDUTY_ROUTING_KEY=PD_KEY).test_client()
+    assert client.post("/integrations/pagerduty", json=pd_event()).status_code == 202
+    assert client.post("/integrations/pagerduty", json=pd_event(routing_key="s3cret")).status_code == 400
+
+
+def test_pagerduty_body_of_512_kb_is_taken_and_one_byte_more_is_413(pd_client, db_path):
+    event = pd_event(padding="")
+    event["padding"] = "x" * (incidents.PAGERDUTY_BODY_MAX - len(json.dumps(event)))
+    for body, status in ((json.dumps(event), 202), (json.dumps(event) + " ", 413)):
+        assert len(body) in (512 * 1024, 512 * 1024 + 1)
+        response = pd_client.post("/integrations/pagerduty", data=body, content_type="application/json")
+        assert response.status_code == status
+    assert str(incidents.PAGERDUTY_BODY_MAX) in assert_problem(response, 413)["detail"]
+    assert query(db_path, "SELECT occurrences FROM incidents") == [(1,)]
+
+
+def test_pagerduty_event_whose_write_gets_no_turn_is_503_with_retry_after(db_path, monkeypatch):
+    monkeypatch.setattr(incidents, "BUSY_TIMEOUT_S", 0.05)
+    app = incidents.create_app({"DATABASE": str(db_path), "TESTING": True, "PAGERDUTY_ROUTING_KEY": PD_KEY})
+    other = sqlite3.connect(db_path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        response = app.test_client().post("/integrations/pagerduty", json=pd_event())
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert assert_problem(response, 503) and response.headers["Retry-After"] == "1"
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(0,)]
+
+
+def test_pagerduty_events_are_counted_by_action_in_the_database_for_every_worker(pd_client, db_path):
+    for event in (pd_event(), pd_event(), pd_event("acknowledge"), pd_event("resolve"), pd_event("resolve")):
+        pd(pd_client, event)
+    pd(pd_client, pd_event("escalate"), 400)  # not taken: not counted
+    other = incidents.create_app({"DATABASE": str(db_path)}).test_client()  # as another worker, or after a restart
+    families = scrape(other)
+    assert [sample(families, "incidents_pagerduty_events_total", action=action)
+            for action in incidents.PAGERDUTY_ACTIONS] == [2, 1, 2]
+
+
+def test_pagerduty_incident_is_shown_in_the_duty_chats(db_path, migrated):
+    app = app_on_copy(db_path, migrated, PAGERDUTY_ROUTING_KEY=PD_KEY, TELEGRAM_NOTIFY_CHAT_IDS=(DUTY,))
+    assert app.test_client().post("/integrations/pagerduty", json=pd_event()).status_code == 202
+    assert outbox(db_path) == [(1, DUTY, "change")]
+
+
+def test_real_alertmanager_pagerduty_receiver_opens_and_resolves_the_incident(db_path, tmp_path):
+    """Debian's prometheus-alertmanager, its pagerduty_configs pointed here: alerts posted to its API fire, so
+    the incident opens; posted again ended, they resolve, so it resolves."""
+    with server(db_path, INCIDENTS_PAGERDUTY_ROUTING_KEY=PD_KEY) as (url, _), alertmanager(tmp_path, url) as api:
+        labels = {"alertname": "PointDown", "point": "7"}
+        post_alerts(api, [{"labels": labels, "annotations": {"summary": "Point 7 does not respond"}}])
+        opened = wait_until(lambda: query(db_path, "SELECT id, description, status, dedup_key FROM incidents"))
+        (_, description, status, dedup_key), = opened
+        assert (description, status) == ("[FIRING:1] PointDown (7)", "new")
+        assert re.fullmatch("pagerduty:[0-9a-f]{64}", dedup_key)  # Alertmanager's hash of its group's key
+        post_alerts(api, [{"labels": labels, "endsAt": "2020-01-01T00:00:00Z"}])
+        assert wait_until(lambda: query(db_path, "SELECT status FROM incidents WHERE status = 'resolved'")) == [
+            ("resolved",)]
+        assert query(db_path, "SELECT actor FROM events ORDER BY id") == [("Alertmanager",), ("Alertmanager",)]
+
+
+ALERTMANAGER = "/usr/bin/prometheus-alertmanager"
+
+
+@contextmanager
+def alertmanager(tmp_path, url):
+    """Alertmanager on a free port, grouping fast, its one receiver PagerDuty at `url`: yields its API's address."""
+    config, port = tmp_path / "alertmanager.yml", free_port()
+    config.write_text(f"""route: {{receiver: incidents, group_by: [alertname], group_wait: 100ms, group_interval: 300ms,
+        repeat_interval: 1h}}
+receivers:
+  - name: incidents
+    pagerduty_configs:
+      - {{url: "{url}/integrations/pagerduty", routing_key: {PD_KEY}, send_resolved: true}}
+""")
+    with open(tmp_path / "alertmanager.log", "w") as log:
+        process = subprocess.Popen([ALERTMANAGER, f"--config.file={config}", f"--storage.path={tmp_path / 'am'}",
+                                    f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
+                                   stdout=log, stderr=log)
+    try:
+        wait_until(lambda: alertmanager_ready(process, port))
+        yield f"http://127.0.0.1:{port}/api/v2"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def alertmanager_ready(process, port):
+    assert process.poll() is None, "alertmanager exited at startup"
+    with contextlib.suppress(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=1).close()
+        return True
+    return False
+
+
+def post_alerts(api, alerts):
+    request = urllib.request.Request(f"{api}/alerts", data=json.dumps(alerts).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=5).close()
 
 
 # ---------------------------------------------------------------------------
@@ -5123,7 +5465,7 @@ def test_metrics_parse_and_every_family_has_help_and_type(client):
         "incidents_notifications_oldest_age_seconds": "gauge", "incidents_time_to_acknowledge_seconds": "histogram",
         "incidents_time_to_resolve_seconds": "histogram", "incidents_heartbeats": "gauge",
         "incidents_heartbeat_checkins_total": "counter", "incidents_telegram_calls_total": "counter",
-        "incidents_storms_open": "gauge"}
+        "incidents_storms_open": "gauge", "incidents_pagerduty_events_total": "counter"}
 
 
 def test_metrics_label_values_are_escaped_as_the_format_says(client):
