@@ -2624,7 +2624,7 @@ def test_poll_backoff_doubles_to_a_limit_and_honours_retry_after(db_path, bot_ap
 # Notifications: every incident in the duty chat, kept current, with buttons
 # ---------------------------------------------------------------------------
 
-DUTY, NIGHT, SUPERGROUP = -100777, -100888, -1001234567890
+DUTY, NIGHT, SUPERGROUP, PERSON = -100777, -100888, -1001234567890, 5005
 
 
 def notify_config(db_path, bot_api, chats=(DUTY,), interval=1, storms=0):
@@ -3303,6 +3303,40 @@ def test_a_storm_is_reminded_of_and_escalated_as_one(db_path, bot_api, migrated)
     assert query(db_path, "SELECT count(*) FROM notify_reminders") == [(0,)]
     assert query(db_path, "SELECT reminders, remind_at IS NULL, escalated_at IS NOT NULL FROM storms") == [(3, 1, 1)]
     assert query(db_path, "SELECT count(*) FROM events WHERE type IN ('reminded', 'escalated')") == [(0,)]
+
+
+def test_the_sender_keeps_within_telegrams_limits_by_itself(db_path, bot_api, migrated):
+    """45 incidents: more than two minutes' worth (scaled) for a group, at most one a second for a person."""
+    app = app_on_copy(db_path, migrated, **notify_config(db_path, bot_api, chats=(DUTY, PERSON)))
+    client = app.test_client()
+    with sending(app):
+        for n in range(45):
+            create(client, f"Point {n}")
+        bot_api.wait_for(lambda: len(bot_api.chat(DUTY)) == len(bot_api.chat(PERSON)) == 45, 20)
+    assert bot_api.throttled == []
+    group, person = ([at for at in bot_api.by_chat[chat]] for chat in (DUTY, PERSON))
+    assert group[40] - group[0] >= 2 * WINDOW - SLACK  # 20 a minute, scaled
+    assert min(b - a for a, b in zip(person, person[1:])) >= WINDOW / 60 - SLACK
+
+
+def test_first_messages_go_before_edits_and_a_group_keeps_room_for_them(db_path, bot_api, migrated):
+    app = app_on_copy(db_path, migrated, **notify_config(db_path, bot_api))
+    client = app.test_client()
+    with sending(app):
+        for n in range(1, 21):
+            create(client, f"Point {n}")
+        bot_api.wait_for(lambda: len(bot_api.sent) == 20)
+        time.sleep(WINDOW)  # the group's minute is free again
+        started = time.monotonic()
+        for n in range(1, 21):
+            client.patch(f"/incidents/{n}", json={"status": "in_progress"})
+        create(client, "Point 21")
+        bot_api.wait_for(lambda: len(bot_api.sent) == 21 and len(bot_api.edits) == 20, 10)
+    calls = [(method, at) for method, at in bot_api.calls if at >= started]
+    assert [method for method, _ in calls].index("sendMessage") <= 1  # the new one before the edits queued earlier
+    in_the_first_window = [method for method, at in calls if at < started + WINDOW - SLACK]
+    assert in_the_first_window.count("editMessageText") <= incidents.GROUP_CALLS_PER_MINUTE - incidents.RESERVED_FIRST
+    assert bot_api.throttled == []
 
 
 def test_a_429_in_one_chat_holds_that_chat_alone(db_path, bot_api, migrated):
