@@ -106,7 +106,7 @@ BULK_BUDGET_S = 0.02  # a transaction takes further slices of large payloads whi
 CHECKPOINT_IDLE_S = 1.0  # the writer copies the WAL back once idle, at most this often
 CHECKPOINT_FORCE_S = 4.0  # and at the latest this long after a write, idle or not
 CLOCK_TICK_S = 0.5  # how often each process's clock looks for deadlines that passed
-HEALTH_PROBE_S = 1.0  # while writes fail, /health tries a write turn at most this often
+HEALTH_PROBE_S = 1.0  # /health writes a row of its own when this process has not written for this long
 SERVER_FIELDS = ("id", "created_at", "updated_at", "occurrences", "last_seen_at", "acknowledged_at", "resolved_at")
 TELEGRAM_API_URL = "https://api.telegram.org"
 TELEGRAM_POLL_TIMEOUT_S = 30  # how long one getUpdates call waits for news
@@ -431,7 +431,7 @@ MIGRATIONS = (
         END""",
     ),
     (
-        # A row /health writes while writes fail, to learn without a client's write that they work again.
+        # A row /health writes to learn, without a client's write, whether writes work.
         """CREATE TABLE write_checks (
             id INTEGER PRIMARY KEY CHECK (id = 1),
             at TEXT NOT NULL CHECK (at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z')
@@ -666,9 +666,7 @@ class Writer:
         self.arrived = threading.Condition()  # guards the queues and every job's state
         self.closing = False
         self.db = None  # opened by the writer thread, used by it alone
-        self.failing = None  # why writes fail, for a reason not the client's, until a write commits again
-        self.failed_at = 0.0
-        self.turned_at = 0.0  # when a transaction of this writer last committed, whatever it held
+        self.failing, self.learned_at = None, 0.0  # what the last write said (see learn), and when
         self.unsaved = False  # whether the WAL holds commits of this process not yet checkpointed
         self.checkpointed = time.monotonic()
         self.thread = threading.Thread(target=Writer.serve, args=(weakref.ref(self),), name="incidents-writer",
@@ -695,7 +693,7 @@ class Writer:
     def outcome(self, job, timeout):
         """A job's result once done; a busy error if it has not started within `timeout`."""
         if not job.done.wait(timeout) and self.move(job, "dropped"):
-            self.note_failure(NO_TURN)
+            self.learn(NO_TURN)
             raise busy_error(f"database is locked: no turn to write came within {timeout:g} s")
         job.done.wait()  # the writer runs it: its transaction ends soon
         if job.error is not None:
@@ -752,7 +750,7 @@ class Writer:
             try:
                 self.take_turn(waiting)
             except Exception as error:  # nothing else expects it (the lock's release failed): the next turn tries
-                self.note_failure(write_failure(error) or f"Writes fail: {error}; see the server's log.")
+                self.learn(write_failure(error) or f"Writes fail: {error}; see the server's log.")
         return True
 
     def idle_wait(self):
@@ -792,9 +790,9 @@ class Writer:
         except BaseException as error:
             self.abort([job for job in ran if not job.done.is_set()], error)
             return
-        self.turned_at = time.monotonic()
         if any(job.wrote for job in ran):
-            self.failing, self.unsaved = None, True
+            self.unsaved = True
+            self.learn(None)
         for job in ran:
             job.done.set()
 
@@ -836,13 +834,14 @@ class Writer:
     def fail(self, jobs, error):
         """Answer each job with its own copy of `error`; note for /health a failure that is not the client's."""
         if (why := write_failure(error)) is not None:
-            self.note_failure(why)
+            self.learn(why)
         for job in jobs:
             job.finish(copy.copy(error) if len(jobs) > 1 else error)
 
-    def note_failure(self, why):
-        """Writes fail, and why: /health says so until a write commits again."""
-        self.failing, self.failed_at = why, time.monotonic()
+    def learn(self, why):
+        """What a write said of the storage, for /health: why writes fail (a reason not the client's), or None
+        once one committed."""
+        self.failing, self.learned_at = why, time.monotonic()
 
     def checkpoint_due(self, idle):
         """Whether to copy the WAL back now: after this process wrote, once idle() or at the latest when forced."""
@@ -875,7 +874,7 @@ class Writer:
         with contextlib.suppress(Exception):
             self.shut()
         self.fail(self.take_all(), busy_error("The writer stopped; retry."))
-        self.note_failure(f"The writer stopped ({type(error).__name__}); it starts again on the next write.")
+        self.learn(f"The writer stopped ({type(error).__name__}); it starts again on the next write.")
 
 
 def lock_error(error):
@@ -935,7 +934,6 @@ class Database:
     def start_afresh(self):
         self.idle = queue.LifoQueue(IDLE_CONNECTIONS)
         self.writer = None
-        self.probed, self.probe_failed = 0.0, None  # when /health last tried a write turn, and why it failed
         self.probing = threading.Lock()
         self.opening = threading.Lock()
 
@@ -1026,24 +1024,16 @@ class Database:
         return writer
 
     def write_problem(self):
-        """Why writes fail, or None while they work, as this process's last turn to write says. While writes
-        fail, or when no turn was taken for HEALTH_PROBE_S (a process that has not written knows nothing yet,
-        and another may hold the database), a turn of its own is tried, at most every HEALTH_PROBE_S: a real
-        write while writes fail, so that it clears without a client's write, else an empty transaction."""
-        writer, moment = self.writer, time.monotonic()
-        if writer is not None and writer.thread.is_alive() and writer.failing is None and \
-                moment - writer.turned_at < HEALTH_PROBE_S:
-            return None
+        """Why writes fail, or None while they work, as this process's last write said (see Writer.learn); once
+        that is HEALTH_PROBE_S old, a real write of its own (write_checks) says it anew. So every process finds
+        within HEALTH_PROBE_S that the storage fails, or works again, whichever process met it first."""
         with self.probing:  # one try at a time: the others wait for its outcome
-            writer = self.writer
-            if time.monotonic() - max(self.probed, writer.failed_at if writer else 0) >= HEALTH_PROBE_S:
-                try:  # waits for the turn as a write does, up to INCIDENTS_BUSY_TIMEOUT
-                    self.write(record_write_check if writer is not None and writer.failing else (lambda db: None))
-                    self.probe_failed = None
-                except sqlite3.Error as error:  # the writer notes most failures itself; not one to start it
-                    self.probe_failed = write_failure(error) or f"Writes fail: {error}."
-                self.probed = time.monotonic()  # a failed write is a try too
-        return (self.writer and self.writer.failing) or self.probe_failed
+            try:
+                if time.monotonic() - self.running_writer().learned_at >= HEALTH_PROBE_S:
+                    self.write(record_write_check)  # waits for the turn as a write does
+            except sqlite3.Error as error:
+                return write_failure(error)
+            return self.writer.failing
 
     def announce_upgrade(self, db, current):
         """Say so before upgrading a file that holds incidents: a step may take a while on a large one."""
@@ -1119,7 +1109,7 @@ def write_in_slices(work, items, bulk):
 
 
 def record_write_check(db):
-    """A write of its own, for /health to learn that writes work again: when it last did."""
+    """A write of its own, for /health to learn whether writes work: when it last did."""
     db.execute("INSERT INTO write_checks (id, at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET at = excluded.at",
                (now(),))
 

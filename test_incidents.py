@@ -10,6 +10,7 @@ import json
 import os
 import random
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -4782,8 +4783,8 @@ def test_health_of_a_process_that_has_not_written_lately_tries_a_turn_and_says_w
     if written:
         create(client)
     time.sleep(0.35)  # a turn older than HEALTH_PROBE_S tells nothing of now
-    assert client.get("/health").json == {"status": "ok"}  # a turn tried: an empty transaction, nothing written
-    assert query(db_path, "SELECT count(*) FROM write_checks") == [(0,)]
+    assert client.get("/health").json == {"status": "ok"}  # a turn tried: a real write of its own
+    assert query(db_path, "SELECT count(*) FROM write_checks") == [(1,)]
     time.sleep(0.35)
     outside = sqlite3.connect(db_path, isolation_level=None)
     outside.execute("BEGIN IMMEDIATE")  # another worker, or a sqlite3 shell, holds the database
@@ -4794,8 +4795,7 @@ def test_health_of_a_process_that_has_not_written_lately_tries_a_turn_and_says_w
         outside.rollback()
         outside.close()
     time.sleep(0.35)
-    assert client.get("/health").json == {"status": "ok"}  # writes failed: it tried a real one
-    assert query(db_path, "SELECT count(*) FROM write_checks") == [(1,)]
+    assert client.get("/health").json == {"status": "ok"}
 
 
 def test_health_says_503_only_where_a_write_would_get_no_turn_and_every_request_says_the_same(
@@ -5446,6 +5446,33 @@ def test_same_dedup_key_from_many_clients_and_two_servers_makes_one_incident(db_
     assert sorted(statuses) == [200] * 159 + [201]
     assert query(db_path, "SELECT dedup_key, status, occurrences FROM incidents") == [("p9", "new", 160)]
     assert query(db_path, "SELECT type, count FROM events ORDER BY id") == [("created", None), ("repeated", 159)]
+
+
+def health_of_each(urls, status, within=2.0):
+    """Poll /health of each server until every one answers `status`; how long that took."""
+    started = time.monotonic()
+    while sorted({send(url, "/health")[0] for url in urls}) != [status]:
+        assert time.monotonic() - started < within, f"not all {status} within {within} s"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def test_health_of_every_process_follows_storage_that_fails_and_works_again_within_2_s(db_path):
+    """The storage fails for every process at once: no file may be written past its first byte (RLIMIT_FSIZE,
+    set on each server from outside), as on a disk that fails or is full."""
+    with server(db_path, os.devnull) as (first, one), server(db_path, os.devnull) as (second, two):
+        assert post(first, "before")[0] == 201
+        health_of_each([first, second], 200)
+        for process in (one, two):
+            resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (1, resource.RLIM_INFINITY))
+        status, _, body = send(first, "/incidents", {"description": "lost", "source": "operator"})
+        assert (status, body["detail"]) == (503, incidents.WRITE_REFUSALS[sqlite3.SQLITE_IOERR])
+        health_of_each([first, second], 503)  # the second wrote nothing: its own write of a row fails too
+        for process in (one, two):
+            resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        health_of_each([first, second], 200)
+        assert post(second, "after")[0] == 201
+    assert query(db_path, "SELECT description FROM incidents") == [("before",), ("after",)]
 
 
 def test_sigkill_mid_load_loses_no_acknowledged_incident(db_path):
