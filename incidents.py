@@ -481,6 +481,13 @@ MIGRATIONS = (
             UPDATE heartbeat_counts SET pings = pings + (new.down = 0), failures = failures + (new.down = 1);
         END""",
     ),
+    (
+        # A deleted heartbeat's open incident gives up its dedup_key, so that a heartbeat made again under the name
+        # opens its own: here, each open one that no heartbeat holds (its heartbeat was deleted).
+        """UPDATE incidents SET dedup_key = NULL
+            WHERE dedup_key GLOB 'heartbeat:*' AND status IN ('new', 'in_progress')
+            AND id NOT IN (SELECT incident_id FROM heartbeats WHERE incident_id IS NOT NULL)""",
+    ),
 )
 
 INCIDENT_JSON = """json_object(
@@ -2595,8 +2602,10 @@ def heartbeat_json(db, name):
 
 def save_heartbeat(db, name, values):
     """Create or replace a heartbeat: (its JSON, whether new). A replacement keeps the last check-in, its
-    incident and whether it is down, and computes the deadlines afresh from that check-in (or the creation)."""
-    late_at, next_due_at = deadlines_sql("coalesce(last_ping_at, created_at)", ":period", ":grace", ":paused")
+    incident and whether it is down, and computes the deadlines afresh from that check-in (or the creation), or
+    from now for one that resumes from a pause (its clock starts afresh, as at a check-in)."""
+    late_at, next_due_at = deadlines_sql("CASE WHEN paused THEN :at ELSE coalesce(last_ping_at, created_at) END",
+                                         ":period", ":grace", ":paused")
     replaced = db.execute(f"""UPDATE heartbeats SET description = :description, period = :period, grace = :grace,
                                   source = :source, paused = :paused, late_at = {late_at}, next_due_at = {next_due_at},
                                   updated_at = :at WHERE name = :name""", {**values, "name": name, "at": now()}).rowcount
@@ -2667,14 +2676,16 @@ def record_check_in(db, name, failure):
 
 
 def remove_heartbeat(db, name):
-    """Delete a heartbeat; its incidents stay, and an open one is told on its timeline."""
-    heartbeat = db.execute("SELECT id, incident_id FROM heartbeats WHERE name = ?", (name,)).fetchone()
-    if heartbeat is None:
+    """Delete a heartbeat; its incidents stay. An open one is told on its timeline and gives up its dedup_key, so
+    that a heartbeat made again under the name opens its own."""
+    if not db.execute("DELETE FROM heartbeats WHERE name = ?", (name,)).rowcount:
         raise no_such_heartbeat(name)
-    if incident_id := open_incident_of(db, heartbeat):
-        add_event(db, incident_id, now(), "note", actor="heartbeat",
-                  note=f"Its heartbeat {name} was deleted: no check-in will resolve this incident now")
-    db.execute("DELETE FROM heartbeats WHERE id = ?", (heartbeat["id"],))
+    released = db.execute(f"UPDATE incidents SET dedup_key = NULL WHERE dedup_key = ? AND {IS_OPEN} RETURNING id",
+                          (HEARTBEAT_KEY_PREFIX + name,)).fetchone()
+    if released:
+        add_event(db, released[0], now(), "note", actor="heartbeat",
+                  note=f"Its heartbeat {name} was deleted: no check-in will resolve this incident now, and its "
+                       f"dedup_key {HEARTBEAT_KEY_PREFIX}{name} is released")
 
 
 def failure_note(signal):

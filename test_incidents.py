@@ -1546,7 +1546,7 @@ def test_existing_database_keeps_its_mode(db_path):
 # Each migration's text as released: files in the field ran exactly this; a new file must get the same.
 MIGRATION_PINS = ["1824ad64a8d090a8", "2568b4ef34d03c25", "03652428789037dc", "37ea07775b9a208c",
                   "142188eb6d97c5d4", "8fd34c596f0a7476", "c9660475526e049d", "08f0cf11d0c36ab0",
-                  "e942c9e400084136", "9500e9b4e7b902b4", "098fcfa6900c1723"]
+                  "e942c9e400084136", "9500e9b4e7b902b4", "098fcfa6900c1723", "9dda799e0a6e2f87"]
 
 
 def test_migrations_are_frozen_text():
@@ -1598,6 +1598,18 @@ def file_at_version(db_path, version, rows):
         patched.setattr(incidents, "MIGRATIONS", incidents.MIGRATIONS[:version])
         incidents.create_app({"DATABASE": str(db_path)})
     insert_rows(db_path, rows)
+
+
+def test_migration_releases_the_dedup_key_of_a_deleted_heartbeats_open_incident_only(db_path):
+    file_at_version(db_path, len(incidents.MIGRATIONS) - 1, [])
+    client = incidents.create_app({"DATABASE": str(db_path), "TESTING": True}).test_client()
+    for name in ("gone", "held"):
+        put_heartbeat(client, name)
+        client.post(f"/heartbeats/{name}/fail")
+    query(db_path, "DELETE FROM heartbeats WHERE name = 'gone'")  # as the code of the version before deleted it
+    query(db_path, "PRAGMA user_version = %d" % (len(incidents.MIGRATIONS) - 1))
+    incidents.create_app({"DATABASE": str(db_path)})
+    assert query(db_path, "SELECT dedup_key FROM incidents ORDER BY id") == [(None,), ("heartbeat:held",)]
 
 
 def test_migration_of_version_1_file_keeps_incidents_and_fills_new_fields(db_path):
@@ -3799,6 +3811,19 @@ def test_any_check_in_resumes_a_paused_heartbeat(client, db_path):
     assert client.post("/heartbeats/point-7/fail").json["status"] == "down"
 
 
+def test_resuming_a_paused_heartbeat_starts_its_clock_afresh_and_opens_nothing(client, db_path):
+    put_heartbeat(client, "point-7", period=60, grace=30)
+    client.post("/heartbeats/point-7/ping")
+    put_heartbeat(client, "point-7", status=200, period=60, grace=30, paused=True)
+    age_heartbeat(db_path, "point-7", 600)  # paused for maintenance ten minutes ago
+    before = incidents.now()
+    resumed = put_heartbeat(client, "point-7", status=200, period=60, grace=30, paused=False)
+    assert resumed["status"] == "up" and resumed["last_ping_at"] < before
+    assert incidents.shifted(before, 90) <= resumed["next_due_at"] <= incidents.shifted(incidents.now(), 90)
+    time.sleep(incidents.CLOCK_TICK_S + 0.1)
+    assert heartbeat_incidents(db_path, "point-7") == []
+
+
 def test_silence_opens_one_incident_by_itself_with_a_note_on_what_was_expected(app, client, db_path):
     put_heartbeat(client, "point-7", description="Point 7 does not respond", period=120, grace=30, source="partner")
     client.post("/heartbeats/point-7/ping")
@@ -3897,7 +3922,21 @@ def test_deleting_a_heartbeat_keeps_its_incidents_and_tells_an_open_one(client, 
     assert_problem(client.delete("/heartbeats/point-7"), 404)
     last = client.get(f"/incidents/{incident_id}/events").json["items"][-1]
     assert (last["type"], last["actor"]) == ("note", "heartbeat") and "point-7 was deleted" in last["note"]
-    assert heartbeat_incidents(db_path, "point-7")[0][1] == "new"
+    assert query(db_path, "SELECT status, dedup_key FROM incidents") == [("new", None)]  # its key released
+
+
+def test_heartbeat_made_again_under_a_deleted_ones_name_opens_its_own_incident_and_leaves_the_old_one(
+        client, db_path):
+    put_heartbeat(client, "point-7", period=60, grace=0)
+    client.post("/heartbeats/point-7/fail")
+    (old, *_), = heartbeat_incidents(db_path, "point-7")
+    client.delete("/heartbeats/point-7")
+    put_heartbeat(client, "point-7", period=60, grace=0)
+    age_heartbeat(db_path, "point-7", 90)
+    (new, *_), = wait_until(lambda: heartbeat_incidents(db_path, "point-7"), 2)
+    assert client.post("/heartbeats/point-7/ping").json["status"] == "up"
+    assert query(db_path, "SELECT id, status, occurrences, dedup_key FROM incidents ORDER BY id") == [
+        (old, "new", 1, None), (new, "resolved", 1, "heartbeat:point-7")]
 
 
 def test_silent_heartbeats_incident_goes_to_the_duty_chat(notify_app, db_path):
