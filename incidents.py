@@ -2585,13 +2585,11 @@ def deadlines_sql(since, period, grace, paused="0"):
             for seconds in (period, f"{period} + {grace}")]
 
 
-# A check-in: its time moves the deadlines, and resumes a paused heartbeat; the answer is short. The second form
-# changes only a heartbeat with no incident on record (nearly every check-in).
+# A check-in: its time moves the deadlines, and resumes a paused heartbeat; the answer is short.
 CHECK_IN_SQL = """UPDATE heartbeats SET last_ping_at = :at, late_at = {}, next_due_at = {}, paused = 0, down = :down,
         incident_id = :incident_id, updated_at = :at WHERE name = :name
     RETURNING json_object('name', name, 'status', CASE down WHEN 1 THEN 'down' ELSE 'up' END, 'next_due_at', next_due_at)
     """.format(*deadlines_sql(":at", "period", "grace"))
-QUIET_CHECK_IN_SQL = CHECK_IN_SQL.replace("WHERE name = :name", "WHERE name = :name AND incident_id IS NULL")
 
 
 def heartbeat_json(db, name):
@@ -2654,13 +2652,7 @@ def open_silent(db, name):
 
 def record_check_in(db, name, failure):
     """A check-in: a success resolves the open incident (and the heartbeat is up again), a failure (its note,
-    or None for a success) opens one at once. Either resumes a paused heartbeat and moves its deadlines.
-
-    A success where no incident was opened (nearly every check-in) is one statement."""
-    at = now()
-    if failure is None and (answer := db.execute(QUIET_CHECK_IN_SQL, {
-            "at": at, "down": 0, "incident_id": None, "name": name}).fetchone()):
-        return answer[0]
+    or None for a success) opens one at once. Either resumes a paused heartbeat and moves its deadlines."""
     heartbeat = db.execute("SELECT * FROM heartbeats WHERE name = ?", (name,)).fetchone()
     if heartbeat is None:
         raise no_such_heartbeat(name)
@@ -2671,8 +2663,8 @@ def record_check_in(db, name, failure):
         silent = age_seconds(heartbeat["last_ping_at"] or heartbeat["created_at"])
         change_incident(db, incident_id, {"status": "resolved"}, f"Checked in again after {waited(silent)} of silence",
                         "heartbeat")
-    return db.execute(CHECK_IN_SQL, {"at": at, "down": int(failure is not None),
-                                                     "incident_id": incident_id or None, "name": name}).fetchone()[0]
+    return db.execute(CHECK_IN_SQL, {"at": now(), "down": int(failure is not None),
+                                     "incident_id": incident_id or None, "name": name}).fetchone()[0]
 
 
 def remove_heartbeat(db, name):
