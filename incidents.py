@@ -3754,24 +3754,27 @@ def whole_seconds(least, most, unit="seconds"):
 
 
 def chat_ids(text):
-    """Telegram chat ids separated by commas: whole numbers of ASCII digits, not 0, that fit SQLite's integer."""
-    ids = [whole_number(part.strip(), -MAX_ID, MAX_ID) for part in text.split(",") if part.strip()]
+    """Telegram chat ids separated by commas: whole numbers of ASCII digits, not 0, that fit SQLite's integer; no
+    item empty (a stray comma may be a chat id lost)."""
+    ids = [whole_number(part.strip(), -MAX_ID, MAX_ID) for part in text.split(",")]
     if not all(ids):
         raise ValueError(f"must be Telegram chat ids separated by commas, such as -1001234567890,123456789 (whole "
-                         f"numbers of ASCII digits, not 0, of at most 19 digits); not {text!r}")
+                         f"numbers of ASCII digits, not 0, of at most 19 digits, no item empty); not {text!r}")
     return tuple(ids)
 
 
 def http_address(text):
-    """An http(s) address with a host (and a port, if any, that is a number)."""
+    """An http(s) address: a host, a port from 1 to 65535 if any, a path; nothing else (no user, query or
+    fragment, where the Bot API's calls would end up)."""
     try:
         parts = urllib.parse.urlsplit(text)
-        parts.port  # raises ValueError for a port that is not a number in range
+        port = parts.port  # raises ValueError for a port that is not a number up to 65535
     except ValueError:  # that, or a broken IPv6 address
-        parts = None
-    if not (parts and parts.scheme in ("http", "https") and parts.hostname and text.isascii() and text.isprintable()
-            and " " not in text):
-        raise ValueError(f"must be an http:// or https:// address such as {TELEGRAM_API_URL}, not {text!r}")
+        parts = port = None
+    if not (parts and parts.scheme in ("http", "https") and parts.hostname and port != 0 and "@" not in parts.netloc
+            and not {"?", "#"} & set(text) and text.isascii() and text.isprintable() and " " not in text):
+        raise ValueError(f"must be an http:// or https:// address such as {TELEGRAM_API_URL} (a host, a port from 1 "
+                         f"to 65535, a path; no user, query or fragment), not {text!r}")
     return text
 
 
@@ -3830,7 +3833,7 @@ def check_database_path(path):
 
 def configuration():
     """The app's settings from the environment, each checked (a bad one stops startup in one line)."""
-    return dict(
+    config = dict(
         DATABASE=os.environ.get("INCIDENTS_DB", "incidents.db").strip(),  # blank is refused, not the default: see
                                                                            # check_database_name
         BUSY_TIMEOUT=setting("INCIDENTS_BUSY_TIMEOUT", whole_seconds(1, 3600), BUSY_TIMEOUT_S),
@@ -3849,6 +3852,10 @@ def configuration():
         NOTIFY_REPEAT_INTERVAL=NOTIFY_REPEAT_INTERVAL_S,
         MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
     )
+    if config["PING_TOKEN"] and not config["API_TOKEN"]:
+        stop_startup("INCIDENTS_PING_TOKEN is set without INCIDENTS_API_TOKEN, which would leave every route but "
+                     "check-ins open to anyone; set INCIDENTS_API_TOKEN too, or unset INCIDENTS_PING_TOKEN")
+    return config
 
 
 def open_database():

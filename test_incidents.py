@@ -53,7 +53,7 @@ DEEP_CURSOR = base64.urlsafe_b64encode(b"[" * 3000).decode()
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch):
     """Tests and the servers they start see only the configuration each test sets."""
-    for name in ("INCIDENTS_DB", "INCIDENTS_API_TOKEN", "INCIDENTS_BUSY_TIMEOUT", "INCIDENTS_REOPEN_WINDOW",
+    for name in ("INCIDENTS_DB", "INCIDENTS_API_TOKEN", "INCIDENTS_PING_TOKEN", "INCIDENTS_BUSY_TIMEOUT", "INCIDENTS_REOPEN_WINDOW",
                  "INCIDENTS_REMIND_AFTER", "INCIDENTS_REMIND_MAX", "TELEGRAM_WEBHOOK_SECRET", "TELEGRAM_BOT_TOKEN",
                  "TELEGRAM_API_URL", "TELEGRAM_ALLOWED_CHAT_IDS", "TELEGRAM_NOTIFY_CHAT_IDS",
                  "TELEGRAM_ESCALATE_CHAT_IDS"):
@@ -2450,7 +2450,8 @@ CHAT_SETTINGS = ["TELEGRAM_ALLOWED_CHAT_IDS", "TELEGRAM_NOTIFY_CHAT_IDS", "TELEG
 @pytest.mark.parametrize("name", CHAT_SETTINGS)
 @pytest.mark.parametrize("value", ["abc", "1;2", "12.5", "9999999999999999999", "-9999999999999999999", "١٢٣", "２",
                                    "00000000000000000001",
-                                   "0", "-0", "1,0", "--5", "+5", "1 2", "9" * 5000])
+                                   "0", "-0", "1,0", "--5", "+5", "1 2", "9" * 5000,
+                                   ",", "-1001,,-1002", "-1001,", ",-1001", "-1001, ,-1002"])
 def test_bad_chat_ids_stop_startup_saying_what_to_set(db_path, monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     with pytest.raises(SystemExit, match=f"{name} must be Telegram chat ids separated by commas") as stopped:
@@ -2460,7 +2461,7 @@ def test_bad_chat_ids_stop_startup_saying_what_to_set(db_path, monkeypatch, name
 
 @pytest.mark.parametrize("name", CHAT_SETTINGS)
 def test_chat_ids_take_ascii_digits_a_minus_and_what_fits_sqlite(db_path, monkeypatch, name):
-    monkeypatch.setenv(name, " -100, 9223372036854775807 ,-9223372036854775807,,")  # a trailing comma is harmless
+    monkeypatch.setenv(name, " -100, 9223372036854775807 ,-9223372036854775807")
     config = incidents.create_app({"DATABASE": str(db_path)}).config
     assert config[name] == (-100, 2**63 - 1, -(2**63 - 1))
 
@@ -2471,6 +2472,16 @@ def test_a_secret_set_blank_stops_the_start_rather_than_open_what_it_guards(db_p
     monkeypatch.setenv(name, " \t ")
     with pytest.raises(SystemExit, match=f"{name} is set but blank; set the secret, or unset the variable"):
         incidents.create_app({"DATABASE": str(db_path)})
+
+
+def test_ping_token_without_the_api_token_stops_the_start_in_one_line_saying_why(db_path, monkeypatch):
+    monkeypatch.setenv("INCIDENTS_PING_TOKEN", "p1ng-only")
+    with pytest.raises(SystemExit) as stopped:
+        incidents.create_app({"DATABASE": str(db_path)})
+    assert str(stopped.value) == (
+        "incidents: INCIDENTS_PING_TOKEN is set without INCIDENTS_API_TOKEN, which would leave every route but "
+        "check-ins open to anyone; set INCIDENTS_API_TOKEN too, or unset INCIDENTS_PING_TOKEN")
+    assert not db_path.exists()
 
 
 @pytest.mark.parametrize("value", ["9223372036854775808:abc", "0:abc", "99999999999999999999:abc"])
@@ -3084,7 +3095,8 @@ def test_malformed_bot_api_url_stops_the_command_in_one_line_naming_the_setting(
                                  "TELEGRAM_API_URL": "localhost:8081"}, capture_output=True, text=True, timeout=30)
     assert (result.returncode, result.stdout) == (1, "")
     assert result.stderr == ("incidents: TELEGRAM_API_URL must be an http:// or https:// address such as "
-                             "https://api.telegram.org, not 'localhost:8081'\n")
+                             "https://api.telegram.org (a host, a port from 1 to 65535, a path; no user, query or "
+                             "fragment), not 'localhost:8081'\n")
 
 
 @pytest.mark.parametrize("name, value", [("INCIDENTS_API_TOKEN", "s3cret Token"), ("INCIDENTS_API_TOKEN", "токен-секрет"),
@@ -3098,7 +3110,10 @@ def test_secret_no_request_could_match_stops_startup_without_showing_it(db_path,
 
 @pytest.mark.parametrize("url", ["http://local host:8081", "ftp://api.telegram.org", "http://",
                                  "https://api.telegram.org/\x7f", "https://api.telegram.org/ä", "http://[::1",
-                                 "http://127.0.0.1:abc", "http://:80", "http://127.0.0.1:99999"])
+                                 "http://127.0.0.1:abc", "http://:80", "http://127.0.0.1:99999", "http://127.0.0.1:0",
+                                 "https://user:pw@api.telegram.org/x", "https://user@api.telegram.org",
+                                 "https://api.telegram.org/x?y=1", "https://api.telegram.org/?", "https://api.telegram.org/x#frag",
+                                 "https://api.telegram.org#"])
 def test_malformed_bot_api_url_stops_startup(db_path, monkeypatch, url):
     monkeypatch.setenv("TELEGRAM_API_URL", url)
     with pytest.raises(SystemExit, match="TELEGRAM_API_URL must be an http:// or https:// address"):
