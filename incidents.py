@@ -1049,8 +1049,9 @@ class Database:
             click.echo(f"Upgrading {self.path} from schema version {current} to {len(MIGRATIONS)} "
                        f"(about {count} incidents; a step takes up to a minute a million)...", err=True)
 
-    def migrate(self):
-        """Create the file (for its owner only) or bring it to the newest schema, one transaction per step.
+    def migrate(self, current):
+        """Create the file (for its owner only) or bring it from version `current` to the newest schema, one
+        transaction per step.
 
         The version is read inside each step's transaction, so servers starting together
         on one file apply every step exactly once.
@@ -1060,12 +1061,7 @@ class Database:
         except OSError as error:
             stop_startup(f"INCIDENTS_DB names {self.path}, which cannot be opened ({error.strerror}); set it to the "
                          "database file's path")
-        try:
-            db = self.acquire()
-            current = db.execute("PRAGMA user_version").fetchone()[0]
-        except sqlite3.DatabaseError as error:
-            self.close_idle()
-            stop_startup(not_a_database(self.path, error))
+        db = self.acquire()
         try:
             if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 db.execute("PRAGMA journal_mode = WAL")  # a new file, or one restored from a backup's copy
@@ -1077,16 +1073,32 @@ class Database:
         finally:
             self.release(db)
 
+    def schema_version(self):
+        """The file's schema version (0 while there is no file), or a stop in one line for a file that is no SQLite
+        database or one newer than this code: checked before anything is made beside the file."""
+        if not os.path.exists(self.path):
+            return 0
+        try:
+            with contextlib.closing(connect(self.path, self.timeout)) as db:  # closed: nothing stays open on a stop
+                current = db.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.DatabaseError as error:
+            stop_startup(not_a_database(self.path, error))
+        check_not_newer(self.path, current)
+        return current
+
     def upgrade(self, db, version, statements):
         """Take the file to `version`, unless another process has already."""
         current = db.execute("PRAGMA user_version").fetchone()[0]
-        if current > len(MIGRATIONS):
-            stop_startup(f"{self.path} has schema version {current}, newer than this code's "
-                         f"{len(MIGRATIONS)}; upgrade the code")
+        check_not_newer(self.path, current)
         if current < version:
             for statement in statements:
                 db.execute(statement)
             db.execute(f"PRAGMA user_version = {version:d}")  # PRAGMA takes no parameters
+
+
+def check_not_newer(path, version):
+    if version > len(MIGRATIONS):
+        stop_startup(f"{path} has schema version {version}, newer than this code's {len(MIGRATIONS)}; upgrade the code")
 
 
 def get_db():
@@ -3862,8 +3874,9 @@ def open_database():
     """Check the database's path and its lock files, then create or migrate the file: the app's start."""
     check_database_path(current_app.config["DATABASE"])
     database = current_app.extensions["incidents"]
+    current = database.schema_version()  # a refused file stops the start before lock files are made beside it
     database.check_lock_files()
-    database.migrate()
+    database.migrate(current)
     database.close()
 
 

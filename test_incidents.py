@@ -4359,6 +4359,29 @@ def test_bad_database_setting_stops_the_server_in_one_line_naming_it(tmp_path, b
     assert said in str(stopped.value) and "INCIDENTS_DB" in str(stopped.value) and "\n" not in str(stopped.value)
 
 
+def newer_schema(folder):
+    path = folder / "incidents.db"
+    incidents.create_app({"DATABASE": str(path)})
+    query(path, f"PRAGMA user_version = {len(incidents.MIGRATIONS) + 1}")
+    for beside in folder.glob("incidents.db-*.lock"):  # the lock files of its first start
+        beside.unlink()
+    return path
+
+
+def files_near(folder):
+    """Every file under `folder`, and beside it (a folder named as the database has its lock files there)."""
+    return sorted([*folder.rglob("*"), *folder.parent.glob(f"{folder.name}?*")])
+
+
+@pytest.mark.parametrize("bad, said", [*BAD_DATABASES, (newer_schema, "newer than this code")])
+def test_refused_database_stops_the_start_leaving_nothing_behind(tmp_path, bad, said):
+    database = str(bad(tmp_path))
+    before = files_near(tmp_path)
+    with pytest.raises(SystemExit, match=re.escape(said)):
+        incidents.create_app({"DATABASE": database})
+    assert files_near(tmp_path) == before
+
+
 def started_instead_of_stopping(*args):
     raise AssertionError("the command went on instead of stopping")
 
