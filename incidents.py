@@ -1767,6 +1767,18 @@ def check_token():
         )
 
 
+def no_content(response):
+    """The response as a 204: no body, of no type."""
+    response.status_code = 204
+    del response.headers["Content-Type"]
+    return response
+
+
+def answer_options(app):
+    """OPTIONS on any route: 204 with Allow (Flask's own answer is a 200 of text/html, empty)."""
+    return no_content(Flask.make_default_options_response(app))
+
+
 def health():
     """Whether the database answers and takes writes: 200, or 503 saying what is wrong."""
     try:
@@ -2779,9 +2791,7 @@ def get_heartbeat(name):
 def delete_heartbeat(name):
     """Delete a heartbeat: 204; its incidents stay."""
     write(lambda db: remove_heartbeat(db, heartbeat_name(name)))
-    response = Response(status=204)
-    del response.headers["Content-Type"]  # no body, of no type
-    return response
+    return no_content(Response())
 
 
 def list_heartbeats():
@@ -3961,6 +3971,7 @@ def create_app(test_config=None):
     if test_config:
         app.config.update(test_config)
     app.json = JSONProvider(app)
+    app.make_default_options_response = functools.partial(answer_options, app)
     app.url_map.merge_slashes = False  # /heartbeats//ping is no route: a 404, not a redirect to another
     app.url_map.converters["id"] = IdConverter
     app.wsgi_app = query_as_sent(app.wsgi_app)

@@ -431,6 +431,18 @@ def test_errors_werkzeug_raises_carry_one_content_type(db_path, migrated):
         assert response.headers.getlist("Content-Type") == ["application/problem+json"], response.status_code
 
 
+@pytest.mark.parametrize("path, allowed", [("/", {"GET", "HEAD", "OPTIONS"}),
+                                           ("/incidents", {"GET", "HEAD", "POST", "OPTIONS"}),
+                                           ("/incidents/1", {"GET", "HEAD", "PATCH", "OPTIONS"}),
+                                           ("/heartbeats/point-7", {"GET", "HEAD", "PUT", "DELETE", "OPTIONS"}),
+                                           ("/heartbeats/point-7/ping", {"GET", "HEAD", "POST", "OPTIONS"}),
+                                           ("/integrations/alertmanager", {"POST", "OPTIONS"})])
+def test_options_on_any_route_is_204_with_allow_and_no_body(client, path, allowed):
+    response = client.options(path)
+    assert (response.status_code, response.data, response.headers.get("Content-Type")) == (204, b"", None)
+    assert {method.strip() for method in response.headers["Allow"].split(",")} == allowed
+
+
 def test_unsupported_method_is_405_with_allow(client):
     create(client)
     response = client.delete("/incidents/1")
