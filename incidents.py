@@ -1278,7 +1278,10 @@ def has_visible_text(value):
 
 
 def clean_whole(value, least, most):
-    """A JSON integer (not 60.0, not "60", not true) from least to most."""
+    """A whole number from least to most: what JSON Schema calls an integer, 60 or 60.0 (the same number in JSON);
+    not 1.5, not "60", not true."""
+    if type(value) is float and value.is_integer() and least <= value <= most:
+        value = int(value)
     if type(value) is not int or not least <= value <= most:
         raise ValueError(f"must be a whole number (a JSON integer) from {least} to {most}")
     return value
@@ -3705,9 +3708,9 @@ def operation(endpoint, method):
         spec["requestBody"] = {"required": True, "x-max-body-bytes": limit, "description": f"JSON, at most {limit} bytes.",
                                "content": {"application/json": {"schema": ref(schema), "example": example}}}
         if schema == "text":  # any size: only its start is read
-            spec["requestBody"] = {"required": False, "description": f"Any text, of any size: its first {limit} bytes, "
-                                   "read as UTF-8, are the failure's note.",
-                                   "content": {"*/*": {"schema": {"type": "string"}, "example": example}}}
+            spec["requestBody"] = {"required": False, "description": f"Any body or none, of any type and size: for a "
+                                   f"failure, its first {limit} bytes, read as UTF-8, are the note.",
+                                   "content": {"*/*": {"schema": {}, "example": example}}}
     spec["responses"] = {str(status): documented_response(status, response)
                          for status, response in docs["responses"].items()}
     if endpoint == "create_incident":

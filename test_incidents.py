@@ -3678,7 +3678,8 @@ def test_heartbeat_is_created_then_replaced_keeping_its_last_check_in(client, db
     ({"description": "x" * 10_001, "period": 60}, ["description"]),
     ({"description": "x", "period": 0}, ["period"]),
     ({"description": "x", "period": 2_678_401}, ["period"]),
-    ({"description": "x", "period": 60.0}, ["period"]),
+    ({"description": "x", "period": 60.5}, ["period"]),
+    ({"description": "x", "period": 1e300}, ["period"]),
     ({"description": "x", "period": "60"}, ["period"]),
     ({"description": "x", "period": True}, ["period"]),
     ({"description": "x", "period": None}, ["period"]),
@@ -3696,6 +3697,12 @@ def test_heartbeat_is_created_then_replaced_keeping_its_last_check_in(client, db
 def test_bad_heartbeat_is_422_naming_each_field_and_writes_nothing(client, db_path, body, fields):
     assert error_fields(client.put("/heartbeats/point-7", json=body)) == sorted(fields)
     assert query(db_path, "SELECT count(*) FROM heartbeats") == [(0,)]
+
+
+def test_heartbeat_period_and_grace_of_no_fraction_are_whole_numbers_as_json_schema_says(client, db_path):
+    client.put("/heartbeats/point-7", data='{"description": "x", "period": 118.0, "grace": 1e1}',
+               content_type="application/json")
+    assert query(db_path, "SELECT period, grace FROM heartbeats") == [(118, 10)]
 
 
 def test_heartbeat_of_the_largest_period_and_grace_is_accepted(client):
@@ -3766,6 +3773,19 @@ def test_check_in_records_a_ping_by_any_method_and_answers_short_json(client, db
         assert response.json == {"name": "scooter-4521", "status": "up", "next_due_at": incidents.shifted(last, 70)}
     assert query(db_path, "SELECT count(*) FROM incidents") == [(0,)]
     assert query(db_path, "SELECT pings, failures FROM heartbeat_counts") == [(1, 0)]
+
+
+@pytest.mark.parametrize("body, media", [(None, None), ({}, "application/json"), ([1, None], "application/json"),
+                                         (b"\x00\xff", "application/octet-stream"), ("job done", "text/plain")])
+def test_check_in_takes_any_body_or_none_and_the_document_says_so(client, body, media):
+    put_heartbeat(client)
+    sent = json.dumps(body) if media == "application/json" else body
+    assert client.post("/heartbeats/scooter-4521/ping", data=sent, content_type=media).status_code == 200
+    document = client.get("/openapi.json").json
+    content = document["paths"]["/heartbeats/{name}/{signal}"]["post"]["requestBody"]
+    (documented, described), = content["content"].items()
+    assert content["required"] is False and documented == "*/*"
+    assert schema_errors(body, described["schema"], document) == []
 
 
 @pytest.mark.parametrize("signal", ["pong", "256", "-1", "007", "1.5", "٣", "ping%20", "fail2"])
