@@ -3536,6 +3536,20 @@ def test_alert_payload_of_1000_alerts_is_accepted_and_1001_refused_naming_max_al
     assert len(alert(many_alerts(1000))["incidents"]) == 1000
 
 
+def test_alert_payload_of_1000_alerts_against_a_held_lock_is_503_within_one_busy_timeout(db_path, migrated):
+    client = app_on_copy(db_path, migrated, BUSY_TIMEOUT=0.5).test_client()
+    payload = many_alerts(1000)
+    outside = sqlite3.connect(db_path, isolation_level=None)
+    outside.execute("BEGIN IMMEDIATE")  # another process holds the database
+    try:
+        response, seconds = timed(lambda: client.post("/integrations/alertmanager", json=payload))
+    finally:
+        outside.rollback()
+        outside.close()
+    assert "busy" in assert_problem(response, 503)["detail"] and 0.4 < seconds < 0.9  # not 0.5 s per slice of 10
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(0,)]
+
+
 @pytest.mark.parametrize("budget, transactions", [(0, 25), (60, 2)])
 def test_large_alert_payload_goes_in_slices_that_share_transactions_within_the_budget(
         app, alert, monkeypatch, budget, transactions):
