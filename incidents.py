@@ -28,7 +28,7 @@ Environment (README.md says more):
     INCIDENTS_DB                path of the SQLite file (default: incidents.db in the working directory)
     INCIDENTS_API_TOKEN         when set, every route but /, /openapi.json, /health and the webhook needs
                                 "Authorization: Bearer <token>"
-    INCIDENTS_PING_TOKEN        when set, check-ins take it as well as INCIDENTS_API_TOKEN (and nothing else)
+    INCIDENTS_PING_TOKEN        when set (only with INCIDENTS_API_TOKEN), check-ins take it as well (and nothing else)
     INCIDENTS_BUSY_TIMEOUT      seconds a write waits for its turn before a 503 (default 5)
     INCIDENTS_REOPEN_WINDOW     seconds after an alert's incident resolves in which the alert firing
                                 again reopens it (default 900; 0 turns reopening off)
