@@ -3300,15 +3300,10 @@ OLDEST_NEW_SQL = "SELECT min(at) FROM (" + " UNION ALL ".join(
 NOTIFY_PENDING_SQL = "SELECT (SELECT pending FROM notify_counts), (SELECT min(queued_at) FROM notify_outbox)"
 
 
-def escape_label(value):
-    """A label value as the text format quotes it: backslash, double quote and newline escaped."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
 def sample_line(name, labels, value):
-    """One sample in the text format: its name, its labels in braces (if any), its value."""
-    label_text = ",".join(f'{label}="{escape_label(str(text))}"' for label, text in labels.items())
-    return f"{name}{{{label_text}}} {value}" if labels else f"{name} {value}"
+    """One sample in the text format: its name, its labels in braces (if any), its value. Labels come written
+    (`status="new",source="operator"`): their values are the code's own words, which need no escaping."""
+    return f"{name}{{{labels}}} {value}" if labels else f"{name} {value}"
 
 
 def metric_family(name, kind, help_text, samples):
@@ -3321,15 +3316,15 @@ def histogram_family(name, help_text, rows):
     """A histogram per source, from incident_durations rows: cumulative buckets, then +Inf, sum and count."""
     lines = metric_family(name, "histogram", help_text, [])
     for row in rows:
-        source = {"source": row["source"]}
-        lines += [sample_line(f"{name}_bucket", {**source, "le": bound}, row[f"le_{bound}"]) for bound in DURATION_BUCKETS]
-        lines += [sample_line(f"{name}_bucket", {**source, "le": "+Inf"}, row["count"]),
+        source = f'source="{row["source"]}"'
+        lines += [sample_line(f"{name}_bucket", f'{source},le="{bound}"', row[f"le_{bound}"]) for bound in DURATION_BUCKETS]
+        lines += [sample_line(f"{name}_bucket", f'{source},le="+Inf"', row["count"]),
                   sample_line(f"{name}_sum", source, row["sum"]), sample_line(f"{name}_count", source, row["count"])]
     return lines
 
 
 def per_source(counts, column):
-    return [({"source": source}, sum(row[column] for row in counts if row["source"] == source)) for source in SOURCES]
+    return [(f'source="{source}"', sum(row[column] for row in counts if row["source"] == source)) for source in SOURCES]
 
 
 def metrics():
@@ -3341,7 +3336,7 @@ def metrics():
     durations = db.execute("SELECT * FROM incident_durations ORDER BY metric, source").fetchall()
     lines = [
         *metric_family("incidents_open", "gauge", "Open incidents (new or in_progress), by status and source.",
-                       [({"status": row["status"], "source": row["source"]}, row["current"])
+                       [(f'status="{row["status"]}",source="{row["source"]}"', row["current"])
                         for row in counts if row["status"] in OPEN_STATUSES]),
         *metric_family("incidents_created_total", "counter", "Incidents created, by source.",
                        per_source(counts, "created")),
@@ -3350,12 +3345,12 @@ def metrics():
                        per_source(counts, "folded")),
         *metric_family("incidents_oldest_new_age_seconds", "gauge",
                        "Age of the oldest incident nobody has taken (status new); 0 when there is none.",
-                       [({}, age_seconds(oldest_new))]),
+                       [("", age_seconds(oldest_new))]),
         *metric_family("incidents_notifications_pending", "gauge",
                        "Telegram updates waiting to be shown (one per incident, chat and kind: change or repeat).",
-                       [({}, pending)]),
+                       [("", pending)]),
         *metric_family("incidents_notifications_oldest_age_seconds", "gauge",
-                       "Age of the oldest of those; 0 when none waits.", [({}, age_seconds(oldest_pending))]),
+                       "Age of the oldest of those; 0 when none waits.", [("", age_seconds(oldest_pending))]),
         *histogram_family("incidents_time_to_acknowledge_seconds",
                           "Seconds from when an incident was last opened until it left new (taken, resolved or "
                           "closed), by source.",
@@ -3382,11 +3377,11 @@ def heartbeat_families(db):
     counts = db.execute(HEARTBEAT_COUNTS_SQL, {"now": now()}).fetchone()
     up = counts["heartbeats"] - counts["paused"] - counts["down"] - counts["late"]
     return [*metric_family("incidents_heartbeats", "gauge", "Heartbeats, by status.",
-                           [({"status": status}, up if status == "up" else counts[status])
+                           [(f'status="{status}"', up if status == "up" else counts[status])
                             for status in HEARTBEAT_STATUSES]),
             *metric_family("incidents_heartbeat_checkins_total", "counter",
                            "Check-ins received, by kind: ping (a success) or fail (a failure reported).",
-                           [({"kind": "ping"}, counts["pings"]), ({"kind": "fail"}, counts["failures"])])]
+                           [('kind="ping"', counts["pings"]), ('kind="fail"', counts["failures"])])]
 
 
 # The files SQLite and this service keep beside the database, by the suffix after its name.
