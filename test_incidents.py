@@ -53,9 +53,9 @@ DEEP_CURSOR = base64.urlsafe_b64encode(b"[" * 3000).decode()
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch):
     """Tests and the servers they start see only the configuration each test sets."""
-    for name in ("INCIDENTS_DB", "INCIDENTS_API_TOKEN", "INCIDENTS_PING_TOKEN", "INCIDENTS_BUSY_TIMEOUT", "INCIDENTS_REOPEN_WINDOW",
-                 "INCIDENTS_REMIND_AFTER", "INCIDENTS_REMIND_MAX", "TELEGRAM_WEBHOOK_SECRET", "TELEGRAM_BOT_TOKEN",
-                 "TELEGRAM_API_URL", "TELEGRAM_ALLOWED_CHAT_IDS", "TELEGRAM_NOTIFY_CHAT_IDS",
+    for name in ("INCIDENTS_DB", "INCIDENTS_API_TOKEN", "INCIDENTS_PING_TOKEN", "INCIDENTS_BUSY_TIMEOUT",
+                 "INCIDENTS_REOPEN_WINDOW", "INCIDENTS_REMIND_AFTER", "INCIDENTS_REMIND_MAX", "TELEGRAM_WEBHOOK_SECRET",
+                 "TELEGRAM_BOT_TOKEN", "TELEGRAM_API_URL", "TELEGRAM_ALLOWED_CHAT_IDS", "TELEGRAM_NOTIFY_CHAT_IDS",
                  "TELEGRAM_ESCALATE_CHAT_IDS"):
         monkeypatch.delenv(name, raising=False)
 
@@ -3124,8 +3124,8 @@ def test_secret_no_request_could_match_stops_startup_without_showing_it(db_path,
                                  "https://api.telegram.org/\x7f", "https://api.telegram.org/ä", "http://[::1",
                                  "http://127.0.0.1:abc", "http://:80", "http://127.0.0.1:99999", "http://127.0.0.1:0",
                                  "https://user:pw@api.telegram.org/x", "https://user@api.telegram.org",
-                                 "https://api.telegram.org/x?y=1", "https://api.telegram.org/?", "https://api.telegram.org/x#frag",
-                                 "https://api.telegram.org#"])
+                                 "https://api.telegram.org/x?y=1", "https://api.telegram.org/?",
+                                 "https://api.telegram.org/x#frag", "https://api.telegram.org#"])
 def test_malformed_bot_api_url_stops_startup(db_path, monkeypatch, url):
     monkeypatch.setenv("TELEGRAM_API_URL", url)
     with pytest.raises(SystemExit, match="TELEGRAM_API_URL must be an http:// or https:// address"):
@@ -4198,8 +4198,8 @@ def test_metrics_label_values_are_the_codes_own_words_that_need_no_escaping(clie
     put_heartbeat(client)
     create(client, 'a "quoted" back\\slash\nand a new line')  # no client's text ever becomes a label
     for line in client.get("/metrics").get_data(as_text=True).splitlines():
-        assert re.fullmatch(r'# (HELP|TYPE) .*|[a-z_]+(\{[a-z]+="[a-z_+0-9A-Z]+"(,[a-z]+="[a-z_+0-9A-Z]+")*\})? [0-9.]+',
-                            line), line
+        label = r'[a-z]+="[a-z_+0-9A-Z]+"'
+        assert re.fullmatch(rf"# (HELP|TYPE) .*|[a-z_]+(\{{{label}(,{label})*\}})? [0-9.]+", line), line
 
 
 def test_metrics_values_match_the_database(client, db_path):
