@@ -880,8 +880,9 @@ class Writer:
         """The thread ends unexpectedly: whatever it holds is let go and every job waiting is answered busy."""
         with contextlib.suppress(Exception):
             self.shut()
-        self.fail(self.take_all(), busy_error("The writer stopped; retry."))
         self.learn(f"The writer stopped ({type(error).__name__}); it starts again on the next write.")
+        for job in self.take_all():  # told before they wake, so that /health says so
+            job.finish(busy_error("The writer stopped; retry."))
 
 
 def lock_error(error):
@@ -1038,8 +1039,8 @@ class Database:
             try:
                 if time.monotonic() - self.running_writer().learned_at >= HEALTH_PROBE_S:
                     self.write(record_write_check)  # waits for the turn as a write does
-            except sqlite3.Error as error:
-                return write_failure(error)
+            except sqlite3.Error as error:  # the writer noted why, unless it could not start (its lock files)
+                return (self.writer and self.writer.failing) or write_failure(error)
             return self.writer.failing
 
     def announce_upgrade(self, db, current):
