@@ -1033,8 +1033,8 @@ class Database:
 
     def write_problem(self):
         """Why writes fail, or None while they work, as this process's last write said (see Writer.learn); once
-        that is HEALTH_PROBE_S old, a real write of its own (write_checks) says it anew. So every process finds
-        within HEALTH_PROBE_S that the storage fails, or works again, whichever process met it first."""
+        that is HEALTH_PROBE_S old, a real write of its own (write_checks) says it anew. So every process, whether
+        clients write through it or not, finds within HEALTH_PROBE_S that the storage fails, or works again."""
         with self.probing:  # one try at a time: the others wait for its outcome
             try:
                 if time.monotonic() - self.running_writer().learned_at >= HEALTH_PROBE_S:
@@ -1098,6 +1098,7 @@ class Database:
 
 
 def check_not_newer(path, version):
+    """Stop in one line at a schema newer than this code's (a later release wrote the file)."""
     if version > len(MIGRATIONS):
         stop_startup(f"{path} has schema version {version}, newer than this code's {len(MIGRATIONS)}; upgrade the code")
 
