@@ -29,7 +29,7 @@ Environment (README.md says more):
     INCIDENTS_DB                path of the SQLite file (default: incidents.db in the working directory)
     INCIDENTS_API_TOKEN         when set, every route but /, /openapi.json, /health, the webhook and the
                                 PagerDuty intake needs "Authorization: Bearer <token>"
-    INCIDENTS_PING_TOKEN        when set, check-ins take it as well as INCIDENTS_API_TOKEN (and nothing else)
+    INCIDENTS_PING_TOKEN        when set (only with INCIDENTS_API_TOKEN), check-ins take it as well (and nothing else)
     INCIDENTS_BUSY_TIMEOUT      seconds a write waits for its turn before a 503 (default 5)
     INCIDENTS_REOPEN_WINDOW     seconds after an alert's incident resolves in which the alert firing
                                 again reopens it (default 900; 0 turns reopening off)
@@ -117,7 +117,7 @@ BULK_BUDGET_S = 0.02  # a transaction takes further slices of large payloads whi
 CHECKPOINT_IDLE_S = 1.0  # the writer copies the WAL back once idle, at most this often
 CHECKPOINT_FORCE_S = 4.0  # and at the latest this long after a write, idle or not
 CLOCK_TICK_S = 0.5  # how often each process's clock looks for deadlines that passed
-HEALTH_PROBE_S = 1.0  # while writes fail, /health tries a write turn at most this often
+HEALTH_PROBE_S = 1.0  # /health writes a row of its own when this process has not written for this long
 SERVER_FIELDS = ("id", "created_at", "updated_at", "occurrences", "last_seen_at", "acknowledged_at", "resolved_at")
 TELEGRAM_API_URL = "https://api.telegram.org"
 TELEGRAM_POLL_TIMEOUT_S = 30  # how long one getUpdates call waits for news
@@ -454,7 +454,7 @@ MIGRATIONS = (
         END""",
     ),
     (
-        # A row /health writes while writes fail, to learn without a client's write that they work again.
+        # A row /health writes to learn, without a client's write, whether writes work.
         """CREATE TABLE write_checks (
             id INTEGER PRIMARY KEY CHECK (id = 1),
             at TEXT NOT NULL CHECK (at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z')
@@ -558,6 +558,13 @@ MIGRATIONS = (
             events INTEGER NOT NULL CHECK (events >= 0)
         ) STRICT, WITHOUT ROWID""",
         "INSERT INTO pagerduty_counts (action, events) VALUES ('trigger', 0), ('acknowledge', 0), ('resolve', 0)",
+    ),
+    (
+        # A deleted heartbeat's open incident gives up its dedup_key, so that a heartbeat made again under the name
+        # opens its own: here, each open one that no heartbeat holds (its heartbeat was deleted).
+        """UPDATE incidents SET dedup_key = NULL
+            WHERE dedup_key GLOB 'heartbeat:*' AND status IN ('new', 'in_progress')
+            AND id NOT IN (SELECT incident_id FROM heartbeats WHERE incident_id IS NOT NULL)""",
     ),
 )
 
@@ -744,9 +751,7 @@ class Writer:
         self.arrived = threading.Condition()  # guards the queues and every job's state
         self.closing = False
         self.db = None  # opened by the writer thread, used by it alone
-        self.failing = None  # why writes fail, for a reason not the client's, until a write commits again
-        self.failed_at = 0.0
-        self.turned_at = 0.0  # when a transaction of this writer last committed, whatever it held
+        self.failing, self.learned_at = None, 0.0  # what the last write said (see learn), and when
         self.unsaved = False  # whether the WAL holds commits of this process not yet checkpointed
         self.checkpointed = time.monotonic()
         self.thread = threading.Thread(target=Writer.serve, args=(weakref.ref(self),), name="incidents-writer",
@@ -773,7 +778,7 @@ class Writer:
     def outcome(self, job, timeout):
         """A job's result once done; a busy error if it has not started within `timeout`."""
         if not job.done.wait(timeout) and self.move(job, "dropped"):
-            self.note_failure(NO_TURN)
+            self.learn(NO_TURN)
             raise busy_error(f"database is locked: no turn to write came within {timeout:g} s")
         job.done.wait()  # the writer runs it: its transaction ends soon
         if job.error is not None:
@@ -830,7 +835,7 @@ class Writer:
             try:
                 self.take_turn(waiting)
             except Exception as error:  # nothing else expects it (the lock's release failed): the next turn tries
-                self.note_failure(write_failure(error) or f"Writes fail: {error}; see the server's log.")
+                self.learn(write_failure(error) or f"Writes fail: {error}; see the server's log.")
         return True
 
     def idle_wait(self):
@@ -870,9 +875,9 @@ class Writer:
         except BaseException as error:
             self.abort([job for job in ran if not job.done.is_set()], error)
             return
-        self.turned_at = time.monotonic()
         if any(job.wrote for job in ran):
-            self.failing, self.unsaved = None, True
+            self.unsaved = True
+            self.learn(None)
         for job in ran:
             job.done.set()
 
@@ -914,13 +919,14 @@ class Writer:
     def fail(self, jobs, error):
         """Answer each job with its own copy of `error`; note for /health a failure that is not the client's."""
         if (why := write_failure(error)) is not None:
-            self.note_failure(why)
+            self.learn(why)
         for job in jobs:
             job.finish(copy.copy(error) if len(jobs) > 1 else error)
 
-    def note_failure(self, why):
-        """Writes fail, and why: /health says so until a write commits again."""
-        self.failing, self.failed_at = why, time.monotonic()
+    def learn(self, why):
+        """What a write said of the storage, for /health: why writes fail (a reason not the client's), or None
+        once one committed."""
+        self.failing, self.learned_at = why, time.monotonic()
 
     def checkpoint_due(self, idle):
         """Whether to copy the WAL back now: after this process wrote, once idle() or at the latest when forced."""
@@ -952,8 +958,9 @@ class Writer:
         """The thread ends unexpectedly: whatever it holds is let go and every job waiting is answered busy."""
         with contextlib.suppress(Exception):
             self.shut()
-        self.fail(self.take_all(), busy_error("The writer stopped; retry."))
-        self.note_failure(f"The writer stopped ({type(error).__name__}); it starts again on the next write.")
+        self.learn(f"The writer stopped ({type(error).__name__}); it starts again on the next write.")
+        for job in self.take_all():  # told before they wake, so that /health says so
+            job.finish(busy_error("The writer stopped; retry."))
 
 
 def lock_error(error):
@@ -1013,7 +1020,6 @@ class Database:
     def start_afresh(self):
         self.idle = queue.LifoQueue(IDLE_CONNECTIONS)
         self.writer = None
-        self.probed, self.probe_failed = 0.0, None  # when /health last tried a write turn, and why it failed
         self.probing = threading.Lock()
         self.opening = threading.Lock()
 
@@ -1104,24 +1110,16 @@ class Database:
         return writer
 
     def write_problem(self):
-        """Why writes fail, or None while they work, as this process's last turn to write says. While writes
-        fail, or when no turn was taken for HEALTH_PROBE_S (a process that has not written knows nothing yet,
-        and another may hold the database), a turn of its own is tried, at most every HEALTH_PROBE_S: a real
-        write while writes fail, so that it clears without a client's write, else an empty transaction."""
-        writer, moment = self.writer, time.monotonic()
-        if writer is not None and writer.thread.is_alive() and writer.failing is None and \
-                moment - writer.turned_at < HEALTH_PROBE_S:
-            return None
+        """Why writes fail, or None while they work, as this process's last write said (see Writer.learn); once
+        that is HEALTH_PROBE_S old, a real write of its own (write_checks) says it anew. So every process, whether
+        clients write through it or not, finds within HEALTH_PROBE_S that the storage fails, or works again."""
         with self.probing:  # one try at a time: the others wait for its outcome
-            writer = self.writer
-            if time.monotonic() - max(self.probed, writer.failed_at if writer else 0) >= HEALTH_PROBE_S:
-                try:  # waits for the turn as a write does, up to INCIDENTS_BUSY_TIMEOUT
-                    self.write(record_write_check if writer is not None and writer.failing else (lambda db: None))
-                    self.probe_failed = None
-                except sqlite3.Error as error:  # the writer notes most failures itself; not one to start it
-                    self.probe_failed = write_failure(error) or f"Writes fail: {error}."
-                self.probed = time.monotonic()  # a failed write is a try too
-        return (self.writer and self.writer.failing) or self.probe_failed
+            try:
+                if time.monotonic() - self.running_writer().learned_at >= HEALTH_PROBE_S:
+                    self.write(record_write_check)  # waits for the turn as a write does
+            except sqlite3.Error as error:  # the writer noted why, unless it could not start (its lock files)
+                return (self.writer and self.writer.failing) or write_failure(error)
+            return self.writer.failing
 
     def announce_upgrade(self, db, current):
         """Say so before upgrading a file that holds incidents: a step may take a while on a large one."""
@@ -1130,8 +1128,9 @@ class Database:
             click.echo(f"Upgrading {self.path} from schema version {current} to {len(MIGRATIONS)} "
                        f"(about {count} incidents; a step takes up to a minute a million)...", err=True)
 
-    def migrate(self):
-        """Create the file (for its owner only) or bring it to the newest schema, one transaction per step.
+    def migrate(self, current):
+        """Create the file (for its owner only) or bring it from version `current` to the newest schema, one
+        transaction per step.
 
         The version is read inside each step's transaction, so servers starting together
         on one file apply every step exactly once.
@@ -1141,12 +1140,7 @@ class Database:
         except OSError as error:
             stop_startup(f"INCIDENTS_DB names {self.path}, which cannot be opened ({error.strerror}); set it to the "
                          "database file's path")
-        try:
-            db = self.acquire()
-            current = db.execute("PRAGMA user_version").fetchone()[0]
-        except sqlite3.DatabaseError as error:
-            self.close_idle()
-            stop_startup(not_a_database(self.path, error))
+        db = self.acquire()
         try:
             if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 db.execute("PRAGMA journal_mode = WAL")  # a new file, or one restored from a backup's copy
@@ -1158,16 +1152,33 @@ class Database:
         finally:
             self.release(db)
 
+    def schema_version(self):
+        """The file's schema version (0 while there is no file), or a stop in one line for a file that is no SQLite
+        database or one newer than this code: checked before anything is made beside the file."""
+        if not os.path.exists(self.path):
+            return 0
+        try:
+            with contextlib.closing(connect(self.path, self.timeout)) as db:  # closed: nothing stays open on a stop
+                current = db.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.DatabaseError as error:
+            stop_startup(not_a_database(self.path, error))
+        check_not_newer(self.path, current)
+        return current
+
     def upgrade(self, db, version, statements):
         """Take the file to `version`, unless another process has already."""
         current = db.execute("PRAGMA user_version").fetchone()[0]
-        if current > len(MIGRATIONS):
-            stop_startup(f"{self.path} has schema version {current}, newer than this code's "
-                         f"{len(MIGRATIONS)}; upgrade the code")
+        check_not_newer(self.path, current)
         if current < version:
             for statement in statements:
                 db.execute(statement)
             db.execute(f"PRAGMA user_version = {version:d}")  # PRAGMA takes no parameters
+
+
+def check_not_newer(path, version):
+    """Stop in one line at a schema newer than this code's (a later release wrote the file)."""
+    if version > len(MIGRATIONS):
+        stop_startup(f"{path} has schema version {version}, newer than this code's {len(MIGRATIONS)}; upgrade the code")
 
 
 def get_db():
@@ -1197,7 +1208,7 @@ def write_in_slices(work, items, bulk):
 
 
 def record_write_check(db):
-    """A write of its own, for /health to learn that writes work again: when it last did."""
+    """A write of its own, for /health to learn whether writes work: when it last did."""
     db.execute("INSERT INTO write_checks (id, at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET at = excluded.at",
                (now(),))
 
@@ -1347,7 +1358,10 @@ def has_visible_text(value):
 
 
 def clean_whole(value, least, most):
-    """A JSON integer (not 60.0, not "60", not true) from least to most."""
+    """A whole number from least to most: what JSON Schema calls an integer, 60 or 60.0 (the same number in JSON);
+    not 1.5, not "60", not true."""
+    if type(value) is float and value.is_integer() and least <= value <= most:
+        value = int(value)
     if type(value) is not int or not least <= value <= most:
         raise ValueError(f"must be a whole number (a JSON integer) from {least} to {most}")
     return value
@@ -1845,6 +1859,18 @@ def check_token():
         )
 
 
+def no_content(response):
+    """The response as a 204: no body, of no type."""
+    response.status_code = 204
+    del response.headers["Content-Type"]
+    return response
+
+
+def answer_options(app):
+    """OPTIONS on any route: 204 with Allow (Flask's own answer is a 200 of text/html, empty)."""
+    return no_content(Flask.make_default_options_response(app))
+
+
 def health():
     """Whether the database answers and takes writes: 200, or 503 saying what is wrong."""
     try:
@@ -2075,7 +2101,8 @@ TEXTS = {
         "silent": "No check-in since {at}; expected every {period} with {grace} of grace",
         "silent_since_created": "No check-in since it was created, {at}; expected every {period} with {grace} of grace",
         "back": "Checked in again after {silence} of silence",
-        "heartbeat_deleted": "Its heartbeat {name} was deleted: no check-in will resolve this incident now",
+        "heartbeat_deleted": "Its heartbeat {name} was deleted: no check-in will resolve this incident now, and its "
+                             "dedup_key {dedup_key} is released",
         "check_in_failed": "The check-in reported a failure",
         "check_in_exit_status": "The check-in reported a failure (exit status {status})",
         "alert_again": "The alert fired again (started {started})",
@@ -2178,7 +2205,8 @@ TEXTS = {
         "silent": "Нет отметок с {at}; ожидались раз в {period}, с запасом в {grace}",
         "silent_since_created": "Нет отметок с момента создания, {at}; ожидались раз в {period}, с запасом в {grace}",
         "back": "Снова на связи, молчал {silence}",
-        "heartbeat_deleted": "Его пульс {name} удалён: теперь ни одна отметка не решит этот инцидент",
+        "heartbeat_deleted": "Его пульс {name} удалён: теперь ни одна отметка не решит этот инцидент, а его "
+                             "ключ {dedup_key} освобождён",
         "check_in_failed": "Отметка сообщила о сбое",
         "check_in_exit_status": "Отметка сообщила о сбое (код завершения {status})",
         "alert_again": "Оповещение сработало снова (началось {started})",
@@ -3221,13 +3249,11 @@ def deadlines_sql(since, period, grace, paused="0"):
             for seconds in (period, f"{period} + {grace}")]
 
 
-# A check-in: its time moves the deadlines, and resumes a paused heartbeat; the answer is short. The second form
-# changes only a heartbeat with no incident on record (nearly every check-in).
+# A check-in: its time moves the deadlines, and resumes a paused heartbeat; the answer is short.
 CHECK_IN_SQL = """UPDATE heartbeats SET last_ping_at = :at, late_at = {}, next_due_at = {}, paused = 0, down = :down,
         incident_id = :incident_id, updated_at = :at WHERE name = :name
     RETURNING json_object('name', name, 'status', CASE down WHEN 1 THEN 'down' ELSE 'up' END, 'next_due_at', next_due_at)
     """.format(*deadlines_sql(":at", "period", "grace"))
-QUIET_CHECK_IN_SQL = CHECK_IN_SQL.replace("WHERE name = :name", "WHERE name = :name AND incident_id IS NULL")
 
 
 def heartbeat_json(db, name):
@@ -3238,8 +3264,10 @@ def heartbeat_json(db, name):
 
 def save_heartbeat(db, name, values):
     """Create or replace a heartbeat: (its JSON, whether new). A replacement keeps the last check-in, its
-    incident and whether it is down, and computes the deadlines afresh from that check-in (or the creation)."""
-    late_at, next_due_at = deadlines_sql("coalesce(last_ping_at, created_at)", ":period", ":grace", ":paused")
+    incident and whether it is down, and computes the deadlines afresh from that check-in (or the creation), or
+    from now for one that resumes from a pause (its clock starts afresh, as at a check-in)."""
+    late_at, next_due_at = deadlines_sql("CASE WHEN paused THEN :at ELSE coalesce(last_ping_at, created_at) END",
+                                         ":period", ":grace", ":paused")
     replaced = db.execute(f"""UPDATE heartbeats SET description = :description, period = :period, grace = :grace,
                                   source = :source, group_name = :group, paused = :paused, late_at = {late_at},
                                   next_due_at = {next_due_at},
@@ -3288,13 +3316,7 @@ def open_silent(db, name):
 
 def record_check_in(db, name, failure):
     """A check-in: a success resolves the open incident (and the heartbeat is up again), a failure (its note,
-    or None for a success) opens one at once. Either resumes a paused heartbeat and moves its deadlines.
-
-    A success where no incident was opened (nearly every check-in) is one statement."""
-    at = now()
-    if failure is None and (answer := db.execute(QUIET_CHECK_IN_SQL, {
-            "at": at, "down": 0, "incident_id": None, "name": name}).fetchone()):
-        return answer[0]
+    or None for a success) opens one at once. Either resumes a paused heartbeat and moves its deadlines."""
     heartbeat = db.execute("SELECT * FROM heartbeats WHERE name = ?", (name,)).fetchone()
     if heartbeat is None:
         raise no_such_heartbeat(name)
@@ -3304,19 +3326,20 @@ def record_check_in(db, name, failure):
     elif incident_id:
         silent = age_seconds(heartbeat["last_ping_at"] or heartbeat["created_at"])
         change_incident(db, incident_id, {"status": "resolved"}, say("back", silence=waited(silent)), "heartbeat")
-    return db.execute(CHECK_IN_SQL, {"at": at, "down": int(failure is not None),
-                                                     "incident_id": incident_id or None, "name": name}).fetchone()[0]
+    return db.execute(CHECK_IN_SQL, {"at": now(), "down": int(failure is not None),
+                                     "incident_id": incident_id or None, "name": name}).fetchone()[0]
 
 
 def remove_heartbeat(db, name):
-    """Delete a heartbeat; its incidents stay, and an open one is told on its timeline."""
-    heartbeat = db.execute("SELECT id, incident_id FROM heartbeats WHERE name = ?", (name,)).fetchone()
-    if heartbeat is None:
+    """Delete a heartbeat; its incidents stay. An open one is told on its timeline and gives up its dedup_key, so
+    that a heartbeat made again under the name opens its own."""
+    if not db.execute("DELETE FROM heartbeats WHERE name = ?", (name,)).rowcount:
         raise no_such_heartbeat(name)
-    if incident_id := open_incident_of(db, heartbeat):
-        add_event(db, incident_id, now(), "note", actor="heartbeat",
-                  note=say("heartbeat_deleted", name=name))
-    db.execute("DELETE FROM heartbeats WHERE id = ?", (heartbeat["id"],))
+    released = db.execute(f"UPDATE incidents SET dedup_key = NULL WHERE dedup_key = ? AND {IS_OPEN} RETURNING id",
+                          (HEARTBEAT_KEY_PREFIX + name,)).fetchone()
+    if released:
+        add_event(db, released[0], now(), "note", actor="heartbeat",
+                  note=say("heartbeat_deleted", name=name, dedup_key=HEARTBEAT_KEY_PREFIX + name))
 
 
 def failure_note(signal):
@@ -3406,9 +3429,7 @@ def get_heartbeat(name):
 def delete_heartbeat(name):
     """Delete a heartbeat: 204; its incidents stay."""
     write(lambda db: remove_heartbeat(db, heartbeat_name(name)))
-    response = Response(status=204)
-    del response.headers["Content-Type"]  # no body, of no type
-    return response
+    return no_content(Response())
 
 
 def list_heartbeats():
@@ -4131,15 +4152,10 @@ OLDEST_NEW_SQL = "SELECT min(at) FROM (" + " UNION ALL ".join(
 NOTIFY_PENDING_SQL = "SELECT (SELECT pending FROM notify_counts), (SELECT min(queued_at) FROM notify_outbox)"
 
 
-def escape_label(value):
-    """A label value as the text format quotes it: backslash, double quote and newline escaped."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
 def sample_line(name, labels, value):
-    """One sample in the text format: its name, its labels in braces (if any), its value."""
-    label_text = ",".join(f'{label}="{escape_label(str(text))}"' for label, text in labels.items())
-    return f"{name}{{{label_text}}} {value}" if labels else f"{name} {value}"
+    """One sample in the text format: its name, its labels in braces (if any), its value. Labels come written
+    (`status="new",source="operator"`): their values are the code's own words, which need no escaping."""
+    return f"{name}{{{labels}}} {value}" if labels else f"{name} {value}"
 
 
 def metric_family(name, kind, help_text, samples):
@@ -4152,15 +4168,15 @@ def histogram_family(name, help_text, rows):
     """A histogram per source, from incident_durations rows: cumulative buckets, then +Inf, sum and count."""
     lines = metric_family(name, "histogram", help_text, [])
     for row in rows:
-        source = {"source": row["source"]}
-        lines += [sample_line(f"{name}_bucket", {**source, "le": bound}, row[f"le_{bound}"]) for bound in DURATION_BUCKETS]
-        lines += [sample_line(f"{name}_bucket", {**source, "le": "+Inf"}, row["count"]),
+        source = f'source="{row["source"]}"'
+        lines += [sample_line(f"{name}_bucket", f'{source},le="{bound}"', row[f"le_{bound}"]) for bound in DURATION_BUCKETS]
+        lines += [sample_line(f"{name}_bucket", f'{source},le="+Inf"', row["count"]),
                   sample_line(f"{name}_sum", source, row["sum"]), sample_line(f"{name}_count", source, row["count"])]
     return lines
 
 
 def per_source(counts, column):
-    return [({"source": source}, sum(row[column] for row in counts if row["source"] == source)) for source in SOURCES]
+    return [(f'source="{source}"', sum(row[column] for row in counts if row["source"] == source)) for source in SOURCES]
 
 
 def metrics():
@@ -4172,7 +4188,7 @@ def metrics():
     durations = db.execute("SELECT * FROM incident_durations ORDER BY metric, source").fetchall()
     lines = [
         *metric_family("incidents_open", "gauge", "Open incidents (new or in_progress), by status and source.",
-                       [({"status": row["status"], "source": row["source"]}, row["current"])
+                       [(f'status="{row["status"]}",source="{row["source"]}"', row["current"])
                         for row in counts if row["status"] in OPEN_STATUSES]),
         *metric_family("incidents_created_total", "counter", "Incidents created, by source.",
                        per_source(counts, "created")),
@@ -4181,12 +4197,12 @@ def metrics():
                        per_source(counts, "folded")),
         *metric_family("incidents_oldest_new_age_seconds", "gauge",
                        "Age of the oldest incident nobody has taken (status new); 0 when there is none.",
-                       [({}, age_seconds(oldest_new))]),
+                       [("", age_seconds(oldest_new))]),
         *metric_family("incidents_notifications_pending", "gauge",
                        "Telegram updates waiting to be shown (one per incident, chat and kind: change or repeat).",
-                       [({}, pending)]),
+                       [("", pending)]),
         *metric_family("incidents_notifications_oldest_age_seconds", "gauge",
-                       "Age of the oldest of those; 0 when none waits.", [({}, age_seconds(oldest_pending))]),
+                       "Age of the oldest of those; 0 when none waits.", [("", age_seconds(oldest_pending))]),
         *histogram_family("incidents_time_to_acknowledge_seconds",
                           "Seconds from when an incident was last opened until it left new (taken, resolved or "
                           "closed), by source.",
@@ -4205,7 +4221,7 @@ def pagerduty_family(db):
     """The PagerDuty events taken, by action (a counter)."""
     counts = dict(db.execute("SELECT action, events FROM pagerduty_counts").fetchall())
     return metric_family("incidents_pagerduty_events_total", "counter", "PagerDuty events taken, by event_action.",
-                         [({"action": action}, counts[action]) for action in PAGERDUTY_ACTIONS])
+                         [(f'action="{action}"', counts[action]) for action in PAGERDUTY_ACTIONS])
 
 
 # Heartbeats by status: the counts kept as they change, and one range of an index for each status but up.
@@ -4222,11 +4238,11 @@ def heartbeat_families(db):
     counts = db.execute(HEARTBEAT_COUNTS_SQL, {"now": now()}).fetchone()
     up = counts["heartbeats"] - counts["paused"] - counts["down"] - counts["late"]
     return [*metric_family("incidents_heartbeats", "gauge", "Heartbeats, by status.",
-                           [({"status": status}, up if status == "up" else counts[status])
+                           [(f'status="{status}"', up if status == "up" else counts[status])
                             for status in HEARTBEAT_STATUSES]),
             *metric_family("incidents_heartbeat_checkins_total", "counter",
                            "Check-ins received, by kind: ping (a success) or fail (a failure reported).",
-                           [({"kind": "ping"}, counts["pings"]), ({"kind": "fail"}, counts["failures"])])]
+                           [('kind="ping"', counts["pings"]), ('kind="fail"', counts["failures"])])]
 
 
 def telegram_families(db):
@@ -4235,9 +4251,9 @@ def telegram_families(db):
     storms = db.execute(f"SELECT count(*) FROM storms WHERE EXISTS ({STORM_OPEN_SQL.replace('?', 'storms.id')})")
     return [*metric_family("incidents_telegram_calls_total", "counter",
                            "Bot API calls of the senders, by method and outcome: sent, throttled (429) or failed.",
-                           [({"method": row["method"], "outcome": row["outcome"]}, row["count"]) for row in calls]),
+                           [(f'method="{row["method"]}",outcome="{row["outcome"]}"', row["count"]) for row in calls]),
             *metric_family("incidents_storms_open", "gauge", "Storms with an incident still open.",
-                           [({}, storms.fetchone()[0])])]
+                           [("", storms.fetchone()[0])])]
 
 
 # The files SQLite and this service keep beside the database, by the suffix after its name.
@@ -4607,9 +4623,9 @@ def operation(endpoint, method):
         spec["requestBody"] = {"required": True, "x-max-body-bytes": limit, "description": f"JSON, at most {limit} bytes.",
                                "content": {"application/json": {"schema": ref(schema), "example": example}}}
         if schema == "text":  # any size: only its start is read
-            spec["requestBody"] = {"required": False, "description": f"Any text, of any size: its first {limit} bytes, "
-                                   "read as UTF-8, are the failure's note.",
-                                   "content": {"*/*": {"schema": {"type": "string"}, "example": example}}}
+            spec["requestBody"] = {"required": False, "description": f"Any body or none, of any type and size: for a "
+                                   f"failure, its first {limit} bytes, read as UTF-8, are the note.",
+                                   "content": {"*/*": {"schema": {}, "example": example}}}
     spec["responses"] = {str(status): documented_response(status, response)
                          for status, response in docs["responses"].items()}
     if endpoint == "create_incident":
@@ -4678,24 +4694,27 @@ def whole_seconds(least, most, unit="seconds"):
 
 
 def chat_ids(text):
-    """Telegram chat ids separated by commas: whole numbers of ASCII digits, not 0, that fit SQLite's integer."""
-    ids = [whole_number(part.strip(), -MAX_ID, MAX_ID) for part in text.split(",") if part.strip()]
+    """Telegram chat ids separated by commas: whole numbers of ASCII digits, not 0, that fit SQLite's integer; no
+    item empty (a stray comma may be a chat id lost)."""
+    ids = [whole_number(part.strip(), -MAX_ID, MAX_ID) for part in text.split(",")]
     if not all(ids):
         raise ValueError(f"must be Telegram chat ids separated by commas, such as -1001234567890,123456789 (whole "
-                         f"numbers of ASCII digits, not 0, of at most 19 digits); not {text!r}")
+                         f"numbers of ASCII digits, not 0, of at most 19 digits, no item empty); not {text!r}")
     return tuple(ids)
 
 
 def http_address(text):
-    """An http(s) address with a host (and a port, if any, that is a number)."""
+    """An http(s) address: a host, a port from 1 to 65535 if any, a path; nothing else (no user, query or
+    fragment, where the Bot API's calls would end up)."""
     try:
         parts = urllib.parse.urlsplit(text)
-        parts.port  # raises ValueError for a port that is not a number in range
+        port = parts.port  # raises ValueError for a port that is not a number up to 65535
     except ValueError:  # that, or a broken IPv6 address
-        parts = None
-    if not (parts and parts.scheme in ("http", "https") and parts.hostname and text.isascii() and text.isprintable()
-            and " " not in text):
-        raise ValueError(f"must be an http:// or https:// address such as {TELEGRAM_API_URL}, not {text!r}")
+        parts = port = None
+    if not (parts and parts.scheme in ("http", "https") and parts.hostname and port != 0 and "@" not in parts.netloc
+            and not {"?", "#"} & set(text) and text.isascii() and text.isprintable() and " " not in text):
+        raise ValueError(f"must be an http:// or https:// address such as {TELEGRAM_API_URL} (a host, a port from 1 "
+                         f"to 65535, a path; no user, query or fragment), not {text!r}")
     return text
 
 
@@ -4770,7 +4789,7 @@ def check_database_path(path):
 
 def configuration():
     """The app's settings from the environment, each checked (a bad one stops startup in one line)."""
-    return dict(
+    config = dict(
         DATABASE=os.environ.get("INCIDENTS_DB", "incidents.db").strip(),  # blank is refused, not the default: see
                                                                            # check_database_name
         BUSY_TIMEOUT=setting("INCIDENTS_BUSY_TIMEOUT", whole_seconds(1, 3600), BUSY_TIMEOUT_S),
@@ -4795,14 +4814,19 @@ def configuration():
         TIMEZONE=setting("INCIDENTS_TIMEZONE", time_zone, zoneinfo.ZoneInfo("UTC")),
         MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
     )
+    if config["PING_TOKEN"] and not config["API_TOKEN"]:
+        stop_startup("INCIDENTS_PING_TOKEN is set without INCIDENTS_API_TOKEN, which would leave every route but "
+                     "check-ins open to anyone; set INCIDENTS_API_TOKEN too, or unset INCIDENTS_PING_TOKEN")
+    return config
 
 
 def open_database():
     """Check the database's path and its lock files, then create or migrate the file: the app's start."""
     check_database_path(current_app.config["DATABASE"])
     database = current_app.extensions["incidents"]
+    current = database.schema_version()  # a refused file stops the start before lock files are made beside it
     database.check_lock_files()
-    database.migrate()
+    database.migrate(current)
     database.close()
 
 
@@ -4888,6 +4912,7 @@ def create_app(test_config=None):
     if test_config:
         app.config.update(test_config)
     app.json = JSONProvider(app)
+    app.make_default_options_response = functools.partial(answer_options, app)
     app.url_map.merge_slashes = False  # /heartbeats//ping is no route: a 404, not a redirect to another
     app.url_map.converters["id"] = IdConverter
     app.wsgi_app = query_as_sent(app.wsgi_app)

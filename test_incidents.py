@@ -11,6 +11,7 @@ import json
 import os
 import random
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -55,9 +56,9 @@ DEEP_CURSOR = base64.urlsafe_b64encode(b"[" * 3000).decode()
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch):
     """Tests and the servers they start see only the configuration each test sets."""
-    for name in ("INCIDENTS_DB", "INCIDENTS_API_TOKEN", "INCIDENTS_BUSY_TIMEOUT", "INCIDENTS_REOPEN_WINDOW",
-                 "INCIDENTS_REMIND_AFTER", "INCIDENTS_REMIND_MAX", "TELEGRAM_WEBHOOK_SECRET", "TELEGRAM_BOT_TOKEN",
-                 "TELEGRAM_API_URL", "TELEGRAM_ALLOWED_CHAT_IDS", "TELEGRAM_NOTIFY_CHAT_IDS",
+    for name in ("INCIDENTS_DB", "INCIDENTS_API_TOKEN", "INCIDENTS_PING_TOKEN", "INCIDENTS_BUSY_TIMEOUT",
+                 "INCIDENTS_REOPEN_WINDOW", "INCIDENTS_REMIND_AFTER", "INCIDENTS_REMIND_MAX", "TELEGRAM_WEBHOOK_SECRET",
+                 "TELEGRAM_BOT_TOKEN", "TELEGRAM_API_URL", "TELEGRAM_ALLOWED_CHAT_IDS", "TELEGRAM_NOTIFY_CHAT_IDS",
                  "TELEGRAM_ESCALATE_CHAT_IDS", "INCIDENTS_STORM_THRESHOLD", "INCIDENTS_STORM_WINDOW",
                  "TELEGRAM_LIMIT_WINDOW", "INCIDENTS_LANGUAGE", "INCIDENTS_TIMEZONE", "INCIDENTS_PAGERDUTY_ROUTING_KEY"):
         monkeypatch.delenv(name, raising=False)
@@ -434,6 +435,18 @@ def test_errors_werkzeug_raises_carry_one_content_type(db_path, migrated):
                      client.post("/test/read-the-body", data=b"x" * (incidents.MAX_BODY_BYTES + 1))):
         assert response.status_code in (404, 405, 413)
         assert response.headers.getlist("Content-Type") == ["application/problem+json"], response.status_code
+
+
+@pytest.mark.parametrize("path, allowed", [("/", {"GET", "HEAD", "OPTIONS"}),
+                                           ("/incidents", {"GET", "HEAD", "POST", "OPTIONS"}),
+                                           ("/incidents/1", {"GET", "HEAD", "PATCH", "OPTIONS"}),
+                                           ("/heartbeats/point-7", {"GET", "HEAD", "PUT", "DELETE", "OPTIONS"}),
+                                           ("/heartbeats/point-7/ping", {"GET", "HEAD", "POST", "OPTIONS"}),
+                                           ("/integrations/alertmanager", {"POST", "OPTIONS"})])
+def test_options_on_any_route_is_204_with_allow_and_no_body(client, path, allowed):
+    response = client.options(path)
+    assert (response.status_code, response.data, response.headers.get("Content-Type")) == (204, b"", None)
+    assert {method.strip() for method in response.headers["Allow"].split(",")} == allowed
 
 
 def test_unsupported_method_is_405_with_allow(client):
@@ -1717,7 +1730,7 @@ def test_existing_database_keeps_its_mode(db_path):
 MIGRATION_PINS = ["1824ad64a8d090a8", "2568b4ef34d03c25", "03652428789037dc", "37ea07775b9a208c",
                   "142188eb6d97c5d4", "8fd34c596f0a7476", "c9660475526e049d", "08f0cf11d0c36ab0",
                   "e942c9e400084136", "9500e9b4e7b902b4", "098fcfa6900c1723", "9b393f4f2782187b",
-                  "77b88e060c889356"]
+                  "77b88e060c889356", "9dda799e0a6e2f87"]
 
 
 def test_migrations_are_frozen_text():
@@ -1769,6 +1782,18 @@ def file_at_version(db_path, version, rows):
         patched.setattr(incidents, "MIGRATIONS", incidents.MIGRATIONS[:version])
         incidents.create_app({"DATABASE": str(db_path)})
     insert_rows(db_path, rows)
+
+
+def test_migration_releases_the_dedup_key_of_a_deleted_heartbeats_open_incident_only(db_path):
+    file_at_version(db_path, len(incidents.MIGRATIONS) - 1, [])
+    client = incidents.create_app({"DATABASE": str(db_path), "TESTING": True}).test_client()
+    for name in ("gone", "held"):
+        put_heartbeat(client, name)
+        client.post(f"/heartbeats/{name}/fail")
+    query(db_path, "DELETE FROM heartbeats WHERE name = 'gone'")  # as the code of the version before deleted it
+    query(db_path, "PRAGMA user_version = %d" % (len(incidents.MIGRATIONS) - 1))
+    incidents.create_app({"DATABASE": str(db_path)})
+    assert query(db_path, "SELECT dedup_key FROM incidents ORDER BY id") == [(None,), ("heartbeat:held",)]
 
 
 def test_migration_of_version_1_file_keeps_incidents_and_fills_new_fields(db_path):
@@ -2694,7 +2719,8 @@ CHAT_SETTINGS = ["TELEGRAM_ALLOWED_CHAT_IDS", "TELEGRAM_NOTIFY_CHAT_IDS", "TELEG
 @pytest.mark.parametrize("name", CHAT_SETTINGS)
 @pytest.mark.parametrize("value", ["abc", "1;2", "12.5", "9999999999999999999", "-9999999999999999999", "١٢٣", "２",
                                    "00000000000000000001",
-                                   "0", "-0", "1,0", "--5", "+5", "1 2", "9" * 5000])
+                                   "0", "-0", "1,0", "--5", "+5", "1 2", "9" * 5000,
+                                   ",", "-1001,,-1002", "-1001,", ",-1001", "-1001, ,-1002"])
 def test_bad_chat_ids_stop_startup_saying_what_to_set(db_path, monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     with pytest.raises(SystemExit, match=f"{name} must be Telegram chat ids separated by commas") as stopped:
@@ -2704,7 +2730,7 @@ def test_bad_chat_ids_stop_startup_saying_what_to_set(db_path, monkeypatch, name
 
 @pytest.mark.parametrize("name", CHAT_SETTINGS)
 def test_chat_ids_take_ascii_digits_a_minus_and_what_fits_sqlite(db_path, monkeypatch, name):
-    monkeypatch.setenv(name, " -100, 9223372036854775807 ,-9223372036854775807,,")  # a trailing comma is harmless
+    monkeypatch.setenv(name, " -100, 9223372036854775807 ,-9223372036854775807")
     config = incidents.create_app({"DATABASE": str(db_path)}).config
     assert config[name] == (-100, 2**63 - 1, -(2**63 - 1))
 
@@ -2715,6 +2741,16 @@ def test_a_secret_set_blank_stops_the_start_rather_than_open_what_it_guards(db_p
     monkeypatch.setenv(name, " \t ")
     with pytest.raises(SystemExit, match=f"{name} is set but blank; set the secret, or unset the variable"):
         incidents.create_app({"DATABASE": str(db_path)})
+
+
+def test_ping_token_without_the_api_token_stops_the_start_in_one_line_saying_why(db_path, monkeypatch):
+    monkeypatch.setenv("INCIDENTS_PING_TOKEN", "p1ng-only")
+    with pytest.raises(SystemExit) as stopped:
+        incidents.create_app({"DATABASE": str(db_path)})
+    assert str(stopped.value) == (
+        "incidents: INCIDENTS_PING_TOKEN is set without INCIDENTS_API_TOKEN, which would leave every route but "
+        "check-ins open to anyone; set INCIDENTS_API_TOKEN too, or unset INCIDENTS_PING_TOKEN")
+    assert not db_path.exists()
 
 
 @pytest.mark.parametrize("value", ["9223372036854775808:abc", "0:abc", "99999999999999999999:abc"])
@@ -3557,7 +3593,8 @@ def test_malformed_bot_api_url_stops_the_command_in_one_line_naming_the_setting(
                                  "TELEGRAM_API_URL": "localhost:8081"}, capture_output=True, text=True, timeout=30)
     assert (result.returncode, result.stdout) == (1, "")
     assert result.stderr == ("incidents: TELEGRAM_API_URL must be an http:// or https:// address such as "
-                             "https://api.telegram.org, not 'localhost:8081'\n")
+                             "https://api.telegram.org (a host, a port from 1 to 65535, a path; no user, query or "
+                             "fragment), not 'localhost:8081'\n")
 
 
 @pytest.mark.parametrize("name, value", [("INCIDENTS_API_TOKEN", "s3cret Token"), ("INCIDENTS_API_TOKEN", "токен-секрет"),
@@ -3572,7 +3609,10 @@ def test_secret_no_request_could_match_stops_startup_without_showing_it(db_path,
 
 @pytest.mark.parametrize("url", ["http://local host:8081", "ftp://api.telegram.org", "http://",
                                  "https://api.telegram.org/\x7f", "https://api.telegram.org/ä", "http://[::1",
-                                 "http://127.0.0.1:abc", "http://:80", "http://127.0.0.1:99999"])
+                                 "http://127.0.0.1:abc", "http://:80", "http://127.0.0.1:99999", "http://127.0.0.1:0",
+                                 "https://user:pw@api.telegram.org/x", "https://user@api.telegram.org",
+                                 "https://api.telegram.org/x?y=1", "https://api.telegram.org/?",
+                                 "https://api.telegram.org/x#frag", "https://api.telegram.org#"])
 def test_malformed_bot_api_url_stops_startup(db_path, monkeypatch, url):
     monkeypatch.setenv("TELEGRAM_API_URL", url)
     with pytest.raises(SystemExit, match="TELEGRAM_API_URL must be an http:// or https:// address"):
@@ -4049,6 +4089,20 @@ def test_alert_payload_of_1000_alerts_is_accepted_and_1001_refused_naming_max_al
     assert errors[0]["field"] == "alerts" and "max_alerts: 1000" in errors[0]["message"]
     assert query(db_path, "SELECT count(*) FROM incidents") == [(0,)]
     assert len(alert(many_alerts(1000))["incidents"]) == 1000
+
+
+def test_alert_payload_of_1000_alerts_against_a_held_lock_is_503_within_one_busy_timeout(db_path, migrated):
+    client = app_on_copy(db_path, migrated, BUSY_TIMEOUT=0.5).test_client()
+    payload = many_alerts(1000)
+    outside = sqlite3.connect(db_path, isolation_level=None)
+    outside.execute("BEGIN IMMEDIATE")  # another process holds the database
+    try:
+        response, seconds = timed(lambda: client.post("/integrations/alertmanager", json=payload))
+    finally:
+        outside.rollback()
+        outside.close()
+    assert "busy" in assert_problem(response, 503)["detail"] and 0.4 < seconds < 0.9  # not 0.5 s per slice of 10
+    assert query(db_path, "SELECT count(*) FROM incidents") == [(0,)]
 
 
 @pytest.mark.parametrize("budget, transactions", [(0, 25), (60, 2)])
@@ -4528,7 +4582,8 @@ def test_heartbeat_is_created_then_replaced_keeping_its_last_check_in(client, db
     ({"description": "x" * 10_001, "period": 60}, ["description"]),
     ({"description": "x", "period": 0}, ["period"]),
     ({"description": "x", "period": 2_678_401}, ["period"]),
-    ({"description": "x", "period": 60.0}, ["period"]),
+    ({"description": "x", "period": 60.5}, ["period"]),
+    ({"description": "x", "period": 1e300}, ["period"]),
     ({"description": "x", "period": "60"}, ["period"]),
     ({"description": "x", "period": True}, ["period"]),
     ({"description": "x", "period": None}, ["period"]),
@@ -4546,6 +4601,12 @@ def test_heartbeat_is_created_then_replaced_keeping_its_last_check_in(client, db
 def test_bad_heartbeat_is_422_naming_each_field_and_writes_nothing(client, db_path, body, fields):
     assert error_fields(client.put("/heartbeats/point-7", json=body)) == sorted(fields)
     assert query(db_path, "SELECT count(*) FROM heartbeats") == [(0,)]
+
+
+def test_heartbeat_period_and_grace_of_no_fraction_are_whole_numbers_as_json_schema_says(client, db_path):
+    client.put("/heartbeats/point-7", data='{"description": "x", "period": 118.0, "grace": 1e1}',
+               content_type="application/json")
+    assert query(db_path, "SELECT period, grace FROM heartbeats") == [(118, 10)]
 
 
 def test_heartbeat_of_the_largest_period_and_grace_is_accepted(client):
@@ -4618,6 +4679,19 @@ def test_check_in_records_a_ping_by_any_method_and_answers_short_json(client, db
     assert query(db_path, "SELECT pings, failures FROM heartbeat_counts") == [(1, 0)]
 
 
+@pytest.mark.parametrize("body, media", [(None, None), ({}, "application/json"), ([1, None], "application/json"),
+                                         (b"\x00\xff", "application/octet-stream"), ("job done", "text/plain")])
+def test_check_in_takes_any_body_or_none_and_the_document_says_so(client, body, media):
+    put_heartbeat(client)
+    sent = json.dumps(body) if media == "application/json" else body
+    assert client.post("/heartbeats/scooter-4521/ping", data=sent, content_type=media).status_code == 200
+    document = client.get("/openapi.json").json
+    content = document["paths"]["/heartbeats/{name}/{signal}"]["post"]["requestBody"]
+    (documented, described), = content["content"].items()
+    assert content["required"] is False and documented == "*/*"
+    assert schema_errors(body, described["schema"], document) == []
+
+
 @pytest.mark.parametrize("signal", ["pong", "256", "-1", "007", "1.5", "٣", "ping%20", "fail2"])
 def test_check_in_of_anything_else_after_the_name_is_404(client, db_path, signal):
     put_heartbeat(client)
@@ -4686,6 +4760,19 @@ def test_any_check_in_resumes_a_paused_heartbeat(client, db_path):
     assert resumed["status"] == "up" and resumed["next_due_at"]
     put_heartbeat(client, "point-7", status=200, paused=True)
     assert client.post("/heartbeats/point-7/fail").json["status"] == "down"
+
+
+def test_resuming_a_paused_heartbeat_starts_its_clock_afresh_and_opens_nothing(client, db_path):
+    put_heartbeat(client, "point-7", period=60, grace=30)
+    client.post("/heartbeats/point-7/ping")
+    put_heartbeat(client, "point-7", status=200, period=60, grace=30, paused=True)
+    age_heartbeat(db_path, "point-7", 600)  # paused for maintenance ten minutes ago
+    before = incidents.now()
+    resumed = put_heartbeat(client, "point-7", status=200, period=60, grace=30, paused=False)
+    assert resumed["status"] == "up" and resumed["last_ping_at"] < before
+    assert incidents.shifted(before, 90) <= resumed["next_due_at"] <= incidents.shifted(incidents.now(), 90)
+    time.sleep(incidents.CLOCK_TICK_S + 0.1)
+    assert heartbeat_incidents(db_path, "point-7") == []
 
 
 def test_silence_opens_one_incident_by_itself_with_a_note_on_what_was_expected(app, client, db_path):
@@ -4830,7 +4917,21 @@ def test_deleting_a_heartbeat_keeps_its_incidents_and_tells_an_open_one(client, 
     assert_problem(client.delete("/heartbeats/point-7"), 404)
     last = client.get(f"/incidents/{incident_id}/events").json["items"][-1]
     assert (last["type"], last["actor"]) == ("note", "heartbeat") and "point-7 was deleted" in last["note"]
-    assert heartbeat_incidents(db_path, "point-7")[0][1] == "new"
+    assert query(db_path, "SELECT status, dedup_key FROM incidents") == [("new", None)]  # its key released
+
+
+def test_heartbeat_made_again_under_a_deleted_ones_name_opens_its_own_incident_and_leaves_the_old_one(
+        client, db_path):
+    put_heartbeat(client, "point-7", period=60, grace=0)
+    client.post("/heartbeats/point-7/fail")
+    (old, *_), = heartbeat_incidents(db_path, "point-7")
+    client.delete("/heartbeats/point-7")
+    put_heartbeat(client, "point-7", period=60, grace=0)
+    age_heartbeat(db_path, "point-7", 90)
+    (new, *_), = wait_until(lambda: heartbeat_incidents(db_path, "point-7"), 2)
+    assert client.post("/heartbeats/point-7/ping").json["status"] == "up"
+    assert query(db_path, "SELECT id, status, occurrences, dedup_key FROM incidents ORDER BY id") == [
+        (old, "new", 1, None), (new, "resolved", 1, "heartbeat:point-7")]
 
 
 def test_silent_heartbeats_incident_goes_to_the_duty_chat(notify_app, db_path):
@@ -5348,8 +5449,9 @@ NOTES = [  # each note in English and in Russian, in order
      "Снова на связи, молчал 2 минуты"),
     ("No check-in since 2026-12-07 11:13 UTC; expected every 2 min with 30 s of grace",
      "Нет отметок с 07.12.2026 14:13 MSK; ожидались раз в 2 минуты, с запасом в 30 секунд"),
-    ("Its heartbeat point-7 was deleted: no check-in will resolve this incident now",
-     "Его пульс point-7 удалён: теперь ни одна отметка не решит этот инцидент"),
+    ("Its heartbeat point-7 was deleted: no check-in will resolve this incident now, and its dedup_key "
+     "heartbeat:point-7 is released",
+     "Его пульс point-7 удалён: теперь ни одна отметка не решит этот инцидент, а его ключ heartbeat:point-7 освобождён"),
     ("The check-in reported a failure (exit status 3)",
      "Отметка сообщила о сбое (код завершения 3)"),
     ("The check-in reported a failure",
@@ -5502,11 +5604,12 @@ def test_metrics_parse_and_every_family_has_help_and_type(client):
         "incidents_storms_open": "gauge", "incidents_pagerduty_events_total": "counter"}
 
 
-def test_metrics_label_values_are_escaped_as_the_format_says(client):
-    tricky = 'a "quoted" back\\slash\nand a new line'
-    text = "\n".join(incidents.metric_family("x_total", "counter", "Tricky.", [({"label": tricky}, 1)])) + "\n"
-    assert 'x_total{label="a \\"quoted\\" back\\\\slash\\nand a new line"} 1' in text
-    assert sample(parse_metrics(text), "x_total", label=tricky) == 1
+def test_metrics_label_values_are_the_codes_own_words_that_need_no_escaping(client):
+    put_heartbeat(client)
+    create(client, 'a "quoted" back\\slash\nand a new line')  # no client's text ever becomes a label
+    for line in client.get("/metrics").get_data(as_text=True).splitlines():
+        label = r'[a-z]+="[a-z_+0-9A-Z]+"'
+        assert re.fullmatch(rf"# (HELP|TYPE) .*|[a-z_]+(\{{{label}(,{label})*\}})? [0-9.]+", line), line
 
 
 def test_metrics_values_match_the_database(client, db_path):
@@ -5711,6 +5814,29 @@ def test_bad_database_setting_stops_the_server_in_one_line_naming_it(tmp_path, b
     with pytest.raises(SystemExit) as stopped:
         incidents.create_app({"DATABASE": str(bad(tmp_path))})
     assert said in str(stopped.value) and "INCIDENTS_DB" in str(stopped.value) and "\n" not in str(stopped.value)
+
+
+def newer_schema(folder):
+    path = folder / "incidents.db"
+    incidents.create_app({"DATABASE": str(path)})
+    query(path, f"PRAGMA user_version = {len(incidents.MIGRATIONS) + 1}")
+    for beside in folder.glob("incidents.db-*.lock"):  # the lock files of its first start
+        beside.unlink()
+    return path
+
+
+def files_near(folder):
+    """Every file under `folder`, and beside it (a folder named as the database has its lock files there)."""
+    return sorted([*folder.rglob("*"), *folder.parent.glob(f"{folder.name}?*")])
+
+
+@pytest.mark.parametrize("bad, said", [*BAD_DATABASES, (newer_schema, "newer than this code")])
+def test_refused_database_stops_the_start_leaving_nothing_behind(tmp_path, bad, said):
+    database = str(bad(tmp_path))
+    before = files_near(tmp_path)
+    with pytest.raises(SystemExit, match=re.escape(said)):
+        incidents.create_app({"DATABASE": database})
+    assert files_near(tmp_path) == before
 
 
 def started_instead_of_stopping(*args):
@@ -6191,8 +6317,8 @@ def test_health_of_a_process_that_has_not_written_lately_tries_a_turn_and_says_w
     if written:
         create(client)
     time.sleep(0.35)  # a turn older than HEALTH_PROBE_S tells nothing of now
-    assert client.get("/health").json == {"status": "ok"}  # a turn tried: an empty transaction, nothing written
-    assert query(db_path, "SELECT count(*) FROM write_checks") == [(0,)]
+    assert client.get("/health").json == {"status": "ok"}  # a turn tried: a real write of its own
+    assert query(db_path, "SELECT count(*) FROM write_checks") == [(1,)]
     time.sleep(0.35)
     outside = sqlite3.connect(db_path, isolation_level=None)
     outside.execute("BEGIN IMMEDIATE")  # another worker, or a sqlite3 shell, holds the database
@@ -6203,8 +6329,7 @@ def test_health_of_a_process_that_has_not_written_lately_tries_a_turn_and_says_w
         outside.rollback()
         outside.close()
     time.sleep(0.35)
-    assert client.get("/health").json == {"status": "ok"}  # writes failed: it tried a real one
-    assert query(db_path, "SELECT count(*) FROM write_checks") == [(1,)]
+    assert client.get("/health").json == {"status": "ok"}
 
 
 def test_health_says_503_only_where_a_write_would_get_no_turn_and_every_request_says_the_same(
@@ -6864,6 +6989,33 @@ def test_same_dedup_key_from_many_clients_and_two_servers_makes_one_incident(db_
     assert sorted(statuses) == [200] * 159 + [201]
     assert query(db_path, "SELECT dedup_key, status, occurrences FROM incidents") == [("p9", "new", 160)]
     assert query(db_path, "SELECT type, count FROM events ORDER BY id") == [("created", None), ("repeated", 159)]
+
+
+def health_of_each(urls, status, within=2.0):
+    """Poll /health of each server until every one answers `status`; how long that took."""
+    started = time.monotonic()
+    while sorted({send(url, "/health")[0] for url in urls}) != [status]:
+        assert time.monotonic() - started < within, f"not all {status} within {within} s"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def test_health_of_every_process_follows_storage_that_fails_and_works_again_within_2_s(db_path):
+    """The storage fails for every process at once: no file may be written past its first byte (RLIMIT_FSIZE,
+    set on each server from outside), as on a disk that fails or is full."""
+    with server(db_path, os.devnull) as (first, one), server(db_path, os.devnull) as (second, two):
+        assert post(first, "before")[0] == 201
+        health_of_each([first, second], 200)
+        for process in (one, two):
+            resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (1, resource.RLIM_INFINITY))
+        status, _, body = send(first, "/incidents", {"description": "lost", "source": "operator"})
+        assert (status, body["detail"]) == (503, incidents.WRITE_REFUSALS[sqlite3.SQLITE_IOERR])
+        health_of_each([first, second], 503)  # the second wrote nothing: its own write of a row fails too
+        for process in (one, two):
+            resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        health_of_each([first, second], 200)
+        assert post(second, "after")[0] == 201
+    assert query(db_path, "SELECT description FROM incidents") == [("before",), ("after",)]
 
 
 def test_sigkill_mid_load_loses_no_acknowledged_incident(db_path):
