@@ -4,7 +4,10 @@ One Flask module over one SQLite file. Run it with
 
     flask --app incidents run
 
-(in production: granian --interface wsgi --factory --workers 4 --blocking-threads 8 incidents:create_app).
+and in production (README.md, Production) with
+
+    granian --interface wsgi --factory --workers 4 --blocking-threads 8 --workers-kill-timeout 30 incidents:create_app
+
 The database file is created, or migrated to the current schema, when the app starts. GET / says
 where to begin, and GET /openapi.json describes every route.
 
@@ -1298,8 +1301,8 @@ def drain_body(taken):
     """Read and drop the rest of a body over its limit, up to DRAIN_MAX_BYTES in all, before the 413.
 
     granian closes a connection whose request body is left unread: a client that sends its whole body
-    before it reads the answer (Python's http.client and urllib, requests) then finds the connection
-    reset instead of the 413. A body declared with a length is never read past it.
+    before it reads the answer (Python's http.client and urllib do) then finds the connection reset
+    instead of the 413. A body declared with a length is never read past it.
     """
     left = min(request.content_length or DRAIN_MAX_BYTES, DRAIN_MAX_BYTES) - taken
     with contextlib.suppress(Exception):  # a client gone halfway: nobody to answer
