@@ -4,9 +4,12 @@ One Flask module over one SQLite file. Run it with
 
     flask --app incidents run
 
-(in production: gunicorn -w 4 'incidents:create_app()', with gunicorn.conf.py). The database file is
-created, or migrated to the current schema, when the app starts. GET / says where to begin, and
-GET /openapi.json describes every route.
+and in production (README.md, Production) with
+
+    granian --interface wsgi --factory --workers 4 --blocking-threads 8 --workers-kill-timeout 30 incidents:create_app
+
+The database file is created, or migrated to the current schema, when the app starts. GET / says
+where to begin, and GET /openapi.json describes every route.
 
 Alerts from Prometheus Alertmanager and Grafana come in through POST /integrations/alertmanager, and
 PagerDuty Events API v2 events from any tool that sends them through POST /integrations/pagerduty;
@@ -110,6 +113,7 @@ SEARCH_MAX = 200  # characters of q, after trimming
 SEARCH_WORD_MIN = 3  # the trigram index cannot look up anything shorter
 MAX_BODY_BYTES = 1024 * 1024  # the largest valid body, every character escaped as \\uXXXX, fits several times
 MAX_ID = 2**63 - 1  # SQLite's largest INTEGER; larger ids cannot exist
+DRAIN_MAX_BYTES = 16 * 1024 * 1024  # of a body over its limit, read and dropped before the 413 (see drain_body)
 BUSY_TIMEOUT_S = 5.0
 IDLE_CONNECTIONS = 16
 WRITE_BATCH_MAX = 16  # blocks that share one COMMIT, at most
@@ -1001,31 +1005,22 @@ class Database:
     """The app's SQLite file: reusable connections for reads, this process's writer, and its clock.
 
     Opening a connection costs more than Flask's own work for a request, so connections are kept
-    and handed to one request at a time. Nothing is opened until first used, and a forked child
-    opens its own: SQLite forbids using a connection across fork(), and a lock file shared with the
-    parent would let both hold the writers' lock at once. A process that forks (a gunicorn master
-    under --preload) hands its clock to its children.
+    and handed to one request at a time. Nothing is opened until first used. Each server process
+    builds its own app (granian's workers each call create_app), so each has its own connections,
+    writer and clock; none of them may be used across a fork (SQLite forbids it for a connection,
+    and a lock file shared with a parent would let both hold the writers' lock at once).
     """
 
     def __init__(self, path, timeout=BUSY_TIMEOUT_S):
         self.path, self.timeout = path, timeout
         self.lock_base = os.path.realpath(path)  # one set of locks for every name of the file (a link, ../x)
-        self.inherited = []  # what a parent process opened: never used here, nor closed (closing is a use)
-        self.clock, self.clock_work = None, None
-        self.start_afresh()
-        database = weakref.ref(self)
-        os.register_at_fork(before=lambda: database() and database().before_fork(),
-                            after_in_child=lambda: database() and database().forked())
-
-    def start_afresh(self):
         self.idle = queue.LifoQueue(IDLE_CONNECTIONS)
-        self.writer = None
+        self.writer, self.clock = None, None
         self.probing = threading.Lock()
         self.opening = threading.Lock()
 
     def start_clock(self, app, work):
-        """Run work() on the clock (see Clock) from now on, in this process or, once it forks, in its children."""
-        self.clock_work = (weakref.ref(app), work)
+        """Run work() on the clock (see Clock) from now on, in this process."""
         self.clock = Clock(app, work)
 
     def stop_clock(self):
@@ -1033,27 +1028,12 @@ class Database:
             self.clock.stop()
             self.clock = None
 
-    def before_fork(self):
-        """The clock goes to the children (none of its work is halfway at the fork), and idle connections close."""
-        self.stop_clock()
-        self.close_idle()
-
-    def forked(self):
-        """In a forked child: set aside what the parent opened, to open anew on first use, and start the clock."""
-        if self.writer is not None:
-            self.writer.close_turns()  # the parent's lock stays the parent's: unlocking here would drop it
-        self.inherited.append((self.idle, self.writer))
-        self.start_afresh()
-        app = self.clock_work and self.clock_work[0]()
-        if app is not None:
-            self.clock = Clock(app, self.clock_work[1])
-
     def close(self):
         """Stop the clock, close every connection and the writer while nothing else uses them; they reopen on
         first use.
 
-        The app's start does so, so that a server that forks its workers after loading the app
-        (gunicorn --preload) leaves them nothing open of its own.
+        The app's start does so once the file is migrated, so that a worker that migrated it opens its
+        writer on its first write, as every other worker does.
         """
         self.stop_clock()
         with self.opening:
@@ -1404,9 +1384,23 @@ def read_body(limit, too_large):
     except Exception as error:  # a broken chunked encoding, a client gone halfway: whatever the server raises
         raise ApiError(400, f"The body could not be read ({type(error).__name__}); send it again.") from None
     if data is None or len(data) > limit:
+        drain_body(len(data or b""))
         raise ApiError(413, too_large or f"The body is over {limit} bytes; send less (a description holds up "
                                           f"to {DESCRIPTION_MAX} characters).")
     return data
+
+
+def drain_body(taken):
+    """Read and drop the rest of a body over its limit, up to DRAIN_MAX_BYTES in all, before the 413.
+
+    granian closes a connection whose request body is left unread: a client that sends its whole body
+    before it reads the answer (Python's http.client and urllib do) then finds the connection reset
+    instead of the 413. A body declared with a length is never read past it.
+    """
+    left = min(request.content_length or DRAIN_MAX_BYTES, DRAIN_MAX_BYTES) - taken
+    with contextlib.suppress(Exception):  # a client gone halfway: nobody to answer
+        while left > 0 and (chunk := request.environ["wsgi.input"].read(min(left, 65536))):
+            left -= len(chunk)
 
 
 def read_json_object(limit=MAX_BODY_BYTES, too_large=None):

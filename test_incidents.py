@@ -1,5 +1,6 @@
 """Tests for incidents.py: the spec of the HTTP API, its storage and its behaviour under load."""
 import base64
+import concurrent.futures
 import errno
 import functools
 import hashlib
@@ -1706,9 +1707,9 @@ def open_files(folder):
     return [name for name in names if name.startswith(str(folder))]
 
 
-def test_app_start_leaves_nothing_open_for_a_server_that_forks_after_it(tmp_path, monkeypatch):
-    # The clock a start leaves running reads on each tick and keeps that connection for reuse until a fork: no tick
-    # may come between the start and the look (three starts on a loaded machine took longer than a test's tick).
+def test_app_start_leaves_nothing_open_so_every_worker_opens_its_writer_on_its_first_write(tmp_path, monkeypatch):
+    # The clock a start leaves running reads on each tick and keeps that connection for reuse: no tick may come
+    # between the start and the look (three starts on a loaded machine took longer than a test's tick).
     monkeypatch.setattr(incidents, "CLOCK_TICK_S", 3600)
     apps = [incidents.create_app({"DATABASE": str(tmp_path / f"{n}.db")}) for n in range(3)]  # each migrates a file
     assert open_files(tmp_path) == [] and all(app.extensions["incidents"].writer is None for app in apps)
@@ -1717,6 +1718,15 @@ def test_app_start_leaves_nothing_open_for_a_server_that_forks_after_it(tmp_path
     assert open_files(tmp_path) and apps[0].extensions["incidents"].clock is not None
     apps[0].extensions["incidents"].before_fork()
     assert open_files(tmp_path) == [] and apps[0].extensions["incidents"].clock is None
+
+
+def test_four_workers_of_the_recipe_on_a_fresh_file_make_the_schema_once_and_each_answers(recipe, tmp_path):
+    incidents.create_app({"DATABASE": str(tmp_path / "alone.db")}).extensions["incidents"].close()
+    schema = "SELECT type, name, sql FROM sqlite_schema ORDER BY name"
+    assert query(recipe.db_path, schema) == query(tmp_path / "alone.db", schema)
+    assert query(recipe.db_path, "PRAGMA user_version") == [(len(incidents.MIGRATIONS),)]
+    with recipe.connection_to_each_worker() as connections:
+        assert each_at_once(connections, "/incidents?limit=1") == [200] * 4
 
 
 def test_existing_database_keeps_its_mode(db_path):
@@ -5039,28 +5049,31 @@ def test_silence_opens_its_incident_within_two_seconds_under_flask_run_and_after
     assert (created - started).total_seconds() < 2
 
 
-def test_silence_opens_its_incident_once_within_two_seconds_under_the_gunicorn_recipe(db_path):
-    port = free_port()
-    incidents.create_app({"DATABASE": str(db_path)}).extensions["incidents"].close()  # its clock too: only gunicorn's
-    with open(f"{db_path}.log", "w") as log:
-        process = subprocess.Popen([str(Path(sys.executable).parent / "gunicorn"), "-w", "4", "-b", f"127.0.0.1:{port}",
-                                    "incidents:create_app()"], cwd=HERE, env={**os.environ, "INCIDENTS_DB": str(db_path)},
-                                   stdout=log, stderr=log)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            wait_until(lambda: subprocess.run(["curl", "-fs", url + "/health"], capture_output=True).returncode == 0, 15)
-            for n in range(6):
-                send(url, f"/heartbeats/point-{n}", {"description": f"Point {n} is silent", "period": 1, "grace": 0},
-                     "PUT")
-            wait_until(lambda: len(query(db_path, "SELECT id FROM incidents")) == 6, 4)
-            time.sleep(0.6)  # four clocks look again: none opens a second
-        finally:
-            process.terminate()
-            process.wait(10)
-    late = [row[0] for row in query(db_path, """SELECT julianday(incidents.created_at) * 86400 -
-        julianday(next_due_at) * 86400 FROM incidents JOIN heartbeats ON dedup_key = 'heartbeat:' || name""")]
-    assert len(late) == 6 and all(0 <= seconds < 2 for seconds in late), late
-    assert query(db_path, "SELECT count(*) FROM incidents") == [(6,)]
+def silence_opened_late(db_path):
+    """{heartbeat name: seconds from its deadline to its incident's creation}, for every heartbeat's incident."""
+    return dict(query(db_path, """SELECT substr(dedup_key, 11), julianday(incidents.created_at) * 86400 -
+                                         julianday(next_due_at) * 86400 FROM incidents JOIN heartbeats
+                                  ON dedup_key = 'heartbeat:' || name"""))
+
+
+def test_silence_opens_its_incident_once_within_two_seconds_under_the_recipe_and_after_its_restart(recipe):
+    for n in range(6):
+        send(recipe.url, f"/heartbeats/point-{n}", {"description": f"Point {n} is silent", "period": 1, "grace": 0},
+             "PUT")
+    send(recipe.url, "/heartbeats/nightly", {"description": "No report tonight", "period": 60, "grace": 0}, "PUT")
+    wait_until(lambda: len(silence_opened_late(recipe.db_path)) == 6, 4)
+    time.sleep(0.6)  # four clocks look again: none opens a second
+    recipe.stop()
+    age_heartbeat(recipe.db_path, "nightly", 61)  # its deadline passed while no worker ran
+    started = datetime.now(timezone.utc)
+    recipe.start()
+    wait_until(lambda: heartbeat_incidents(recipe.db_path, "nightly"), 3)
+    time.sleep(0.6)
+    late = silence_opened_late(recipe.db_path)
+    assert query(recipe.db_path, "SELECT count(*) FROM incidents WHERE dedup_key LIKE 'heartbeat:%'") == [(7,)]
+    assert all(0 <= late[f"point-{n}"] < 2 for n in range(6)), late
+    created = query(recipe.db_path, "SELECT created_at FROM incidents WHERE dedup_key = 'heartbeat:nightly'")[0][0]
+    assert (datetime.fromisoformat(created) - started).total_seconds() < 2
 
 
 # ---------------------------------------------------------------------------
@@ -6260,42 +6273,6 @@ def test_writes_that_get_no_turn_answer_503_within_the_busy_timeout_and_waits_do
     assert query(db_path, "SELECT description FROM incidents") == [("after",), ("after",)]
 
 
-FORKING_SERVER = """
-import os, sys, threading
-import incidents
-app = incidents.create_app({"DATABASE": sys.argv[1], "BUSY_TIMEOUT": 2})  # the parent opens its writer first,
-client = app.test_client()                                                # as under gunicorn --preload
-assert client.post("/incidents", json={"description": "parent", "source": "operator"}).status_code == 201
-failed = []
-
-def write_many(name):
-    for i in range(25):
-        status = app.test_client().post("/incidents", json={"description": f"{name} {i}", "source": "operator"}).status_code
-        if status != 201:
-            failed.append(status)
-
-children = []
-for number in range(4):
-    pid = os.fork()
-    if pid == 0:
-        threads = [threading.Thread(target=write_many, args=(f"child {number}.{t}",)) for t in range(2)]
-        for thread in threads: thread.start()
-        for thread in threads: thread.join()
-        os._exit(1 if failed else 0)
-    children.append(pid)
-write_many("parent")
-print(failed, [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children])
-"""
-
-
-def test_forked_workers_open_their_own_writer_and_lock_and_lose_nothing(db_path):
-    result = subprocess.run([sys.executable, "-c", FORKING_SERVER, str(db_path)], cwd=HERE, capture_output=True,
-                            text=True, timeout=60)
-    assert (result.returncode, result.stdout) == (0, "[] [0, 0, 0, 0]\n"), result.stderr
-    assert query(db_path, "SELECT count(*) FROM incidents") == [(1 + 25 + 4 * 2 * 25,)]
-    assert query(db_path, "PRAGMA integrity_check") == [("ok",)]
-
-
 def test_health_says_writes_work_only_after_a_write_commits_again(app, client, db_path):
     create(client)
     limit_pages(app, 0)
@@ -6330,6 +6307,20 @@ def test_health_of_a_process_that_has_not_written_lately_tries_a_turn_and_says_w
         outside.close()
     time.sleep(0.35)
     assert client.get("/health").json == {"status": "ok"}
+
+
+
+def test_health_of_the_recipe_tells_the_same_truth_from_every_worker(recipe):
+    with recipe.connection_to_each_worker() as connections:
+        assert each_at_once(connections, "/health") == [200] * 4
+        outside = sqlite3.connect(recipe.db_path, isolation_level=None)
+        outside.execute("BEGIN IMMEDIATE")  # a sqlite3 shell holding the database past INCIDENTS_BUSY_TIMEOUT (1 s)
+        try:
+            time.sleep(incidents.HEALTH_PROBE_S)  # no worker's last turn tells of now: each tries one
+            assert each_at_once(connections, "/health") == [503] * 4
+        finally:
+            outside.rollback()
+            outside.close()
 
 
 def test_health_says_503_only_where_a_write_would_get_no_turn_and_every_request_says_the_same(
@@ -6718,6 +6709,38 @@ def test_litestream_restores_every_write_acknowledged_before_the_last_sync_inter
         assert len(answered_pages(url, "/incidents")) == len(kept) + 1
 
 
+
+def test_litestream_exec_runs_the_recipe_as_the_readme_says_replicates_its_writes_and_stops_it_on_sigterm(db_path, tmp_path):
+    paths = {"database": db_path, "replica": tmp_path / "replica", "config": tmp_path / "litestream.yml"}
+    paths["config"].write_text(from_readme(r"```yaml\n(# /etc/litestream.yml\n.*?type: file.*?)```", paths))
+    port = free_port()
+    line = from_readme(r"^(INCIDENTS_DB=\S+ \.venv/bin/litestream replicate [^\n]*-exec [^\n]*)$", paths)
+    setting, *command = shlex.split(line.replace(".venv/bin/", f"{Path(sys.executable).parent}/").replace(
+        "--port 8000", f"--port {port}"))
+    url = f"http://127.0.0.1:{port}"
+    with open(tmp_path / "litestream.log", "w") as log:
+        process = subprocess.Popen(command, cwd=HERE, env={**os.environ, **dict([setting.split("=", 1)])},
+                                   stdout=log, stderr=log, start_new_session=True)
+        try:
+            wait_until(lambda: subprocess.run(["curl", "-fs", url + "/health"], capture_output=True).returncode == 0,
+                       20)
+            ids = [post(url, f"Replicated {n}")[1]["id"] for n in range(5)]
+
+            def replicated():
+                copy = tmp_path / f"restored-{time.monotonic_ns()}.db"
+                restore = subprocess.run([litestream(), "restore", "-config", str(paths["config"]), "-o", str(copy),
+                                          str(db_path)], capture_output=True)
+                return restore.returncode == 0 and [row[0] for row in query(copy, "SELECT id FROM incidents")] == ids
+            wait_until(replicated, 5)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(10) == 0
+            with pytest.raises(ProcessLookupError):  # nothing of it is left, the server included
+                os.killpg(process.pid, 0)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+
+
 def test_failed_backup_says_why_in_one_line_and_leaves_nothing(db_path, tmp_path, client):
     create(client)
     result = run_flask(db_path, "backup", str(tmp_path / "missing" / "backup.db"))
@@ -6872,6 +6895,111 @@ def server(db_path, log_path=None, **env):
         log.close()
 
 
+def readme_recipe(port):
+    """The README's production command, on `port`, with the granian installed beside this Python."""
+    line = re.search(r"^INCIDENTS_DB=\S+ \.venv/bin/(granian [^\n]*--port 8000 [^\n]*)$",
+                     (HERE / "README.md").read_text(), re.M)[1]
+    return [str(Path(sys.executable).parent / "granian"), *shlex.split(line.replace("--port 8000", f"--port {port}"))[1:]]
+
+
+class Recipe:
+    """The README's production command (granian, 4 workers) on one database file: started, stopped with SIGTERM
+    as a service manager stops it, its workers, and a connection that each of them accepted."""
+
+    def __init__(self, db_path, **env):
+        self.db_path, self.env, self.process = db_path, env, None
+
+    def start(self):
+        port = free_port()
+        self.url, self.log = f"http://127.0.0.1:{port}", open(f"{self.db_path}.{port}.log", "w")
+        self.process = subprocess.Popen(readme_recipe(port), cwd=HERE, stdout=self.log, stderr=self.log,
+                                        env={**os.environ, "INCIDENTS_DB": str(self.db_path), **self.env},
+                                        start_new_session=True)
+        wait_until(self.answering, 20)
+
+    def answering(self):
+        """Once every worker has started (one still starting misses a SIGTERM), whether one answers."""
+        assert self.process.poll() is None, Path(self.log.name).read_text()
+        with contextlib.suppress(OSError):
+            if Path(self.log.name).read_text().count("Started worker-") == 4:
+                urllib.request.urlopen(self.url + "/", timeout=1).close()
+                return True
+
+    def workers(self):
+        with open(f"/proc/{self.process.pid}/task/{self.process.pid}/children") as children:
+            return [int(pid) for pid in children.read().split()]
+
+    def stop(self):
+        """SIGTERM, then its exit status; whatever of it is left after 10 s is killed (and the test fails)."""
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(10)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+            self.log.close()
+            self.process = None
+
+    @contextmanager
+    def connection_to_each_worker(self):
+        """[a kept-alive connection] for each worker: connections are opened until every worker has accepted one."""
+        held = {}
+        try:
+            for _ in range(400):
+                connection = http.client.HTTPConnection(*self.url.removeprefix("http://").split(":"), timeout=10)
+                connection.request("GET", "/")  # answered: the worker has accepted it
+                connection.getresponse().read()
+                if held.setdefault(self.worker_holding(connection.sock.getsockname()[1]), connection) is not connection:
+                    connection.close()
+                if len(held) == 4:
+                    break
+            assert len(held) == 4, f"only {len(held)} workers accepted a connection"
+            yield list(held.values())
+        finally:
+            for connection in held.values():
+                connection.close()
+
+    def worker_holding(self, client_port):
+        """The worker that holds the server's end of the connection from `client_port`."""
+        server_port = int(self.url.rsplit(":", 1)[1])
+        rows = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+        inode = next(row[9] for row in rows if row[1].endswith(f":{server_port:04X}")
+                     and row[2].endswith(f":{client_port:04X}"))
+        for pid in self.workers():
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):  # closed meanwhile
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
+                        return pid
+
+
+@pytest.fixture(scope="module")
+def recipe_on_a_fresh_file(tmp_path_factory):
+    """One production server for the tests of its guarantees, started on a fresh file when first needed."""
+    recipe = Recipe(tmp_path_factory.mktemp("recipe") / "incidents.db", INCIDENTS_BUSY_TIMEOUT="1")
+    yield recipe
+    if recipe.process is not None:
+        recipe.stop()
+
+
+@pytest.fixture
+def recipe(recipe_on_a_fresh_file):
+    """The production server, running (started again if a test stopped it)."""
+    if recipe_on_a_fresh_file.process is None:
+        recipe_on_a_fresh_file.start()
+    return recipe_on_a_fresh_file
+
+
+def each_at_once(connections, path):
+    """The status each connection gets for a GET of `path`, all sent at once."""
+    def ask(connection):
+        connection.request("GET", path)
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    with concurrent.futures.ThreadPoolExecutor(len(connections)) as pool:
+        return list(pool.map(ask, connections))
+
 def send(url, path, body=None, method=None):
     """(status, headers, JSON body) of one request, whatever the status."""
     data = json.dumps(body).encode() if body is not None else None
@@ -6931,6 +7059,45 @@ def test_real_server_reads_raw_utf8_queries_and_refuses_large_chunked_bodies(db_
         assert raw_request(url, b"POST /incidents HTTP/1.1\r\nContent-Type: application/json\r\n"
                                 b"Transfer-Encoding: chunked", chunked(small))[0] == 201
 
+
+
+def test_recipe_reads_a_raw_utf8_query(recipe):
+    send(recipe.url, "/incidents", {"description": "Нет хлеба на Тверской", "source": "operator"})
+    for word in ("ТВЕРСКОЙ", "хлеб"):  # bytes 0xA0 and 0x85, which split the development server's request line
+        status, page = raw_request(recipe.url, f"GET /incidents?q={word} HTTP/1.1".encode())
+        assert (status, [item["description"] for item in page["items"]]) == (200, ["Нет хлеба на Тверской"])
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_recipe_answers_a_body_over_the_limit_413_in_the_services_json_to_a_client_that_sends_it_all_first(
+        recipe, chunked):
+    body = json.dumps({"description": "x" * 8 * incidents.MAX_BODY_BYTES, "source": "operator"}).encode()
+    with contextlib.closing(http.client.HTTPConnection(*recipe.url.removeprefix("http://").split(":"),
+                                                       timeout=10)) as connection:
+        connection.request("POST", "/incidents", iter([body]) if chunked else body,  # all sent before any is read
+                           {"Content-Type": "application/json"})
+        with connection.getresponse() as response:
+            assert (response.status, response.getheader("Content-Type")) == (413, "application/problem+json")
+            assert json.loads(response.read())["title"] == "Content Too Large"
+
+
+def test_sigterm_to_the_recipe_answers_every_write_in_flight_and_each_is_stored(recipe):
+    outside = sqlite3.connect(recipe.db_path, isolation_level=None, check_same_thread=False)
+    outside.execute("BEGIN IMMEDIATE")  # every write waits for its turn: all are in flight at the SIGTERM
+    answers = []
+    writers = [threading.Thread(target=lambda n=n: answers.append(send(
+        recipe.url, "/incidents", {"description": f"In flight {n}", "source": "operator"}))) for n in range(16)]
+    for writer in writers:
+        writer.start()
+    time.sleep(0.3)  # the requests are read
+    threading.Timer(0.3, outside.rollback).start()  # after the SIGTERM
+    assert recipe.stop() == 0
+    for writer in writers:
+        writer.join()
+    outside.close()
+    assert sorted(status for status, _, _ in answers) == [201] * 16
+    stored = dict(query(recipe.db_path, "SELECT id, description FROM incidents"))
+    assert sorted(stored[incident["id"]] for _, _, incident in answers) == sorted(f"In flight {n}" for n in range(16))
 
 def test_incidents_survive_a_server_restart(db_path):
     with server(db_path) as (url, _):
