@@ -1713,11 +1713,6 @@ def test_app_start_leaves_nothing_open_so_every_worker_opens_its_writer_on_its_f
     monkeypatch.setattr(incidents, "CLOCK_TICK_S", 3600)
     apps = [incidents.create_app({"DATABASE": str(tmp_path / f"{n}.db")}) for n in range(3)]  # each migrates a file
     assert open_files(tmp_path) == [] and all(app.extensions["incidents"].writer is None for app in apps)
-    with apps[0].app_context():
-        incidents.open_silent_heartbeats()  # a tick's work, before the server forks
-    assert open_files(tmp_path) and apps[0].extensions["incidents"].clock is not None
-    apps[0].extensions["incidents"].before_fork()
-    assert open_files(tmp_path) == [] and apps[0].extensions["incidents"].clock is None
 
 
 def test_four_workers_of_the_recipe_on_a_fresh_file_make_the_schema_once_and_each_answers(recipe, tmp_path):
