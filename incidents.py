@@ -2215,7 +2215,7 @@ TEXTS = {
         "storm_open": "Открыто: {open} (новых {new}, взято {taken}) · вернулось: {back}",
         "storm_over": "✅ Закончился {at}: все его инциденты решены; длился {lasted}",
         "storm_more": "… и ещё {more}",
-        "storm_of_source": "источник {source}, без группы",
+        "storm_of_source": "{source}, без группы",
         "storm_take_all": "Взять все",
         "storm_reminder": "⏰ <b>Шторм: {group}</b>: новые ждут уже {waited}, и никто не взял ни одного ({new}; "
                           "напоминание {number} из {most})",
