@@ -2107,6 +2107,16 @@ TEXTS = {
         "alert_ended": "The alert ended at {ended}",
         "alert_ended_unknown": "The alert ended at an unknown time",
         "alert_unnamed": "Alert without a name",
+        "pagerduty_event": "PagerDuty event from {client}: {facts}",
+        "pagerduty_severity": "severity {value}",
+        "pagerduty_source": "source {value}",
+        "pagerduty_component": "component {value}",
+        "pagerduty_class": "class {value}",
+        "pagerduty_timestamp": "timestamp {value}",
+        "pagerduty_details": "details {value}",
+        "pagerduty_links": "links {value}",
+        "pagerduty_again": "Triggered again ({severity})",
+        "pagerduty_resolved": "Resolved by a PagerDuty event from {actor}",
         "storm_title": "🌩 <b>Storm: {group}</b> · {incidents} since {since}",
         "storm_open": "Open: {open} (new {new}, taken {taken}) · back: {back}",
         "storm_over": "✅ Over {at}: every incident of it resolved; it lasted {lasted}",
@@ -2211,6 +2221,16 @@ TEXTS = {
         "alert_ended": "Оповещение закончилось {ended}",
         "alert_ended_unknown": "Оповещение закончилось в неизвестное время",
         "alert_unnamed": "Оповещение без имени",
+        "pagerduty_event": "Событие PagerDuty от {client}: {facts}",
+        "pagerduty_severity": "важность {value}",
+        "pagerduty_source": "источник {value}",
+        "pagerduty_component": "компонент {value}",
+        "pagerduty_class": "класс {value}",
+        "pagerduty_timestamp": "время {value}",
+        "pagerduty_details": "подробности {value}",
+        "pagerduty_links": "ссылки {value}",
+        "pagerduty_again": "Сработало снова ({severity})",
+        "pagerduty_resolved": "Решён событием PagerDuty от {actor}",
         "storm_title": "🌩 <b>Шторм: {group}</b> · {incidents} с {since}",
         "storm_open": "Открыто: {open} (новых {new}, взято {taken}) · вернулось: {back}",
         "storm_over": "✅ Закончился {at}: все его инциденты решены; длился {lasted}",
@@ -3143,13 +3163,14 @@ def clean_pagerduty_event(body, routing_key):
 def pagerduty_note(event):
     """The first note of a trigger's incident: what the event says beyond its summary, details and links cut."""
     payload = event["payload"]
-    facts = ", ".join(f"{name} {payload[name]}" for name in ("severity", "source", "component", "class", "timestamp")
-                      if payload.get(name))
-    parts = [f"PagerDuty event from {event.get('client') or 'pagerduty'}: {facts}"]
+    facts = ", ".join(say(f"pagerduty_{name}", value=payload[name])
+                      for name in ("severity", "source", "component", "class", "timestamp") if payload.get(name))
+    parts = [say("pagerduty_event", client=event.get("client") or "pagerduty", facts=facts)]
     if payload.get("custom_details"):
-        parts.append(f"details {payload['custom_details'][:PAGERDUTY_DETAILS_MAX]}")
+        parts.append(say("pagerduty_details", value=payload["custom_details"][:PAGERDUTY_DETAILS_MAX]))
     if event.get("links"):
-        parts.append("links " + ", ".join(f"{href} ({text})" if text else href for href, text in event["links"]))
+        parts.append(say("pagerduty_links", value=", ".join(f"{href} ({text})" if text else href
+                                                            for href, text in event["links"])))
     return "; ".join(parts)[:NOTE_MAX]
 
 
@@ -3163,12 +3184,13 @@ def handle_pagerduty_event(db, event):
         payload = event["payload"]
         values = {"description": payload["summary"], "source": "monitoring", "dedup_key": dedup_key,
                   "group": payload.get("group")}
-        fire_alert(db, values, (pagerduty_note(event), f"Triggered again ({payload['severity']})"), actor, now())
+        fire_alert(db, values, (pagerduty_note(event), say("pagerduty_again", severity=payload["severity"])), actor,
+                   now())
     elif event["event_action"] == "acknowledge":
         change_alert_incident(db, dedup_key, ("new",), {"status": "in_progress"}, None, actor)
     else:
         change_alert_incident(db, dedup_key, OPEN_STATUSES, {"status": "resolved"},
-                              f"Resolved by a PagerDuty event from {actor}", actor)
+                              say("pagerduty_resolved", actor=actor), actor)
 
 
 def receive_pagerduty_event():
