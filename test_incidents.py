@@ -5248,7 +5248,8 @@ def test_a_refused_command_menu_is_logged_and_the_bot_goes_on(db_path, bot_api):
 def speaking_app(db_path, bot_api, migrated, monkeypatch, language):
     """A webhook and notify app in `language` (Russian in Moscow) whose clock stands at FIXED_NOW."""
     monkeypatch.setattr(incidents, "now", lambda: FIXED_NOW)
-    return app_on_copy(db_path, migrated, **notify_config(db_path, bot_api), **SPOKEN[language])
+    return app_on_copy(db_path, migrated, **notify_config(db_path, bot_api), **SPOKEN[language],
+                       PAGERDUTY_ROUTING_KEY="pd-key")
 
 
 REPLIES = [  # each reply in English and in Russian, in order
@@ -5479,6 +5480,12 @@ NOTES = [  # each note in English and in Russian, in order
      "Отметка сообщила о сбое (код завершения 3)"),
     ("The check-in reported a failure",
      "Отметка сообщила о сбое"),
+    ("PagerDuty event from Zabbix: severity critical, source point-7, component router; details {\"cpu\": 99}; "
+     "links https://z/7 (graph)",
+     "Событие PagerDuty от Zabbix: важность critical, источник point-7, компонент router; подробности {\"cpu\": 99}; "
+     "ссылки https://z/7 (graph)"),
+    ("Resolved by a PagerDuty event from Zabbix", "Решён событием PagerDuty от Zabbix"),
+    ("Triggered again (critical)", "Сработало снова (critical)"),
     ("Alert from alertmanager, firing since 2026-11-23T07:00:00.123Z",
      "Оповещение от alertmanager, срабатывает с 2026-11-23T07:00:00.123Z"),
     ("The alert ended at 2026-11-23T07:10:00.000Z",
@@ -5521,6 +5528,11 @@ def test_notes_the_service_writes_on_timelines_in_each_language(db_path, bot_api
     put_heartbeat(client, "job")
     client.post("/heartbeats/job/3")
     client.post("/heartbeats/job/fail")
+    event = {"routing_key": "pd-key", "dedup_key": "p7", "client": "Zabbix", "links": [{"href": "https://z/7",
+             "text": "graph"}], "payload": {"summary": "Point 7", "source": "point-7", "severity": "critical",
+                                            "component": "router", "custom_details": {"cpu": 99}}}
+    for action in ("trigger", "resolve", "trigger"):
+        assert client.post("/integrations/pagerduty", json={**event, "event_action": action}).status_code == 202
     unknown = {key: value for key, value in am_alert(fingerprint="f2").items() if key not in ("startsAt", "endsAt")}
     unnamed = am_alert(fingerprint="f3", labels={"point": "9"}, annotations={})
     for payload in (am_payload(am_alert()), am_payload(am_alert("resolved")), am_payload(am_alert()),
