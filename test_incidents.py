@@ -6753,9 +6753,9 @@ def test_litestream_exec_runs_the_recipe_as_the_readme_says_replicates_its_write
                 restore = subprocess.run([litestream(), "restore", "-config", str(paths["config"]), "-o", str(copy),
                                           str(db_path)], capture_output=True)
                 return restore.returncode == 0 and [row[0] for row in query(copy, "SELECT id FROM incidents")] == ids
-            wait_until(replicated, 5)
+            wait_until(replicated, 15)  # a sync a second, and restores that take a while on a busy machine
             process.send_signal(signal.SIGTERM)
-            assert process.wait(10) == 0
+            assert process.wait(40) == 0  # within the recipe's --workers-kill-timeout
             with pytest.raises(ProcessLookupError):  # nothing of it is left, the server included
                 os.killpg(process.pid, 0)
         finally:
