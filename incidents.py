@@ -159,6 +159,7 @@ TELEGRAM_WINDOW_S = 60  # Telegram's minute, which its limits count in (see Pace
 GROUP_CALLS_PER_MINUTE = 20  # sends and edits in one group or channel
 RESERVED_FIRST = 4  # of those, kept for first messages: edits and replies wait instead
 CALLS_PER_SECOND = 30  # in all chats together
+PACE_MARGIN = 1.05  # the sender keeps this much clear of each limit, as a clock's jitter may not
 TELEGRAM_TEXT_MAX = 4096  # a message's length, in UTF-16 code units as Telegram counts them
 CALLBACK_ANSWER_MAX = 200  # the same, of the answer to a button
 STORED_TIMESTAMP = r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z"
@@ -2328,7 +2329,7 @@ class Pace:
     """
 
     def __init__(self, window):
-        self.scale = window / 60
+        self.scale = window / 60 * PACE_MARGIN  # a second, kept a little longer: Telegram's limits are "about"
         self.calls = collections.defaultdict(collections.deque)  # chat -> when its calls went, the last window
         self.everywhere = collections.deque()  # when every call went, the last second (scaled)
         self.held = {}  # chat -> until when Telegram asked us to wait
