@@ -513,7 +513,7 @@ MIGRATIONS = (
         # Groups: what fails together (a cell, a router, an Alertmanager group), on incidents and heartbeats.
         "ALTER TABLE incidents ADD COLUMN group_name TEXT CHECK (length(group_name) BETWEEN 1 AND 100)",
         "ALTER TABLE heartbeats ADD COLUMN group_name TEXT CHECK (length(group_name) BETWEEN 1 AND 100)",
-        "CREATE INDEX incidents_by_group ON incidents (group_name, created_at) WHERE group_name IS NOT NULL",
+        "CREATE INDEX incidents_by_group ON incidents (group_name, status, source, created_at) WHERE group_name IS NOT NULL",
         # Storms: many incidents of one group (or, without a group, one source) opened together, shown in the
         # chats by one message; last_at is when its latest incident opened. Reminded and escalated as one:
         # remind_at, reminders and escalated_at as for an incident.
@@ -1763,9 +1763,11 @@ def change_incident(db, incident_id, values, note=None, actor=None, taken_by=Non
     if reopening and current["dedup_key"] is not None:
         check_dedup_key_free(db, incident_id, current["dedup_key"])
     at = now()
+    if reopening and current["storm_id"] is not None and not storm_raging(db, current["storm_id"], at):
+        current, changed = {**current, "storm_id": None}, {**changed, "storm_id": None}  # shown and called for alone
     if changed:
         columns = {**changed, **(status_clock(current, changed["status"], at) if "status" in changed else {})}
-        assignments = ", ".join(f"{column} = ?" for column in columns)  # names from FIELD_RULES and status_clock
+        assignments = ", ".join(f"{column} = ?" for column in columns)  # names from code: FIELD_RULES, status_clock
         db.execute(f"UPDATE incidents SET {assignments}, updated_at = ? WHERE id = ?", (*columns.values(), at, incident_id))
         if current["status"] == "new" and "status" in changed:  # reminders already sent call for nothing now
             db.execute("UPDATE notify_reminders SET state = 'stale' WHERE incident_id = ?", (incident_id,))
@@ -1883,6 +1885,9 @@ def health():
 def create_incident():
     """Record a report: 201 and Location for a new incident, 200 when it folds into an open one."""
     values = validate_fields(read_json_object(), ["description", "source"], ["status", "dedup_key", "group"])
+    if values.get("dedup_key", "").startswith(PAGERDUTY_KEY_PREFIX):  # PagerDuty's keys meet no other intake's
+        raise invalid("fields", [{"field": "dedup_key", "message": f"must not begin with {PAGERDUTY_KEY_PREFIX}, "
+                                                                   "which is kept for PagerDuty events"}])
     incident_id, body, created = write(lambda db: report_incident(db, values))
     if created:
         return json_response(body, 201, {"Location": f"/incidents/{incident_id}"})
@@ -1905,21 +1910,22 @@ KEY_FILTERS = {"dedup_key": "dedup_key", "assignee": "assignee", "group": "group
 def list_streams(query):
     """The WHERE conditions and values of each ordered stream that a list page merges.
 
-    Without a key filter: one stream per (status, source) pair, each an equality prefix of the
-    (status, source, created_at) index. With dedup_key or assignee: one stream on the first one's
-    own index, where unary + keeps SQLite from preferring the status index for the few rows a key
-    has; a search then probes the search index for each of those rows.
+    Without a key filter, or with a group alone (which may hold a storm of many): one stream per
+    (status, source) pair, each an equality prefix of the (status, source, created_at) index, or of
+    (group_name, status, source, created_at). With dedup_key or assignee: one stream on the first
+    one's own index, where unary + keeps SQLite from preferring the status index for the few rows a
+    key has. A search probes the search index for each row a stream reads.
     """
     statuses, sources = query.get("status", STATUSES), query.get("source", SOURCES)
     keys = [name for name in KEY_FILTERS if name in query]
-    if keys:  # columns from KEY_FILTERS only
+    search = ([SEARCH_ROW], [query["q"]]) if "q" in query else ([], [])
+    if keys and keys != ["group"]:  # columns from KEY_FILTERS only
         conditions = [f"{KEY_FILTERS[keys[0]]} = ?", *(f"+{KEY_FILTERS[name]} = ?" for name in keys[1:]),
                       f"+status IN ({placeholders(statuses)})", f"+source IN ({placeholders(sources)})"]
-        values = [*(query[name] for name in keys), *statuses, *sources]
-        if "q" in query:
-            conditions, values = [*conditions, SEARCH_ROW], [*values, query["q"]]
-        return [(conditions, values)]
-    return [(["status = ?", "source = ?"], [status, source]) for status in statuses for source in sources]
+        return [(conditions + search[0], [*(query[name] for name in keys), *statuses, *sources, *search[1]])]
+    group = (["group_name = ?"], [query["group"]]) if keys else ([], [])
+    return [([*group[0], "status = ?", "source = ?", *search[0]], [*group[1], status, source, *search[1]])
+            for status in statuses for source in sources]
 
 
 def list_page_sql(streams):
@@ -2022,6 +2028,7 @@ TEXTS = {
     "en": {
         "time": "{at:%Y-%m-%d %H:%M %Z}",
         "hours_minutes": "{hours} {minutes}",
+        "whole_hours": "{hours} {minutes}",
         "someone": "someone",
         "actor_heartbeat": "heartbeat",
         "telegram_actor": "{name} (Telegram user {id})",
@@ -2135,6 +2142,7 @@ TEXTS = {
     "ru": {
         "time": "{at:%d.%m.%Y %H:%M %Z}",
         "hours_minutes": "{hours} {minutes}",
+        "whole_hours": "{hours}",
         "someone": "кто-то",
         "actor_heartbeat": "пульс",
         "telegram_actor": "{name} (пользователь Telegram {id})",
@@ -2333,10 +2341,14 @@ class Pace:
         self.calls = collections.defaultdict(collections.deque)  # chat -> when its calls went, the last window
         self.everywhere = collections.deque()  # when every call went, the last second (scaled)
         self.held = {}  # chat -> until when Telegram asked us to wait
-        self.lock = threading.Lock()  # the poller and the sender share a bot
+        self.lock = threading.RLock()  # the poller and the sender share a bot
 
     def wait(self, chat_id, first):
         """Seconds before a call to the chat may go (a first message, or an edit or reply): 0 for now."""
+        with self.lock:
+            return self.waiting(chat_id, first)
+
+    def waiting(self, chat_id, first):
         moment, calls = time.monotonic(), self.calls[chat_id]
         while calls and calls[0] <= moment - 60 * self.scale:
             calls.popleft()
@@ -2353,14 +2365,19 @@ class Pace:
         return max(0.0, *waits)
 
     def take_turn(self, chat_id):
-        """Wait until a call to the chat may go (a second call of one delivery, a reply to a report), and count it."""
-        with self.lock:
-            time.sleep(self.wait(chat_id, True))
-            self.calls[chat_id].append(moment := time.monotonic())
-            self.everywhere.append(moment)
+        """Wait until a call to the chat may go (a second call of one delivery, a reply to a report), and count it;
+        a wait for one chat holds no other."""
+        while True:
+            with self.lock:
+                if not (pause := self.waiting(chat_id, True)):
+                    self.calls[chat_id].append(moment := time.monotonic())
+                    self.everywhere.append(moment)
+                    return
+            time.sleep(pause)
 
     def hold(self, chat_id, seconds):
-        self.held[chat_id] = time.monotonic() + seconds
+        with self.lock:
+            self.held[chat_id] = time.monotonic() + seconds
 
 
 class Bot:
@@ -3682,7 +3699,7 @@ def send_and_record(database, bot, delivery):
         result = delivery.send()
     except BotApiError as error:
         if error.code == 429:
-            bot.pace.hold(chat_id, error.retry_after or TELEGRAM_BACKOFF_S[0])
+            bot.pace.hold(chat_id, error.retry_after or TELEGRAM_BACKOFF_S[1])
             current_app.logger.warning("%s: Telegram asks to wait (%s); the chat waits, the others go on",
                                        delivery.what, error)
             return False
@@ -3846,7 +3863,8 @@ def waited(seconds):
     """A wait as a person says it: 45 s, 10 min, 2 h 5 min; 1 час 2 минуты."""
     minutes = int(seconds // 60)
     return plural(int(seconds), "second") if minutes == 0 else plural(minutes, "minute") if minutes < 60 else \
-        say("hours_minutes", hours=plural(minutes // 60, "hour"), minutes=plural(minutes % 60, "minute"))
+        say("hours_minutes" if minutes % 60 else "whole_hours", hours=plural(minutes // 60, "hour"),
+            minutes=plural(minutes % 60, "minute"))
 
 
 def show_reminder(bot, row):
@@ -3979,7 +3997,8 @@ STORM_EDIT_S = 10  # a storm's message is edited at most this often (in Telegram
 STORM_OPEN_SQL = f"SELECT 1 FROM incidents WHERE storm_id = ? AND {IS_OPEN} LIMIT 1"
 # The incidents of a group, or of a source without a group, opened since a moment and in no storm yet: each read
 # from its own index (by group, or by status and source).
-RECENT_OF_GROUP = "SELECT id FROM incidents WHERE group_name = :group AND created_at >= :since AND storm_id IS NULL"
+RECENT_OF_GROUP = f"""SELECT id FROM incidents WHERE group_name = :group AND status IN ({sql_list(STATUSES)})
+    AND source IN ({sql_list(SOURCES)}) AND created_at >= :since AND storm_id IS NULL"""
 RECENT_OF_SOURCE = f"""SELECT id FROM incidents WHERE status IN ({sql_list(STATUSES)}) AND source = :source
     AND created_at >= :since AND group_name IS NULL AND storm_id IS NULL"""
 PENDING_STORMS_SQL = """SELECT o.storm_id, o.chat_id, o.kind, o.seq, o.queued_at, m.message_id, m.shown_at
@@ -3998,7 +4017,7 @@ def join_storm(db, incident_id, values, at):
            "since": shifted(at, -config["STORM_WINDOW"]), "at": at}
     storm = db.execute("""SELECT id, last_at FROM storms WHERE group_name IS :group AND source IS :source
                           ORDER BY id DESC LIMIT 1""", key).fetchone()
-    if storm and storm["last_at"] >= key["since"]:
+    if storm and storm["last_at"] >= key["since"]:  # raging (see storm_raging, read here with the storm)
         members, storm_id = [incident_id], storm["id"]
         db.execute("UPDATE storms SET last_at = ? WHERE id = ?", (at, storm_id))
     else:
@@ -4010,6 +4029,12 @@ def join_storm(db, incident_id, values, at):
                (storm_id, *members))  # reminded of with the storm, as one
 
 
+def storm_raging(db, storm_id, at):
+    """Whether a storm still takes incidents: its latest opened within STORM_WINDOW."""
+    since = shifted(at, -current_app.config["STORM_WINDOW"])
+    return db.execute("SELECT last_at >= ? FROM storms WHERE id = ?", (since, storm_id)).fetchone()[0]
+
+
 def start_storm(db, key, members):
     """A new storm of these incidents, its reminder due REMIND_AFTER after the first of them opened."""
     started = db.execute(f"SELECT min(created_at) FROM incidents WHERE id IN ({placeholders(members)})",
@@ -4017,7 +4042,7 @@ def start_storm(db, key, members):
     after = current_app.config["REMIND_AFTER"]
     return db.execute("""INSERT INTO storms (group_name, source, started_at, last_at, remind_at)
                          VALUES (:group, :source, :started, :at, :remind) RETURNING id""",
-                      {**key, "started": started, "remind": after and shifted(started, after)}).fetchone()[0]
+                      {**key, "started": started, "remind": shifted(started, after) if after else None}).fetchone()[0]
 
 
 def queue_storm(db, storm_id, kind, chats=None):
@@ -4467,7 +4492,8 @@ def request_schemas():
     return {
         "NewIncident": obj(["description", "source"], {
             "description": text_schema(DESCRIPTION_MAX), "source": {"enum": list(SOURCES)},
-            "status": {"enum": list(STATUSES)}, "dedup_key": text_schema(DEDUP_KEY_MAX),
+            "status": {"enum": list(STATUSES)},
+            "dedup_key": {**text_schema(DEDUP_KEY_MAX), "not": {"pattern": f"^{PAGERDUTY_KEY_PREFIX}"}},
             "group": nullable(text_schema(GROUP_MAX))}),
         "IncidentChange": obj([], {
             "status": {"enum": list(STATUSES)}, "description": text_schema(DESCRIPTION_MAX),
