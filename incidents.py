@@ -1319,18 +1319,18 @@ def clean_text(value, limit):
     if len(value) > limit:
         raise ValueError(f"must be at most {limit} characters")
     if not has_visible_text(value):
-        raise ValueError("must contain a visible character, not only spaces or control characters")
+        raise ValueError(TEXTS["en"]["text_invisible"])  # the API speaks English; Telegram's reply, the language
     return check_storable(value.strip())
 
 
 def check_storable(value):
     """Text SQLite stores as given: no NUL, no lone surrogates (which UTF-8 cannot encode)."""
     if "\x00" in value:
-        raise ValueError("must not contain NUL characters")
+        raise ValueError(TEXTS["en"]["text_nul"])
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise ValueError("must be valid Unicode (no lone surrogates)") from None
+        raise ValueError(TEXTS["en"]["text_unicode"]) from None
     return value
 
 
@@ -2028,7 +2028,7 @@ TEXTS = {
     "en": {
         "time": "{at:%Y-%m-%d %H:%M %Z}",
         "hours_minutes": "{hours} {minutes}",
-        "whole_hours": "{hours} {minutes}",
+        "whole_hours": "{hours} 0 min",
         "someone": "someone",
         "actor_heartbeat": "heartbeat",
         "telegram_actor": "{name} (Telegram user {id})",
