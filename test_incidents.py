@@ -1390,6 +1390,15 @@ def test_openapi_document_covers_every_route_the_app_serves_with_its_methods(app
                 assert not schema_errors(example["example"], example["schema"], document), (method, path)
 
 
+def test_openapi_document_says_which_routes_ask_for_the_token_as_the_app_does(token_client):
+    document = token_client.get("/openapi.json").json
+    for path, operations in document["paths"].items():
+        url = path.format(incident_id=1, name="point-7", signal="ping")
+        for method, operation in operations.items():
+            asks = operation.get("security") != []  # [] overrides the document's bearer: no token asked
+            assert (token_client.open(url, method=method.upper()).status_code == 401) == asks, (method, path)
+
+
 def test_openapi_enums_and_limits_are_the_modules_constants(client):
     document = client.get("/openapi.json").json
     schemas, paths = document["components"]["schemas"], document["paths"]
@@ -3417,6 +3426,21 @@ def test_a_storm_is_reminded_of_and_escalated_as_one(db_path, bot_api, migrated)
     assert query(db_path, "SELECT count(*) FROM events WHERE type IN ('reminded', 'escalated')") == [(0,)]
 
 
+def test_a_storm_of_which_someone_took_an_incident_is_reminded_of_no_more(db_path, bot_api, migrated):
+    app = app_on_copy(db_path, migrated, **reminders_config(db_path, bot_api, REMIND_AFTER=600, STORM_THRESHOLD=2))
+    client = app.test_client()
+    for group in ("cell-east", "cell-west"):
+        for n in range(3):
+            create(client, f"Point {n}", group=group)
+    patch(client, 4, status="in_progress")  # one of cell-west's, taken
+    query(db_path, "UPDATE storms SET remind_at = '2000-01-01T00:00:00.000Z'")  # both fell due
+    with app.app_context():
+        incidents.schedule_reminders(app.extensions["incidents"], incidents.get_db())
+    assert query(db_path, "SELECT group_name, reminders, remind_at IS NULL FROM storms ORDER BY id") == [
+        ("cell-east", 1, 0), ("cell-west", 0, 1)]
+    assert query(db_path, "SELECT DISTINCT storm_id FROM storm_outbox WHERE kind = 'remind'") == [(1,)]
+
+
 def test_the_sender_keeps_within_telegrams_limits_by_itself(db_path, bot_api, migrated):
     """25 incidents: more than a minute's worth (scaled) for a group, at most one a second for a person."""
     app = app_on_copy(db_path, migrated, **notify_config(db_path, bot_api, chats=(DUTY, PERSON)))
@@ -3463,6 +3487,17 @@ def test_a_wait_for_one_chat_holds_no_other_and_every_thread_may_ask():
     assert time.monotonic() - started < 0.3 and pace.wait(NIGHT, True) > 0.9  # one a second in that chat
     waiting.join()
     assert time.monotonic() - started >= 0.55
+
+
+def test_pace_keeps_the_last_calls_of_a_groups_minute_for_first_messages_and_a_person_has_no_minute():
+    pace, moment = incidents.Pace(60), time.monotonic()
+    edits_room = incidents.GROUP_CALLS_PER_MINUTE - incidents.RESERVED_FIRST
+    for chat in (DUTY, PERSON):  # calls half a second apart, all within the last 30 s
+        pace.calls[chat].extend(moment - 30 + n / 2 for n in range(edits_room))
+    assert pace.wait(DUTY, first=False) > 20 and pace.wait(DUTY, first=True) == 0  # an edit waits, a new one goes
+    pace.calls[DUTY].extend(moment - 10 + n / 2 for n in range(incidents.RESERVED_FIRST))
+    assert pace.wait(DUTY, first=True) > 20  # the minute's last calls are taken too
+    assert pace.wait(PERSON, first=False) == pace.wait(PERSON, first=True) == 0
 
 
 def test_a_429_in_one_chat_holds_that_chat_alone(db_path, bot_api, migrated):
@@ -5218,6 +5253,8 @@ def test_plural_forms_follow_the_number_in_each_language(count, english, russian
 
 @pytest.mark.parametrize("seconds, english, russian", [
     (1, "1 s", "1 секунду"), (45, "45 s", "45 секунд"), (62, "1 min", "1 минуту"), (300, "5 min", "5 минут"),
+    (59, "59 s", "59 секунд"), (60, "1 min", "1 минуту"), (3599, "59 min", "59 минут"),
+    (3600, "1 h 0 min", "1 час"),
     (1260, "21 min", "21 минуту"), (3720, "1 h 2 min", "1 час 2 минуты"), (7500, "2 h 5 min", "2 часа 5 минут"),
     (5 * 3600 + 22 * 60, "5 h 22 min", "5 часов 22 минуты"), (7200, "2 h 0 min", "2 часа"),
 ])
@@ -5853,11 +5890,12 @@ def test_full_disk_answers_writes_503_keeps_reads_and_recovers_without_restart(a
     kept = create(client, "Записан до того, как кончилось место")
     limit_pages(app, 0)
     response = client.post("/incidents", json={"description": "x" * 9000, "source": "operator"})
-    assert "disk that holds the database is full" in assert_problem(response, 503)["detail"]
+    refused = assert_problem(response, 503)["detail"]
+    assert "disk that holds the database is full" in refused
     assert client.get(f"/incidents/{kept['id']}").json == kept
     assert client.get("/incidents").status_code == 200
-    health = assert_problem(client.get("/health"), 503)
-    assert "full" in health["detail"] and (health["reads"], health["writes"]) == ("ok", "failing")
+    health = assert_problem(client.get("/health"), 503)  # in the same words, which say what to do
+    assert (health["detail"], health["reads"], health["writes"]) == (refused, "ok", "failing")
     limit_pages(app, None)
     assert create(client, "x" * 9000)["id"] == kept["id"] + 1
     assert client.get("/health").json == {"status": "ok"}
