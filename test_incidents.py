@@ -5963,7 +5963,7 @@ def test_bad_database_setting_stops_the_server_in_one_line_naming_it(tmp_path, b
 
 def newer_schema(folder):
     path = folder / "incidents.db"
-    incidents.create_app({"DATABASE": str(path)})
+    incidents.create_app({"DATABASE": str(path)}).extensions["incidents"].close()  # no clock of its own goes on
     query(path, f"PRAGMA user_version = {len(incidents.MIGRATIONS) + 1}")
     for beside in folder.glob("incidents.db-*.lock"):  # the lock files of its first start
         beside.unlink()
@@ -6862,7 +6862,8 @@ def test_litestream_exec_runs_the_recipe_as_the_readme_says_replicates_its_write
                 copy = tmp_path / f"restored-{time.monotonic_ns()}.db"
                 restore = subprocess.run([litestream(), "restore", "-config", str(paths["config"]), "-o", str(copy),
                                           str(db_path)], capture_output=True)
-                return restore.returncode == 0 and [row[0] for row in query(copy, "SELECT id FROM incidents")] == ids
+                with contextlib.suppress(sqlite3.Error):  # a restore from a replica that holds no table yet
+                    return restore.returncode == 0 and [row[0] for row in query(copy, "SELECT id FROM incidents")] == ids
             wait_until(replicated, 15)  # a sync a second, and restores that take a while on a busy machine
             process.send_signal(signal.SIGTERM)
             assert process.wait(40) == 0  # within the recipe's --workers-kill-timeout
