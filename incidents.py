@@ -4192,9 +4192,8 @@ def take_storm(db, storm_id, update_part):
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # The oldest `new` incident: one ordered index seek per source.
 OLDEST_NEW_SQL = "SELECT min(at) FROM (" + " UNION ALL ".join(
-    ["SELECT min(created_at) AS at FROM incidents WHERE status = 'new' AND source = ?"] * len(SOURCES)) + ")"
+    f"SELECT min(created_at) AS at FROM incidents WHERE status = 'new' AND source = '{source}'" for source in SOURCES) + ")"
 
-NOTIFY_PENDING_SQL = "SELECT (SELECT pending FROM notify_counts), (SELECT min(queued_at) FROM notify_outbox)"
 
 
 def sample_line(name, labels, value):
@@ -4226,11 +4225,8 @@ def per_source(counts, column):
 
 def metrics():
     """Counts for Prometheus, read from the database: the same in every worker and after restarts."""
-    db = get_db()
-    counts = db.execute("SELECT status, source, current, created, folded FROM incident_counts").fetchall()
-    oldest_new = db.execute(OLDEST_NEW_SQL, SOURCES).fetchone()[0]
-    pending, oldest_pending = db.execute(NOTIFY_PENDING_SQL).fetchone()
-    durations = db.execute("SELECT * FROM incident_durations ORDER BY metric, source").fetchall()
+    data = json.loads(get_db().execute(METRICS_SQL, {"now": now()}).fetchone()[0])
+    counts, durations = data["counts"], data["durations"]
     lines = [
         *metric_family("incidents_open", "gauge", "Open incidents (new or in_progress), by status and source.",
                        [(f'status="{row["status"]}",source="{row["source"]}"', row["current"])
@@ -4242,12 +4238,12 @@ def metrics():
                        per_source(counts, "folded")),
         *metric_family("incidents_oldest_new_age_seconds", "gauge",
                        "Age of the oldest incident nobody has taken (status new); 0 when there is none.",
-                       [("", age_seconds(oldest_new))]),
+                       [("", age_seconds(data["oldest_new"]))]),
         *metric_family("incidents_notifications_pending", "gauge",
                        "Telegram updates waiting to be shown (one per incident, chat and kind: change or repeat).",
-                       [("", pending)]),
+                       [("", data["pending"])]),
         *metric_family("incidents_notifications_oldest_age_seconds", "gauge",
-                       "Age of the oldest of those; 0 when none waits.", [("", age_seconds(oldest_pending))]),
+                       "Age of the oldest of those; 0 when none waits.", [("", age_seconds(data["oldest_pending"]))]),
         *histogram_family("incidents_time_to_acknowledge_seconds",
                           "Seconds from when an incident was last opened until it left new (taken, resolved or "
                           "closed), by source.",
@@ -4255,16 +4251,13 @@ def metrics():
         *histogram_family("incidents_time_to_resolve_seconds",
                           "Seconds from when an incident was last opened until it was resolved or closed, by source.",
                           [row for row in durations if row["metric"] == "resolve"]),
-        *heartbeat_families(db),
-        *telegram_families(db),
-        *pagerduty_family(db),
+        *heartbeat_families(data["heartbeats"]), *telegram_families(data), *pagerduty_family(data["pagerduty"]),
     ]
     return Response("\n".join(lines) + "\n", content_type=METRICS_CONTENT_TYPE)
 
 
-def pagerduty_family(db):
+def pagerduty_family(counts):
     """The PagerDuty events taken, by action (a counter)."""
-    counts = dict(db.execute("SELECT action, events FROM pagerduty_counts").fetchall())
     return metric_family("incidents_pagerduty_events_total", "counter", "PagerDuty events taken, by event_action.",
                          [(f'action="{action}"', counts[action]) for action in PAGERDUTY_ACTIONS])
 
@@ -4278,9 +4271,8 @@ HEARTBEAT_COUNTS_SQL = """SELECT heartbeats, pings, failures,
     FROM heartbeat_counts"""
 
 
-def heartbeat_families(db):
+def heartbeat_families(counts):
     """Heartbeats by status (a gauge) and the check-ins received (a counter, by kind)."""
-    counts = db.execute(HEARTBEAT_COUNTS_SQL, {"now": now()}).fetchone()
     up = counts["heartbeats"] - counts["paused"] - counts["down"] - counts["late"]
     return [*metric_family("incidents_heartbeats", "gauge", "Heartbeats, by status.",
                            [(f'status="{status}"', up if status == "up" else counts[status])
@@ -4290,15 +4282,32 @@ def heartbeat_families(db):
                            [('kind="ping"', counts["pings"]), ('kind="fail"', counts["failures"])])]
 
 
-def telegram_families(db):
+def telegram_families(data):
     """The senders' Bot API calls, by method and outcome, and the storms going on (an incident of them open)."""
-    calls = db.execute("SELECT method, outcome, count FROM telegram_calls ORDER BY method, outcome").fetchall()
-    storms = db.execute(f"SELECT count(*) FROM storms WHERE EXISTS ({STORM_OPEN_SQL.replace('?', 'storms.id')})")
     return [*metric_family("incidents_telegram_calls_total", "counter",
                            "Bot API calls of the senders, by method and outcome: sent, throttled (429) or failed.",
-                           [(f'method="{row["method"]}",outcome="{row["outcome"]}"', row["count"]) for row in calls]),
+                           [(f'method="{method}",outcome="{outcome}"', count) for method, outcome, count in data["calls"]]),
             *metric_family("incidents_storms_open", "gauge", "Storms with an incident still open.",
-                           [("", storms.fetchone()[0])])]
+                           [("", data["storms"])])]
+
+
+# Everything a scrape shows, in one statement: counts kept by triggers and the ends of indexes, as JSON. One
+# statement is one wait for the GIL after SQLite's work, however many request threads are busy.
+METRICS_SQL = f"""SELECT json_object(
+    'counts', (SELECT json_group_array(json_object('status', status, 'source', source, 'current', current,
+                                                   'created', created, 'folded', folded)) FROM incident_counts),
+    'oldest_new', ({OLDEST_NEW_SQL}),
+    'pending', (SELECT pending FROM notify_counts), 'oldest_pending', (SELECT min(queued_at) FROM notify_outbox),
+    'durations', (SELECT json_group_array(json_object('metric', metric, 'source', source,
+                                                      {', '.join(f"'le_{bound}', le_{bound}" for bound in DURATION_BUCKETS)},
+                                                      'count', count, 'sum', sum))
+                  FROM (SELECT * FROM incident_durations ORDER BY metric, source)),
+    'heartbeats', (SELECT json_object('heartbeats', heartbeats, 'pings', pings, 'failures', failures, 'paused', paused,
+                                      'down', down, 'late', late) FROM ({HEARTBEAT_COUNTS_SQL})),
+    'calls', (SELECT json_group_array(json_array(method, outcome, count))
+              FROM (SELECT * FROM telegram_calls ORDER BY method, outcome)),
+    'storms', (SELECT count(*) FROM storms WHERE EXISTS ({STORM_OPEN_SQL.replace('?', 'storms.id')})),
+    'pagerduty', (SELECT json_group_object(action, events) FROM pagerduty_counts))"""
 
 
 # The files SQLite and this service keep beside the database, by the suffix after its name.
