@@ -3007,13 +3007,15 @@ def reopen_after(at):
     return window and shifted(at, -window)
 
 
-def fire_alert(db, values, notes, actor, at):
-    """A firing alert folds into the open incident of its dedup_key (in `values`), reopens one resolved within
-    the reopen window, or opens one of `values`; `notes`: on opening and on reopening. (id, action)."""
-    latest = alert_incident(db, values["dedup_key"])
+def fire_alert(db, dedup_key, opening, actor, at):
+    """A firing alert folds into the open incident of its dedup_key, reopens one resolved within the reopen
+    window, or opens one; opening() makes what those two need, (values, notes: on opening and on reopening),
+    only then: most alerts that fire fold. (id, action)."""
+    latest = alert_incident(db, dedup_key)
     if latest and latest["status"] in OPEN_STATUSES:
-        fold_report(db, values["dedup_key"], at)
+        fold_report(db, dedup_key, at)
         return latest["id"], "folded"
+    values, notes = opening()
     if latest and latest["status"] == "resolved" and (since := reopen_after(at)) and latest["changed_at"] >= since:
         change_incident(db, latest["id"], {"status": "new"}, notes[1], actor)
         return latest["id"], "reopened"
@@ -3030,6 +3032,16 @@ def change_alert_incident(db, dedup_key, statuses, values, note, actor):
     return latest["id"], True
 
 
+def alert_opening(alert, dedup_key, sender):
+    """What a firing alert's incident opens or reopens with: (its values, its notes on opening and reopening)."""
+    values = {"description": alert_description(alert["labels"], alert["annotations"]), "source": "monitoring",
+              "dedup_key": dedup_key, "group": alert["group"]}
+    if "startsAt" in alert:
+        return values, (say("alert_from", sender=sender, since=alert["startsAt"]),
+                        say("alert_again", started=alert["startsAt"]))
+    return values, (say("alert_from_unknown", sender=sender), say("alert_again_unknown"))
+
+
 def handle_alerts(db, alerts, sender):
     """Open, fold, reopen or resolve an incident for each alert: [{"id", "action"}] in their order."""
     at = now()
@@ -3037,13 +3049,8 @@ def handle_alerts(db, alerts, sender):
     for alert in alerts:
         dedup_key = ALERT_KEY_PREFIX + alert["identity"]
         if alert["status"] == "firing":
-            values = {"description": alert_description(alert["labels"], alert["annotations"]),
-                      "source": "monitoring", "dedup_key": dedup_key, "group": alert["group"]}
-            notes = (say("alert_from", sender=sender, since=alert["startsAt"]) if "startsAt" in alert else
-                     say("alert_from_unknown", sender=sender),
-                     say("alert_again", started=alert["startsAt"]) if "startsAt" in alert else
-                     say("alert_again_unknown"))
-            incident_id, action = fire_alert(db, values, notes, sender, at)
+            incident_id, action = fire_alert(db, dedup_key, functools.partial(alert_opening, alert, dedup_key, sender),
+                                             sender, at)
         else:
             incident_id, resolved = change_alert_incident(
                 db, dedup_key, OPEN_STATUSES, {"status": "resolved"},
@@ -3202,8 +3209,9 @@ def handle_pagerduty_event(db, event):
         payload = event["payload"]
         values = {"description": payload["summary"], "source": "monitoring", "dedup_key": dedup_key,
                   "group": payload.get("group")}
-        fire_alert(db, values, (pagerduty_note(event), say("pagerduty_again", severity=payload["severity"])), actor,
-                   now())
+        fire_alert(db, dedup_key, lambda: (values, (pagerduty_note(event), say("pagerduty_again",
+                                                                               severity=payload["severity"]))),
+                   actor, now())
     elif event["event_action"] == "acknowledge":
         change_alert_incident(db, dedup_key, ("new",), {"status": "in_progress"}, None, actor)
     else:
