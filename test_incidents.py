@@ -202,9 +202,9 @@ def documented_responses(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def quick_sender(monkeypatch):
-    """The sender in a thread of the test looks for news ten times as often, so that tests wait less; so does
+    """The sender in a thread of the test looks for news 25 times as often, so that tests wait less; so does
     the clock of an app the test makes (a server the test starts keeps its own)."""
-    monkeypatch.setattr(incidents, "NOTIFY_POLL_S", 0.05)
+    monkeypatch.setattr(incidents, "NOTIFY_POLL_S", 0.02)
     monkeypatch.setattr(incidents, "CLOCK_TICK_S", 0.1)
 
 
@@ -2450,7 +2450,7 @@ class FakeBotApi(http.server.ThreadingHTTPServer):
         deadline = time.monotonic() + seconds
         while not condition():
             assert time.monotonic() < deadline, f"timed out; sent so far: {self.sent}, edits: {self.edits}"
-            time.sleep(0.05)
+            time.sleep(0.01)
 
     def over_the_limits(self, chat_id):
         """Whether a call to the chat now breaks Telegram's limits: one a second in a chat, 20 a minute in a group,
@@ -7014,7 +7014,7 @@ def server(db_path, log_path=None, **env):
                 break
             except OSError:
                 assert time.monotonic() < deadline, "server did not start"
-                time.sleep(0.05)
+                time.sleep(0.01)
         yield url, process
     finally:
         if process.poll() is None:
