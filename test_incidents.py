@@ -3,6 +3,7 @@ import base64
 import concurrent.futures
 import errno
 import functools
+import gc
 import hashlib
 import html
 import http.client
@@ -5959,7 +5960,10 @@ def test_bad_database_setting_stops_the_server_in_one_line_naming_it(tmp_path, b
 def newer_schema(folder):
     path = folder / "incidents.db"
     incidents.create_app({"DATABASE": str(path)}).extensions["incidents"].close()  # no clock of its own goes on
-    query(path, f"PRAGMA user_version = {len(incidents.MIGRATIONS) + 1}")
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {len(incidents.MIGRATIONS) + 1}")
+    db.close()  # the last connection: SQLite removes the -wal and -shm files now, not whenever it is collected
+    gc.collect()
     for beside in folder.glob("incidents.db-*.lock"):  # the lock files of its first start
         beside.unlink()
     return path
