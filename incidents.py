@@ -3641,7 +3641,7 @@ def take_chats_back(db, chats):
                        ON CONFLICT (incident_id, chat_id, kind) DO UPDATE SET seq = seq + 1""", values)
         db.execute(f"""INSERT INTO storm_outbox (storm_id, chat_id, kind, seq, queued_at)
                        SELECT id, :chat, 'change', 1, :at FROM storms
-                       WHERE EXISTS ({STORM_OPEN_SQL.replace('?', 'storms.id')}) AND (:all OR escalated_at IS NOT NULL)
+                       WHERE {STORM_GOING_ON.format('storms.id')} AND (:all OR escalated_at IS NOT NULL)
                        ON CONFLICT (storm_id, chat_id, kind) DO UPDATE SET seq = seq + 1""", values)
     return back
 
@@ -3663,7 +3663,7 @@ def move_chat(db, chat_id, error):
                (new_id, at, chat_id, new_id, chat_id))
     db.execute(f"""INSERT INTO storm_outbox (storm_id, chat_id, kind, seq, queued_at)
                    SELECT storm_id, ?, 'change', 1, ? FROM storm_messages
-                   WHERE chat_id = ? AND EXISTS ({STORM_OPEN_SQL.replace('?', 'storm_id')})
+                   WHERE chat_id = ? AND {STORM_GOING_ON.format('storm_id')}
                    UNION SELECT storm_id, ?, kind, 1, queued_at FROM storm_outbox WHERE chat_id = ?
                    ON CONFLICT (storm_id, chat_id, kind) DO UPDATE SET seq = seq + 1""",
                (new_id, at, chat_id, new_id, chat_id))
@@ -4002,7 +4002,7 @@ def telegram_notify_command():
 
 STORM_LIST_MAX = 10  # incidents a storm's message names: the first ones
 STORM_EDIT_S = 10  # a storm's message is edited at most this often (in Telegram's minute: see Pace)
-STORM_OPEN_SQL = f"SELECT 1 FROM incidents WHERE storm_id = ? AND {IS_OPEN} LIMIT 1"
+STORM_GOING_ON = f"EXISTS (SELECT 1 FROM incidents WHERE storm_id = {{}} AND {IS_OPEN})"  # of the storm's id column
 # The incidents of a group, or of a source without a group, opened since a moment and in no storm yet: each read
 # from its own index (by group, or by status and source).
 RECENT_OF_GROUP = f"""SELECT id FROM incidents WHERE group_name = :group AND status IN ({sql_list(STATUSES)})
@@ -4025,7 +4025,7 @@ def join_storm(db, incident_id, values, at):
            "since": shifted(at, -config["STORM_WINDOW"]), "at": at}
     storm = db.execute("""SELECT id, last_at FROM storms WHERE group_name IS :group AND source IS :source
                           ORDER BY id DESC LIMIT 1""", key).fetchone()
-    if storm and storm["last_at"] >= key["since"]:  # raging (see storm_raging, read here with the storm)
+    if storm and raging(storm["last_at"], at):
         members, storm_id = [incident_id], storm["id"]
         db.execute("UPDATE storms SET last_at = ? WHERE id = ?", (at, storm_id))
     else:
@@ -4037,10 +4037,13 @@ def join_storm(db, incident_id, values, at):
                (storm_id, *members))  # reminded of with the storm, as one
 
 
+def raging(last_at, at):
+    """Whether a storm whose latest incident opened at `last_at` still takes incidents: within STORM_WINDOW."""
+    return last_at >= shifted(at, -current_app.config["STORM_WINDOW"])
+
+
 def storm_raging(db, storm_id, at):
-    """Whether a storm still takes incidents: its latest opened within STORM_WINDOW."""
-    since = shifted(at, -current_app.config["STORM_WINDOW"])
-    return db.execute("SELECT last_at >= ? FROM storms WHERE id = ?", (since, storm_id)).fetchone()[0]
+    return raging(db.execute("SELECT last_at FROM storms WHERE id = ?", (storm_id,)).fetchone()[0], at)
 
 
 def start_storm(db, key, members):
@@ -4314,7 +4317,7 @@ METRICS_SQL = f"""SELECT json_object(
                                       'down', down, 'late', late) FROM ({HEARTBEAT_COUNTS_SQL})),
     'calls', (SELECT json_group_array(json_array(method, outcome, count))
               FROM (SELECT * FROM telegram_calls ORDER BY method, outcome)),
-    'storms', (SELECT count(*) FROM storms WHERE EXISTS ({STORM_OPEN_SQL.replace('?', 'storms.id')})),
+    'storms', (SELECT count(*) FROM storms WHERE {STORM_GOING_ON.format('storms.id')}),
     'pagerduty', (SELECT json_group_object(action, events) FROM pagerduty_counts))"""
 
 
